@@ -1,0 +1,1 @@
+"""How bits run: packing layouts, the reference kernel, Triton kernels and the quantized Linear."""

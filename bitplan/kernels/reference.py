@@ -1,0 +1,40 @@
+"""The reference kernel: dequantize, then ``F.linear``. Every other kernel is checked against it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dequantize_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(codes - zero) * scale`` with one scale per ``group_size`` inputs (0: per channel).
+
+    codes: int8 ``[out, in]``; scale: ``[out, groups]``; zero: int8 ``[out, groups]`` or None.
+    Arithmetic is float32; the result is cast to ``dtype``.
+    """
+    out_features, in_features = codes.shape
+    width = in_features if group_size == 0 else group_size
+    values = codes.to(torch.float32).view(out_features, -1, width)
+    if zero is not None:
+        values = values - zero.to(torch.float32).unsqueeze(-1)
+    values = values * scale.to(torch.float32).unsqueeze(-1)
+    return values.reshape(out_features, in_features).to(dtype)
+
+
+def linear_reference(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ dequant(W).T + bias`` computed in x's dtype (float32 math on CPU)."""
+    weight = dequantize_codes(codes, scale, zero, group_size, dtype=x.dtype)
+    return F.linear(x, weight, bias)

@@ -1,0 +1,1 @@
+"""How a weight becomes bits: quantization schemes and the methods that produce them."""

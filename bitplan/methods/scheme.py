@@ -1,0 +1,114 @@
+"""Scheme: one way to quantize a Linear (method, bits, group, symmetry), and what a method returns."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from bitplan.errors import BitplanError
+from bitplan.kernels import layout
+from bitplan.kernels.reference import dequantize_codes
+
+
+class Method(StrEnum):
+    RTN = "rtn"
+    GPTQ = "gptq"
+    AWQ = "awq"
+    HQQ = "hqq"
+    SMOOTHQUANT = "smoothquant"
+    NF4 = "nf4"
+    FP8 = "fp8"
+
+
+INTEGER_BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128, 0)  # 0 = one group per output channel
+
+_NAME = re.compile(r"^(?P<method>[a-z0-9]+)-w(?P<bits>\d+)g(?P<group>\d+|c)(?P<sym>[sa])(?:a(?P<act>\d+))?$")
+
+
+@dataclass(frozen=True, order=True)
+class Scheme:
+    """A candidate quantization for one Linear weight.
+
+    ``group_size`` 0 means per output channel. ``act_bits`` 16 means weight-only.
+    """
+
+    method: Method
+    bits: int
+    group_size: int
+    symmetric: bool
+    act_bits: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method(self.method))
+
+    @property
+    def name(self) -> str:
+        group = "c" if self.group_size == 0 else str(self.group_size)
+        act = "" if self.act_bits == 16 else f"a{self.act_bits}"
+        return f"{self.method}-w{self.bits}g{group}{'s' if self.symmetric else 'a'}{act}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, name: str) -> "Scheme":
+        match = _NAME.match(name.strip().lower())
+        if not match:
+            raise BitplanError(f"unknown scheme name {name!r}: expected e.g. 'rtn-w4g128s' or 'rtn-w8gca'")
+        group = match["group"]
+        return cls(
+            method=Method(match["method"]),
+            bits=int(match["bits"]),
+            group_size=0 if group == "c" else int(group),
+            symmetric=match["sym"] == "s",
+            act_bits=int(match["act"] or 16),
+        )
+
+    def fits(self, in_features: int) -> bool:
+        """Whether this scheme can be stored for a layer with ``in_features`` inputs."""
+        return layout.group_fits(in_features, self.group_size)
+
+    def weight_bytes(self, out_features: int, in_features: int, scale_bytes: int) -> int:
+        """Exact checkpoint bytes of a weight under this scheme (see ``kernels.layout``)."""
+        return layout.packed_weight_bytes(
+            out_features, in_features, self.bits, self.group_size, self.symmetric, scale_bytes
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "method": str(self.method),
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "act_bits": self.act_bits,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Scheme":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A method's output, unpacked and tied to no kernel.
+
+    ``codes``: int8 ``[out, in]`` signed codes. ``scale``: ``[out, groups]`` in the storage
+    dtype. ``zero``: int8 ``[out, groups]`` signed zero points, or None when symmetric.
+    The weight it stands for is ``(codes - zero) * scale`` group by group.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    scheme: Scheme
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_codes(self.codes, self.scale, self.zero, self.scheme.group_size, dtype)

@@ -1,0 +1,170 @@
+"""ModelSpec: every quantizable Linear of a model, built from config.json alone."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bitplan.errors import BitplanError
+from bitplan.profiles.architectures import FAMILIES, Family
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One quantizable Linear: its module name, kind, block, shape and fused group."""
+
+    name: str  # full module name, e.g. "model.layers.3.self_attn.q_proj"
+    kind: str
+    block: int  # decoder block index; -1 for layers outside the blocks (lm_head)
+    in_features: int
+    out_features: int
+    fused_group: str  # "" when the layer is not fused with others
+
+    @property
+    def num_weights(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def fused_key(self) -> str:
+        """Layers with the same key must share a scheme when fused groups are tied."""
+        return f"{self.block}.{self.fused_group}" if self.fused_group else self.name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LayerSpec":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's shape: enough to count bytes and plan without loading a weight."""
+
+    family: str
+    model_type: str
+    layers: tuple[LayerSpec, ...]
+    hidden_size: int
+    intermediate_size: int
+    num_blocks: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    dtype: str  # the checkpoint's dtype for tensors left unquantized and for scales
+    unquantized_bytes: int  # embeddings, norms, biases, and lm_head when it is not a candidate
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def linear_weights(self) -> int:
+        return sum(layer.num_weights for layer in self.layers)
+
+    def layer(self, name: str) -> LayerSpec:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["layers"] = [layer.to_dict() for layer in self.layers]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        return cls(**{**data, "layers": tuple(LayerSpec.from_dict(d) for d in data["layers"])})
+
+
+def supported_model_types() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def family_for(config: dict) -> Family:
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise BitplanError(
+            f"unsupported architecture {model_type!r}: bitplan supports model_type "
+            f"{', '.join(supported_model_types())}; open an issue to add yours"
+        )
+    return FAMILIES[model_type]
+
+
+def config_dtype(config: dict) -> str:
+    dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return dtype if dtype in DTYPE_BYTES else "bfloat16"
+
+
+def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
+    """Build the ModelSpec of a Hugging Face config (a dict read from config.json)."""
+    family = family_for(config)
+    try:
+        hidden = int(config["hidden_size"])
+        intermediate = int(config["intermediate_size"])
+        num_blocks = int(config["num_hidden_layers"])
+        num_heads = int(config["num_attention_heads"])
+        vocab = int(config["vocab_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BitplanError(f"config.json lacks a usable {exc} field: is this a complete Hugging Face config?") from exc
+    num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
+    head_dim = int(config.get("head_dim") or hidden // num_heads)
+    tied = bool(config.get("tie_word_embeddings", False))
+    dtype = dtype or config_dtype(config)
+    dims = {
+        "hidden": hidden,
+        "q": num_heads * head_dim,
+        "kv": num_kv_heads * head_dim,
+        "intermediate": intermediate,
+    }
+    layers = [
+        LayerSpec(
+            name=f"{family.block_prefix}.{block}.{t.suffix}",
+            kind=t.kind,
+            block=block,
+            in_features=dims[t.in_dim],
+            out_features=dims[t.out_dim],
+            fused_group=t.fused_group,
+        )
+        for block in range(num_blocks)
+        for t in family.block
+    ]
+    if not tied:
+        layers.append(LayerSpec(family.lm_head, "lm_head", -1, hidden, vocab, ""))
+    norm_weights = num_blocks * sum(head_dim if "q_norm" in n or "k_norm" in n else hidden for n in family.block_norms)
+    bias_weights = num_blocks * (dims["q"] + 2 * dims["kv"]) if family.attention_bias else 0
+    unquantized = (vocab * hidden + norm_weights + hidden + bias_weights) * DTYPE_BYTES[dtype]
+    return ModelSpec(
+        family=family.name,
+        model_type=config["model_type"],
+        layers=tuple(layers),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_blocks=num_blocks,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        dtype=dtype,
+        unquantized_bytes=unquantized,
+    )
+
+
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise BitplanError(f"{folder} has no config.json: pass a Hugging Face model folder (config.json + *.safetensors)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BitplanError(f"{path} is not valid JSON ({exc}): restore the model's config.json") from exc
+
+
+def spec_from_folder(folder: Path, dtype: str | None = None) -> ModelSpec:
+    return spec_from_config(read_config(folder), dtype)
