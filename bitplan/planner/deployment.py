@@ -1,11 +1,32 @@
 """The deployment a budget must cover, and the memory it takes, counted in one place.
 
-total = quantized Linear weights (codes, scales, zero points; exact, from ``kernels.layout``)
-      + tensors left unquantized (embeddings, norms, biases, an untied lm_head unless quantized)
-      + KV cache (blocks x 2 x kv_heads x head_dim x context x batch x KV dtype bytes)
-      + activation workspace for one prefill chunk
-      + runtime overhead (CUDA context, allocator): 0 for a bare byte budget unless given,
-        DEFAULT_GPU_OVERHEAD_BYTES when planning for a device.
+Per device (``tensor_parallel`` devices share the model):
+
+    total = quantized Linear weights / TP     (codes, scales, zero points; exact, ``kernels.layout``)
+          + unquantized tensors / TP          (embeddings, norms, biases; vocab-parallel like vLLM)
+          + KV cache                          (blocks x 2 x kv_heads/TP x head_dim x context x batch x dtype)
+          + workspace                         (max of one prefill step's activations and the sampler)
+          + overhead                          (CUDA context, allocator, NCCL buffers)
+
+Workspace. A serving engine runs one forward step over at most ``prefill_chunk_tokens`` tokens
+(vLLM's ``max_num_batched_tokens``), then samples one token for each of ``batch`` sequences.
+The two peaks do not overlap, so the workspace is their maximum:
+
+- prefill step: per token, the MLP's gate/up output (2 x intermediate / TP), the activation
+  product (intermediate / TP), the down output, the normed input and the residual stream
+  (4 x hidden), in the checkpoint dtype;
+- sampler: per sequence and vocabulary entry, fp32 logits (4 B), the sorted copy that top-k/top-p
+  needs (4 B) and its int64 sort indices (8 B): ``SAMPLER_BYTES_PER_LOGIT`` = 16.
+
+Checked against vLLM 0.19's printed "activation peak memory" for Llama-3.1-8B (1.89 GiB, sampler
+bound), Qwen2.5-7B (2.21 GiB, sampler bound) and CodeLlama-7B (0.77 GiB, MLP bound) in
+``tests/planner/test_deployment.py``.
+
+Overhead. ``DEFAULT_GPU_OVERHEAD_BYTES`` (1 GiB) covers the CUDA context (0.51 GiB measured by
+vLLM at start-up on an H100) plus the gap between the memory nvidia-smi reports and what
+``cudaMemGetInfo`` hands out (79.65 vs 79.19 GiB on an H100 SXM). With tensor parallelism NCCL
+buffers add about 2 GiB per device (vLLM 0.19 reports 2.07-2.13 GiB non-torch memory at TP 2-4
+against 0.25 GiB at TP 1): see :func:`default_overhead_bytes`.
 """
 
 from __future__ import annotations
@@ -16,9 +37,12 @@ from dataclasses import asdict, dataclass
 from bitplan.errors import BitplanError
 from bitplan.profiles.model_spec import ModelSpec
 
-KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
-DEFAULT_GPU_OVERHEAD_BYTES = 1 * 2**30  # CUDA context + allocator slack, measured typical 0.5-1 GiB
+KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+DEFAULT_GPU_OVERHEAD_BYTES = 1 * 2**30  # CUDA context + allocator slack (see module notes)
+TENSOR_PARALLEL_OVERHEAD_BYTES = 2 * 2**30  # NCCL / custom all-reduce buffers per device
 DEFAULT_PREFILL_CHUNK_TOKENS = 512
+SAMPLER_BYTES_PER_LOGIT = 16  # fp32 logits + fp32 sorted copy + int64 sort indices
+MAX_BATCH_SEARCHED = 1 << 20
 
 _UNITS = {
     "b": 1,
@@ -46,9 +70,18 @@ def format_bytes(count: float) -> str:
     return f"{int(count)} B"
 
 
+def default_overhead_bytes(tensor_parallel: int = 1) -> int:
+    """Runtime memory outside the model on each device: CUDA context, allocator, NCCL buffers."""
+    return DEFAULT_GPU_OVERHEAD_BYTES + (TENSOR_PARALLEL_OVERHEAD_BYTES if tensor_parallel > 1 else 0)
+
+
 @dataclass(frozen=True)
 class Deployment:
-    """What runs beside the weights: context, batch, KV dtype, tensor parallelism, overhead."""
+    """What runs beside the weights: context, batch, KV dtype, tensor parallelism, overhead.
+
+    ``prefill_chunk_tokens`` is the most tokens one forward step processes, shared by the batch
+    (vLLM's ``max_num_batched_tokens``).
+    """
 
     budget_bytes: int
     context: int = 2048
@@ -69,6 +102,8 @@ class Deployment:
             raise BitplanError(f"unknown KV cache dtype {self.kv_dtype!r}: choose one of {', '.join(KV_DTYPE_BYTES)}")
         if self.overhead_bytes < 0:
             raise BitplanError("overhead cannot be negative")
+        if self.prefill_chunk_tokens < 1:
+            raise BitplanError(f"prefill chunk must be at least 1 token, got {self.prefill_chunk_tokens}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,34 +134,91 @@ class MemoryBreakdown:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
 
+def kv_heads_per_device(spec: ModelSpec, tensor_parallel: int) -> int:
+    """KV heads one device holds: split over TP, replicated once TP exceeds the head count."""
+    return max(1, -(-spec.num_kv_heads // tensor_parallel))
+
+
+def kv_bytes_per_token(spec: ModelSpec, kv_dtype: str, tensor_parallel: int = 1) -> int:
+    """K and V of one token in every block, on one device."""
+    heads = kv_heads_per_device(spec, tensor_parallel)
+    return spec.num_blocks * 2 * heads * spec.head_dim * KV_DTYPE_BYTES[kv_dtype]
+
+
 def kv_cache_bytes(spec: ModelSpec, deployment: Deployment) -> int:
     """K and V for every block, KV head, position and sequence (split over tensor parallel)."""
-    per_token = spec.num_blocks * 2 * spec.num_kv_heads * spec.head_dim * KV_DTYPE_BYTES[deployment.kv_dtype]
-    return per_token * deployment.context * deployment.batch // deployment.tensor_parallel
+    per_token = kv_bytes_per_token(spec, deployment.kv_dtype, deployment.tensor_parallel)
+    return per_token * deployment.context * deployment.batch
 
 
-def workspace_bytes(spec: ModelSpec, deployment: Deployment) -> int:
-    """Activations of one prefill chunk: the widest MLP intermediate (gate, up, product) plus
-    the residual stream, plus float32 logits for the last position of each sequence."""
-    tokens = min(deployment.prefill_chunk_tokens, deployment.context) * deployment.batch
-    hidden_terms = 3 * spec.intermediate_size // deployment.tensor_parallel + 4 * spec.hidden_size
-    logits = deployment.batch * spec.vocab_size * 4
-    return tokens * hidden_terms * spec.dtype_bytes + logits
+def prefill_step_tokens(deployment: Deployment) -> int:
+    """Tokens in one forward step: the chunk budget, or all prompts if they are shorter."""
+    return min(deployment.prefill_chunk_tokens, deployment.context * deployment.batch)
 
 
-def memory_breakdown(spec: ModelSpec, quantized_weights_bytes: int, deployment: Deployment) -> MemoryBreakdown:
+def prefill_activation_bytes(spec: ModelSpec, deployment: Deployment, experts_per_token: int = 1) -> int:
+    """Activations alive during one prefill step's MLP (see the module notes).
+
+    ``experts_per_token`` > 1 for mixture-of-experts blocks: each token runs that many experts.
+    """
+    tp = deployment.tensor_parallel
+    per_token = experts_per_token * 3 * spec.intermediate_size // tp + 4 * spec.hidden_size
+    return prefill_step_tokens(deployment) * per_token * spec.dtype_bytes
+
+
+def sampler_bytes(spec: ModelSpec, deployment: Deployment) -> int:
+    """Logits and sampling buffers for one token of every sequence (all vocab, on every device)."""
+    return deployment.batch * spec.vocab_size * SAMPLER_BYTES_PER_LOGIT
+
+
+def workspace_bytes(spec: ModelSpec, deployment: Deployment, experts_per_token: int = 1) -> int:
+    """Peak transient memory: the larger of a prefill step's activations and the sampler's."""
+    return max(prefill_activation_bytes(spec, deployment, experts_per_token), sampler_bytes(spec, deployment))
+
+
+def memory_breakdown(
+    spec: ModelSpec, quantized_weights_bytes: int, deployment: Deployment, experts_per_token: int = 1
+) -> MemoryBreakdown:
     """The memory one device holds for a plan whose quantized Linears take the given bytes."""
     tp = deployment.tensor_parallel
     return MemoryBreakdown(
-        quantized_weights_bytes=quantized_weights_bytes // tp,
-        unquantized_bytes=spec.unquantized_bytes // tp,
+        quantized_weights_bytes=-(-quantized_weights_bytes // tp),
+        unquantized_bytes=-(-spec.unquantized_bytes // tp),
         kv_cache_bytes=kv_cache_bytes(spec, deployment),
-        workspace_bytes=workspace_bytes(spec, deployment),
+        workspace_bytes=workspace_bytes(spec, deployment, experts_per_token),
         overhead_bytes=deployment.overhead_bytes,
     )
 
 
-def weight_budget_bytes(spec: ModelSpec, deployment: Deployment) -> int:
-    """Bytes left for quantized Linear weights once everything else is counted (may be < 0)."""
-    rest = memory_breakdown(spec, 0, deployment)
+def weight_budget_bytes(spec: ModelSpec, deployment: Deployment, experts_per_token: int = 1) -> int:
+    """Bytes left for quantized Linear weights (all devices together) once everything else is
+    counted; may be negative when even the KV cache and overhead do not fit."""
+    rest = memory_breakdown(spec, 0, deployment, experts_per_token)
     return (deployment.budget_bytes - rest.total_bytes) * deployment.tensor_parallel
+
+
+def fits(spec: ModelSpec, quantized_weights_bytes: int, deployment: Deployment, experts_per_token: int = 1) -> bool:
+    return memory_breakdown(spec, quantized_weights_bytes, deployment, experts_per_token).total_bytes <= deployment.budget_bytes
+
+
+def max_batch(spec: ModelSpec, quantized_weights_bytes: int, deployment: Deployment, experts_per_token: int = 1) -> int:
+    """The largest batch that fits at the deployment's context (0 when not even one sequence does).
+
+    Memory grows monotonically with the batch, so a doubling then bisection search is exact.
+    """
+
+    def ok(batch: int) -> bool:
+        trial = Deployment(**{**deployment.to_dict(), "batch": batch})
+        return fits(spec, quantized_weights_bytes, trial, experts_per_token)
+
+    if not ok(1):
+        return 0
+    low, high = 1, 2
+    while high <= MAX_BATCH_SEARCHED and ok(high):
+        low, high = high, high * 2
+    if high > MAX_BATCH_SEARCHED:
+        return low
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if ok(middle) else (low, middle)
+    return low
