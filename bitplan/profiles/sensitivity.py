@@ -1,0 +1,219 @@
+"""Sensitivity profile: how far each (layer, scheme) moves the model's next-token distribution.
+
+Metric ``fisher-kl``. Quantizing one Linear changes its output by ``dY = (W - Q(W)) X``. To
+second order, the mean KL from the unquantized model's next-token distribution is
+
+    KL ~= 1/(2N) * sum_t sum_c g_tc^2 * dY_tc^2
+
+where ``g_t = d log p(y_t) / dY_t`` with ``y_t`` sampled from the model itself (the Fisher
+information, N tokens). bitplan factors ``g_tc^2 ~= a_t * b_c`` (token weight ``a_t = sum_c g_tc^2``,
+channel weight ``b_c = sum_t g_tc^2 / sum_t a_t``, which keeps both marginals exact), so
+
+    score = 1/(2N) * sum_c b_c * (dW H dW^T)_cc,   H = sum_t a_t x_t x_t^T.
+
+One forward pass stores each block's input; one backward pass, block by block from the top,
+recomputes each block, collects ``H`` and ``b`` for its Linears and scores every scheme there.
+Only one block's weights are held at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bitplan.methods.registry import quantize
+from bitplan.methods.scheme import Scheme
+from bitplan.profiles.blocks import BlockRunner
+from bitplan.profiles.model_source import WeightReader
+from bitplan.profiles.model_spec import LayerSpec, ModelSpec
+
+log = logging.getLogger(__name__)
+
+METRIC = "fisher-kl"
+METRIC_VERSION = 1
+Progress = Callable[[str, int, int], None]
+SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class SensitivityTable:
+    """Score (predicted KL, nats/token) and exact bytes for every (layer, scheme).
+
+    ``scores[i, j]`` is NaN and ``bytes[i, j]`` is -1 where scheme ``j`` cannot store layer ``i``.
+    """
+
+    layers: list[str]
+    schemes: list[str]
+    scores: torch.Tensor  # float64 [layers, schemes]
+    bytes: torch.Tensor  # int64 [layers, schemes]
+    provenance: dict = field(default_factory=dict)
+
+    def scheme_index(self, name: str) -> int:
+        return self.schemes.index(name)
+
+    def save(self, path: Path) -> None:
+        """One safetensors file; names and provenance in its metadata. Written atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"layers": json.dumps(self.layers), "schemes": json.dumps(self.schemes), "provenance": json.dumps(self.provenance, sort_keys=True)}
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        save_file({"scores": self.scores.contiguous(), "bytes": self.bytes.contiguous()}, temporary, metadata=meta)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "SensitivityTable":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata()
+        tensors = load_file(str(path))
+        return cls(json.loads(meta["layers"]), json.loads(meta["schemes"]), tensors["scores"], tensors["bytes"], json.loads(meta["provenance"]))
+
+
+def table_key(model_hash: str, tokens_hash: str, schemes: list[Scheme], seed: int) -> str:
+    text = json.dumps([model_hash, tokens_hash, [s.name for s in schemes], METRIC, METRIC_VERSION, seed])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class LayerStats:
+    """Accumulates ``H = sum_t a_t x_t x_t^T``, ``sum_t g_tc^2`` and ``sum_t a_t`` for one Linear."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.grad_sq = torch.zeros(out_features, dtype=torch.float64)
+        self.token_weight = 0.0
+        self.pending_input: torch.Tensor | None = None
+
+    def forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.pending_input = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+        output.register_hook(self.grad_hook)
+
+    def grad_hook(self, grad: torch.Tensor) -> None:
+        g2 = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64).pow(2)
+        a = g2.sum(1)
+        x = self.pending_input.to(torch.float64)
+        self.hessian += (x * a.unsqueeze(1)).T @ x
+        self.grad_sq += g2.sum(0)
+        self.token_weight += float(a.sum())
+        self.pending_input = None
+
+    def channel_weight(self) -> torch.Tensor:
+        return self.grad_sq / max(self.token_weight, 1e-300)
+
+
+def score_scheme(weight: torch.Tensor, quantized: torch.Tensor, stats: LayerStats, num_tokens: int) -> float:
+    """1/(2N) sum_c b_c (dW H dW^T)_cc for one layer and scheme."""
+    delta = (weight - quantized).to(torch.float32)
+    hessian = stats.hessian.to(torch.float32)
+    per_row = ((delta @ hessian) * delta).sum(1).to(torch.float64)
+    return float((stats.channel_weight() * per_row).sum()) / (2 * num_tokens)
+
+
+def head_gradient(
+    runner: BlockRunner, hidden: torch.Tensor, generator: torch.Generator, head_stats: LayerStats | None = None, chunk: int = 2
+) -> torch.Tensor:
+    """d sum_t log p(y_t) / d hidden for labels y_t sampled from the model's own distribution.
+
+    With ``head_stats`` the lm_head's own statistics are collected on the way (untied heads).
+    """
+    norm_weight, head_weight = runner.head_weights()
+    grads = []
+    for start in range(0, hidden.shape[0], chunk):
+        h = hidden[start : start + chunk].detach().clone().requires_grad_(True)
+        normed = runner.final_norm(h, norm_weight)
+        logits = normed @ head_weight.T
+        if head_stats is not None:
+            head_stats.forward_hook(None, (normed,), logits)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        labels = torch.multinomial(log_probs.detach().exp().reshape(-1, log_probs.shape[-1]), 1, generator=generator)
+        log_probs.reshape(-1, log_probs.shape[-1]).gather(1, labels).sum().backward()
+        grads.append(h.grad)
+    return torch.cat(grads)
+
+
+def block_layers(spec: ModelSpec, block: int) -> list[LayerSpec]:
+    return [layer for layer in spec.layers if layer.block == block]
+
+
+def profile_sensitivity(
+    folder: Path,
+    config: dict,
+    spec: ModelSpec,
+    schemes: list[Scheme],
+    tokens: torch.Tensor,
+    seed: int = 0,
+    progress: Progress | None = None,
+    provenance: dict | None = None,
+) -> SensitivityTable:
+    """Measure the table for ``tokens`` [sequences, seq_len], block by block."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    reader = WeightReader(folder)
+    runner = BlockRunner(config, reader)
+    report = progress or (lambda stage, done, total: None)
+    names = [layer.name for layer in spec.layers]
+    scores = torch.full((len(names), len(schemes)), float("nan"), dtype=torch.float64)
+    sizes = torch.full((len(names), len(schemes)), -1, dtype=torch.int64)
+    num_tokens = tokens.numel()
+
+    with torch.no_grad():
+        hidden = runner.embed(tokens)
+        positions = runner.position_embeddings(hidden)
+        block_inputs = []
+        for index in range(spec.num_blocks):
+            block_inputs.append(hidden)
+            block = runner.load_block(index)
+            hidden = torch.cat([block(hidden[s : s + 4], position_embeddings=positions) for s in range(0, hidden.shape[0], 4)])
+            report("forward", index + 1, spec.num_blocks)
+    head = next((layer for layer in spec.layers if layer.block < 0), None)
+    head_stats = LayerStats(head.in_features, head.out_features) if head else None
+    grad = head_gradient(runner, hidden, generator, head_stats)
+    if head is not None:
+        score_block([head], {head.name: head_stats}, reader, spec, schemes, names, scores, sizes, num_tokens)
+
+    for index in reversed(range(spec.num_blocks)):
+        block = runner.load_block(index)
+        layers = block_layers(spec, index)
+        stats = {layer.name: LayerStats(layer.in_features, layer.out_features) for layer in layers}
+        prefix = runner.block_prefix(index)
+        handles = [block.get_submodule(name[len(prefix):]).register_forward_hook(stats[name].forward_hook) for name in stats]
+        grads_in = []
+        for start in range(0, tokens.shape[0], 4):
+            h = block_inputs[index][start : start + 4].clone().requires_grad_(True)
+            block(h, position_embeddings=positions).backward(grad[start : start + 4])
+            grads_in.append(h.grad)
+        for handle in handles:
+            handle.remove()
+        grad = torch.cat(grads_in)
+        block_inputs[index] = None
+        score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_tokens)
+        report("score", spec.num_blocks - index, spec.num_blocks)
+
+    return SensitivityTable(names, [s.name for s in schemes], scores, sizes, dict(provenance or {}, metric=METRIC, metric_version=METRIC_VERSION, num_tokens=num_tokens, seed=seed))
+
+
+def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_tokens) -> None:
+    scale_dtype = SCALE_DTYPES[spec.dtype]
+    for layer in layers:
+        row = names.index(layer.name)
+        weight = reader.tensor(f"{layer.name}.weight")
+        for column, scheme in enumerate(schemes):
+            if not scheme.fits(layer.in_features):
+                continue
+            sizes[row, column] = scheme.weight_bytes(layer.out_features, layer.in_features, spec.dtype_bytes)
+            if scheme.is_dense:
+                scores[row, column] = 0.0
+                continue
+            quantized = quantize(weight, scheme, scale_dtype, {"hessian": stats[layer.name].hessian}).dequantize()
+            scores[row, column] = score_scheme(weight, quantized, stats[layer.name], num_tokens)
