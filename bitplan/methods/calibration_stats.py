@@ -1,0 +1,167 @@
+"""Calibration statistics of one Linear input, gathered once in a block-by-block pass.
+
+Every method that needs calibration reads what it needs from one :class:`InputStats`:
+
+- GPTQ: ``hessian()`` = 2 X Xᵀ / n (the Hessian of the layer-wise squared error).
+- AWQ: ``mean_abs()`` (per-channel mean |x|, the paper's s_X) and ``second_moment()``
+  (X Xᵀ / n), with which the output error of any candidate weight is exact, no tokens kept.
+- SmoothQuant: ``absmax()`` (per-channel max |x|) and ``samples`` (a bounded set of input
+  rows, because per-token activation rounding is not a quadratic form).
+
+Linears that share an input (q/k/v, gate/up) share one ``InputStats``. Each batch's X Xᵀ is
+computed in float32 and summed across batches in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class InputStats:
+    """Running statistics of the rows ``x`` (``[tokens, in_features]``) fed to a Linear.
+
+    ``max_samples`` bounds the rows kept in ``samples``; rows are kept with a fixed stride
+    decided per batch (every k-th row) until the budget is full, so the sample spans the text.
+    """
+
+    in_features: int
+    max_samples: int = 4096
+    sample_stride: int = 4
+    count: int = 0
+    gram: torch.Tensor = field(default=None)  # sum of x xᵀ, float64 [in, in]
+    abs_sum: torch.Tensor = field(default=None)  # sum of |x|, float64 [in]
+    abs_max: torch.Tensor = field(default=None)  # max |x|, float32 [in]
+    sample_rows: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.gram is None:
+            self.gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+        if self.abs_sum is None:
+            self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64)
+        if self.abs_max is None:
+            self.abs_max = torch.zeros(self.in_features, dtype=torch.float32)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of inputs of any leading shape ``[..., in_features]``."""
+        rows = x.detach().reshape(-1, self.in_features)
+        rows32 = rows.to(torch.float32)
+        self.gram += (rows32.T @ rows32).to(torch.float64)  # float32 per batch, float64 across batches
+        self.abs_sum += rows32.abs().sum(dim=0, dtype=torch.float64)
+        self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(dim=0).to(torch.float32))
+        self.count += rows.shape[0]
+        kept = sum(r.shape[0] for r in self.sample_rows)
+        if kept < self.max_samples:
+            take = rows[:: self.sample_stride][: self.max_samples - kept]
+            self.sample_rows.append(take.to(torch.float32).clone())
+
+    def merge(self, other: "InputStats") -> None:
+        """Add another accumulator's statistics into this one (e.g. from another worker)."""
+        assert other.in_features == self.in_features
+        self.gram += other.gram
+        self.abs_sum += other.abs_sum
+        self.abs_max = torch.maximum(self.abs_max, other.abs_max)
+        self.count += other.count
+        room = self.max_samples - sum(r.shape[0] for r in self.sample_rows)
+        for rows in other.sample_rows:
+            if room <= 0:
+                break
+            self.sample_rows.append(rows[:room])
+            room -= rows[:room].shape[0]
+
+    def _require_data(self) -> None:
+        assert self.count > 0, "no calibration rows were accumulated"
+
+    def second_moment(self) -> torch.Tensor:
+        """X Xᵀ / n, float32 ``[in, in]``: ‖ΔW X‖² / n = tr(ΔW · this · ΔWᵀ)."""
+        self._require_data()
+        return (self.gram / self.count).to(torch.float32)
+
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's H = 2 X Xᵀ / n, float32 ``[in, in]``."""
+        return 2.0 * self.second_moment()
+
+    def mean_abs(self) -> torch.Tensor:
+        """Per-channel mean |x| over all tokens, float32 ``[in]`` (AWQ's s_X)."""
+        self._require_data()
+        return (self.abs_sum / self.count).to(torch.float32)
+
+    def absmax(self) -> torch.Tensor:
+        """Per-channel max |x| over all tokens, float32 ``[in]`` (SmoothQuant's max|X_j|)."""
+        self._require_data()
+        return self.abs_max.clone()
+
+    @property
+    def samples(self) -> torch.Tensor:
+        """The kept input rows, float32 ``[k, in]`` with ``k <= max_samples``."""
+        self._require_data()
+        return torch.cat(self.sample_rows, dim=0)
+
+
+def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torch.Tensor) -> float:
+    """‖W X − Ŵ X‖ / ‖W X‖ computed exactly from ``second_moment`` = X Xᵀ / n.
+
+    Both norms are Frobenius over all tokens; the 1/n cancels. float64 inside.
+    """
+    m = second_moment.to(torch.float64)
+    delta = (weight.to(torch.float64) - approx.to(torch.float64))
+    ref = weight.to(torch.float64)
+    num = ((delta @ m) * delta).sum()
+    den = ((ref @ m) * ref).sum()
+    return float(torch.sqrt(num.clamp_min(0.0) / den))
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the last Linear of interest has run."""
+
+
+def collect_input_stats(
+    model: torch.nn.Module,
+    token_batches: list[torch.Tensor],
+    linear_names: list[str],
+    stop_after: str | None = None,
+    max_samples: int = 4096,
+) -> dict[str, InputStats]:
+    """Run ``token_batches`` (each ``[batch, seq]`` ids) through ``model`` and gather the input
+    statistics of each named Linear; Linears with the identical input tensor share one object.
+
+    A plain full-precision pass (every Linear sees unquantized inputs). ``stop_after`` names a
+    module after whose forward the pass stops, so statistics of early blocks cost early blocks.
+    """
+    modules = dict(model.named_modules())
+    stats: dict[str, InputStats] = {}
+    seen: dict[int, tuple[torch.Tensor, InputStats]] = {}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0]
+            key = id(x)  # the tensor is kept in ``seen`` for the pass, so its id cannot be reused
+            if key not in seen:
+                target = stats[name] if name in stats else InputStats(x.shape[-1], max_samples=max_samples)
+                seen[key] = (x, target)
+                target.add(x)
+            stats.setdefault(name, seen[key][1])
+        return hook
+
+    def stop(module, args, output):
+        raise _StopForward
+
+    try:
+        for name in linear_names:
+            handles.append(modules[name].register_forward_pre_hook(hook_for(name)))
+        if stop_after is not None:
+            handles.append(modules[stop_after].register_forward_hook(stop))
+        with torch.no_grad():
+            for batch in token_batches:
+                seen.clear()
+                try:
+                    model(batch)
+                except _StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats

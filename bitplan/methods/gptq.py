@@ -1,0 +1,211 @@
+"""GPTQ (Frantar et al. 2022, arXiv:2210.17323): second-order, column-by-column quantization.
+
+The layer-wise objective is ‖W X − Q X‖², whose Hessian in each row of W is H = 2 X Xᵀ / n.
+Columns are quantized one at a time on the integer grid of :mod:`bitplan.methods.rtn`; the
+rounding error of each column is spread over the columns not yet quantized through the upper
+Cholesky factor of H⁻¹ (the "Cholesky reformulation", section 3.3), in blocks of 128 columns
+with lazy batch updates (section 3.2). This follows the reference implementation
+(IST-DASLab ``gptq.py``), with two documented choices:
+
+- Group parameters (scale, zero) are computed when GPTQ reaches a group's first column, from
+  the *current* (error-updated) weights, as the reference does. Inside a block we read the
+  updated values (the reference reads the not-yet-updated copy when a group starts mid-block).
+- act-order (columns by decreasing diag(H)) uses *static* groups: the parameters of each
+  contiguous group are computed from the original weights before the permutation, so the
+  result is stored without a ``g_idx`` (compressed-tensors ``actorder: weight``).
+
+The returned loss is Σ_rows ½ ΔW H ΔWᵀ with the damped H actually used, exactly (up to float
+rounding): with H = 2 X Xᵀ / n it is ‖(W − Q) X‖²_F / n, a free sensitivity signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+
+import torch
+
+from bitplan.methods.rtn import integer_range, quantize_params
+from bitplan.methods.scheme import QuantizedWeight, Scheme
+
+log = logging.getLogger(__name__)
+
+
+def make_hessian(in_features: int) -> tuple[torch.Tensor, int]:
+    """An empty running Hessian and its sample count, as the reference keeps them."""
+    return torch.zeros(in_features, in_features, dtype=torch.float32), 0
+
+
+def accumulate_hessian(hessian: torch.Tensor, count: int, inputs: torch.Tensor) -> int:
+    """Fold a batch of Linear inputs ``[..., in]`` into ``hessian`` = 2 X Xᵀ / n, in place.
+
+    Running average as in the reference: H ← H · n/(n+t) + 2/(n+t) · X Xᵀ. Returns the new n.
+    """
+    rows = inputs.detach().reshape(-1, hessian.shape[0]).to(torch.float32)
+    added = rows.shape[0]
+    total = count + added
+    hessian.mul_(count / total)
+    rows = rows * math.sqrt(2.0 / total)
+    hessian.add_(rows.T @ rows)
+    return total
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H).
+
+    If H + λI is not positive definite (too few or degenerate calibration rows), λ is raised
+    tenfold up to four times, with a warning.
+    """
+    mean_diag = float(torch.diag(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    for attempt in range(5):
+        lam = damp * (10.0**attempt) * mean_diag
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        if int(info) == 0:
+            if attempt:
+                log.warning("GPTQ: Hessian needed damping %.3g to be positive definite", damp * 10.0**attempt)
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True), H + lam * eye
+    raise ValueError("GPTQ: Hessian is not positive definite even with 10000x damping")
+
+
+def _static_column_params(
+    W: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, perm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Group params from the original weights, and their per-column copies in ``perm`` order."""
+    scale, zero = quantize_params(W, scheme, scale_dtype)
+    width = W.shape[1] if scheme.group_size == 0 else scheme.group_size
+    group_of_column = perm // width
+    scale_cols = scale.to(torch.float32)[:, group_of_column]
+    zero_cols = None if zero is None else zero.to(torch.float32)[:, group_of_column]
+    return scale, zero, scale_cols, zero_cols
+
+
+def _gptq_columns(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    scheme: Scheme,
+    scale_dtype: torch.dtype,
+    block: int,
+    lazy_groups: bool,
+    scale_cols: torch.Tensor | None,
+    zero_cols: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
+    """The blocked GPTQ loop over columns of ``W`` (already permuted).
+
+    Works on the transpose, so a column is a contiguous row. Returns codes ``[out, in]``
+    (float, in ``W``'s column order), per-row losses, and, for lazy groups, the list of group
+    scales and zeros in column order.
+    """
+    qmin, qmax = integer_range(scheme.bits)
+    columns = W.shape[1]
+    Wt = W.T.contiguous()  # [in, out]
+    codes_t = torch.zeros_like(Wt)
+    row_losses = torch.zeros(W.shape[0], dtype=torch.float32)
+    group_scales: list[torch.Tensor] = []
+    group_zeros: list[torch.Tensor | None] = []
+    width = columns if scheme.group_size == 0 else scheme.group_size
+    channel_scheme = replace(scheme, group_size=0)
+    scale = zero = None
+    for i1 in range(0, columns, block):
+        i2 = min(i1 + block, columns)
+        W1 = Wt[i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if lazy_groups and col % width == 0:
+                current = torch.cat([W1[i:], Wt[i2:]])[:width].T
+                params = quantize_params(current, channel_scheme, scale_dtype)
+                group_scales.append(params[0])
+                group_zeros.append(params[1])
+                scale = params[0].to(torch.float32).squeeze(1)
+                zero = None if params[1] is None else params[1].to(torch.float32).squeeze(1)
+            elif not lazy_groups:
+                scale = scale_cols[:, col]
+                zero = None if zero_cols is None else zero_cols[:, col]
+            w = W1[i]
+            code = torch.round(w / scale)
+            if zero is not None:
+                code = code + zero
+            code = code.clamp(qmin, qmax)
+            q = (code - zero) * scale if zero is not None else code * scale
+            codes_t[col] = code
+            d = Hinv1[i, i]
+            err = (w - q) / d
+            row_losses += err.square() / 2
+            W1[i:] -= Hinv1[i, i:].unsqueeze(1) * err.unsqueeze(0)
+            Err1[i] = err
+        Wt[i2:] -= Hinv[i1:i2, i2:].T @ Err1
+    return codes_t.T, row_losses, group_scales, group_zeros
+
+
+def gptq_rows(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    scheme: Scheme,
+    block: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[QuantizedWeight, torch.Tensor]:
+    """GPTQ of a ``[out, in]`` weight; returns the quantized weight and the loss of each row.
+
+    Rows are independent given H, so Linears that share an input (q/k/v, gate/up) can be
+    quantized in one call on their concatenated rows and split afterwards.
+    """
+    if not scheme.fits(weight.shape[1]):
+        raise ValueError(f"group {scheme.group_size} does not divide {weight.shape[1]} inputs")
+    if H.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight inputs {weight.shape[1]}")
+    W = weight.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    columns = W.shape[1]
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(columns)
+    lazy = not act_order and scheme.group_size != 0
+    scale = zero = scale_cols = zero_cols = None
+    if not lazy:
+        scale, zero, scale_cols, zero_cols = _static_column_params(W, scheme, scale_dtype, perm)
+    Hinv, _ = inverse_hessian_factor(H[perm][:, perm], damp)
+    codes, row_losses, group_scales, group_zeros = _gptq_columns(
+        W[:, perm], Hinv, scheme, scale_dtype, block, lazy, scale_cols, zero_cols
+    )
+    codes = codes[:, torch.argsort(perm)].to(torch.int8)
+    if lazy:
+        scale = torch.cat(group_scales, dim=1)
+        zero = None if scheme.symmetric else torch.cat(group_zeros, dim=1)
+    return QuantizedWeight(codes.contiguous(), scale, zero, scheme), row_losses
+
+
+def quantize_gptq(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    scheme: Scheme,
+    block: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[QuantizedWeight, float]:
+    """GPTQ-quantize ``weight`` ``[out, in]`` given its input Hessian ``H`` ``[in, in]``.
+
+    ``H`` is 2 X Xᵀ / n (see :func:`accumulate_hessian` or ``InputStats.hessian``); ``damp``
+    is the fraction of mean(diag H) added to the diagonal; ``block`` the lazy-update width;
+    ``act_order`` processes columns by decreasing diag(H) with static groups. Returns the
+    quantized weight on the same grid as RTN (emits as pack-quantized) and the loss
+    Σ ½ ΔW H ΔWᵀ = ‖(W − Q) X‖² / n.
+    """
+    quantized, row_losses = gptq_rows(weight, H, scheme, block, damp, act_order, scale_dtype)
+    return quantized, float(row_losses.sum())
+
+
+def split_rows(quantized: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
+    """Split a weight quantized on concatenated rows back into its Linears (row counts ``sizes``)."""
+    codes = quantized.codes.split(sizes)
+    scales = quantized.scale.split(sizes)
+    zeros = [None] * len(sizes) if quantized.zero is None else quantized.zero.split(sizes)
+    return [QuantizedWeight(c.contiguous(), s.contiguous(), None if z is None else z.contiguous(), quantized.scheme)
+            for c, s, z in zip(codes, scales, zeros)]

@@ -1,0 +1,114 @@
+"""AWQ: unit scales equal RTN, the search never loses to RTN, folding is exact, real layers."""
+
+import pytest
+import torch
+
+from bitplan.methods.awq import (
+    awq_scales,
+    clip_weight,
+    effective_weight,
+    fold_scales_into_norm,
+    fold_scales_into_previous_linear,
+    output_error,
+    quantize_awq,
+    scale_weight_inputs,
+)
+from bitplan.methods.calibration_stats import InputStats, relative_output_error
+from bitplan.methods.mappings import smoothing_groups
+from bitplan.methods.rtn import quantize_rtn
+from bitplan.methods.scheme import Scheme
+from smollm2_layers import real_layers  # noqa: F401  (fixture)
+
+SCHEME = Scheme("awq", 4, 64, False)
+
+
+def outlier_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
+    """Activations with a few large channels, the situation AWQ is designed for."""
+    g = torch.Generator().manual_seed(seed)
+    magnitude = torch.ones(features)
+    magnitude[torch.randperm(features, generator=g)[: features // 32]] = 20.0
+    return torch.randn(tokens, features, generator=g) * magnitude
+
+
+def stats_of(x: torch.Tensor) -> InputStats:
+    stats = InputStats(x.shape[1])
+    stats.add(x)
+    return stats
+
+
+def test_alpha_zero_gives_unit_scales_and_rtn():
+    x = outlier_inputs(512, 128)
+    stats = stats_of(x)
+    assert torch.equal(awq_scales(stats.mean_abs(), 0.0), torch.ones(128))
+    weight = torch.randn(32, 128)
+    result = quantize_awq([weight], stats.mean_abs(), stats.second_moment(), SCHEME, clip=False, n_grid=1)
+    rtn = quantize_rtn(weight, SCHEME)
+    assert result.alpha == 0.0
+    assert torch.equal(result.quantized[0].codes, rtn.codes) and torch.equal(result.quantized[0].scale, rtn.scale)
+
+
+def test_scales_normalised_geometrically():
+    scales = awq_scales(torch.tensor([0.5, 2.0, 8.0, 1.0]), 0.5)
+    assert float(scales.max() * scales.min()) == pytest.approx(1.0)
+
+
+def test_search_never_loses_to_rtn_and_wins_with_outlier_channels():
+    x = outlier_inputs(4096, 256, seed=1)
+    stats = stats_of(x)
+    weights = [torch.randn(64, 256, generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
+    result = quantize_awq(weights, stats.mean_abs(), stats.second_moment(), SCHEME, clip=False)
+    assert min(result.losses) <= result.losses[0]  # index 0 is α = 0, i.e. RTN
+    assert result.alpha > 0
+    rtn = sum(output_error(w - quantize_rtn(w, SCHEME).dequantize(), stats.second_moment()) for w in weights)
+    awq = sum(output_error(w - effective_weight(q, result.scales), stats.second_moment())
+              for w, q in zip(weights, result.quantized))
+    assert awq < 0.8 * rtn
+    assert min(result.losses) == pytest.approx(awq, rel=1e-6)
+
+
+def test_clip_search_never_raises_group_error():
+    x = outlier_inputs(2048, 128, seed=4)
+    moment = stats_of(x).second_moment()
+    weight = torch.distributions.StudentT(2.5).sample((32, 128))
+    clipped = clip_weight(weight, moment, SCHEME)
+    assert output_error(weight - quantize_rtn(clipped, SCHEME).dequantize(), moment) <= output_error(
+        weight - quantize_rtn(weight, SCHEME).dequantize(), moment
+    ) * 1.0001
+    assert clipped.abs().max() <= weight.abs().max()
+
+
+def test_folding_keeps_the_function():
+    g = torch.Generator().manual_seed(5)
+    hidden, x = torch.randn(7, 64, generator=g), torch.randn(64, generator=g).abs() + 0.5
+    norm_weight, weight = torch.randn(64, generator=g), torch.randn(16, 64, generator=g)
+    scales = torch.rand(64, generator=g) + 0.5
+    new_norm, _ = fold_scales_into_norm(norm_weight, scales)
+    torch.testing.assert_close((hidden * new_norm) @ scale_weight_inputs(weight, scales).T, (hidden * norm_weight) @ weight.T)
+    up, bias = torch.randn(64, 32, generator=g), torch.randn(64, generator=g)
+    new_up, new_bias = fold_scales_into_previous_linear(up, bias, scales)
+    inner = torch.randn(5, 32, generator=g)
+    torch.testing.assert_close((inner @ new_up.T + new_bias) @ scale_weight_inputs(weight, scales).T,
+                               (inner @ up.T + bias) @ weight.T, rtol=1e-4, atol=1e-4)
+
+
+def test_llama_smoothing_groups_come_from_the_architecture_table():
+    groups = smoothing_groups("llama", num_heads=9, num_kv_heads=3)
+    assert [(g.previous, g.linears) for g in groups] == [
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ]
+    assert any(g.previous == "self_attn.v_proj" for g in smoothing_groups("llama", num_heads=8, num_kv_heads=8))
+
+
+@pytest.mark.slow
+def test_real_layers_awq_beats_rtn_on_median(real_layers):
+    """AWQ lowers held-out error on the real up_proj and down_proj (3 and 4 bits)."""
+    for name in ("model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj"):
+        weight, calib, held = real_layers[name]
+        for bits in (3, 4):
+            scheme = Scheme("awq", bits, 128 if weight.shape[1] % 128 == 0 else 64, False)
+            result = quantize_awq([weight], calib.mean_abs(), calib.second_moment(), scheme)
+            awq = relative_output_error(weight, effective_weight(result.quantized[0], result.scales), held.second_moment())
+            rtn = relative_output_error(weight, quantize_rtn(weight, scheme).dequantize(), held.second_moment())
+            assert awq < rtn, (name, bits, awq, rtn)
