@@ -150,39 +150,3 @@ def nf4_weight_bytes(out_features: int, in_features: int, block_size: int, doubl
     if not double_quant:
         return total + blocks * 4
     return total + blocks + math.ceil(blocks / NF4_DOUBLE_QUANT_BLOCK) * 4 + 4
-
-
-def int8_weight_bytes(out_features: int, in_features: int, scale_bytes: int) -> int:
-    """Exact bytes of one compressed-tensors ``int-quantized`` W8A8 weight (SmoothQuant).
-
-    ``weight`` int8 ``[out, in]`` (not packed) and ``weight_scale`` ``[out, 1]``; symmetric, so
-    no zero point; this format stores no ``weight_shape``.
-    """
-    return out_features * in_features + out_features * scale_bytes
-
-
-def fp8_weight_bytes(out_features: int, in_features: int, group_size: int, scale_bytes: int = 4) -> int:
-    """Exact bytes of one compressed-tensors ``float-quantized`` FP8 E4M3 weight.
-
-    ``weight`` float8_e4m3fn ``[out, in]`` and ``weight_scale`` ``[out, groups]`` (float32 by
-    default); no zero point, no ``weight_shape``.
-    """
-    return out_features * in_features + out_features * num_groups(in_features, group_size) * scale_bytes
-
-
-NF4_DOUBLE_QUANT_BLOCK = 256
-
-
-def nf4_weight_bytes(out_features: int, in_features: int, block_size: int, double_quant: bool) -> int:
-    """Exact bytes of one NF4 weight in bitplan's own layout (see ``bitplan.methods.nf4``).
-
-    ``weight_packed`` uint8 ``[out, in/2]``; then either ``weight_absmax`` float32
-    ``[out, blocks]``, or (double quantization) ``weight_absmax_codes`` one byte per block,
-    ``weight_absmax_scale`` float32 per 256 blocks and ``weight_absmax_offset`` float32 ``[1]``.
-    """
-    assert in_features % block_size == 0 and in_features % 2 == 0, "NF4 block must divide the inputs"
-    blocks = out_features * (in_features // block_size)
-    total = out_features * in_features // 2
-    if not double_quant:
-        return total + blocks * 4
-    return total + blocks + math.ceil(blocks / NF4_DOUBLE_QUANT_BLOCK) * 4 + 4
