@@ -66,18 +66,23 @@ class QualityMeter:
     def set_weight(self, name: str, weight: torch.Tensor) -> None:
         self.working.get_submodule(name).weight = nn.Parameter(weight, requires_grad=False)
 
-    @torch.no_grad()
     def measure(self, windows: torch.Tensor) -> Quality:
-        kl_sum = nll_q = nll_ref = 0.0
-        count = 0
-        for start in range(0, windows.shape[0], self.batch_size):
-            ids = windows[start : start + self.batch_size]
-            ref = torch.log_softmax(self.reference(ids).logits.float(), dim=-1)
-            quant = torch.log_softmax(self.working(ids).logits.float(), dim=-1)
-            kl_sum += float((ref.exp() * (ref - quant)).sum())
-            targets = ids[:, 1:].unsqueeze(-1)
-            nll_ref -= float(ref[:, :-1].gather(-1, targets).sum())
-            nll_q -= float(quant[:, :-1].gather(-1, targets).sum())
-            count += ids.numel()
-        predicted = windows.shape[0] * (windows.shape[1] - 1)
-        return Quality(kl_sum / count, math.exp(nll_q / predicted), math.exp(nll_ref / predicted), count)
+        return measure_pair(self.reference, self.working, windows, self.batch_size)
+
+
+@torch.no_grad()
+def measure_pair(reference: nn.Module, candidate: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> Quality:
+    """Mean KL(reference || candidate) per token and both perplexities on ``windows`` [n, seq_len]."""
+    kl_sum = nll_q = nll_ref = 0.0
+    count = 0
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size]
+        ref = torch.log_softmax(reference(ids).logits.float(), dim=-1)
+        quant = torch.log_softmax(candidate(ids).logits.float(), dim=-1)
+        kl_sum += float((ref.exp() * (ref - quant)).sum())
+        targets = ids[:, 1:].unsqueeze(-1)
+        nll_ref -= float(ref[:, :-1].gather(-1, targets).sum())
+        nll_q -= float(quant[:, :-1].gather(-1, targets).sum())
+        count += ids.numel()
+    predicted = windows.shape[0] * (windows.shape[1] - 1)
+    return Quality(kl_sum / count, math.exp(nll_q / predicted), math.exp(nll_ref / predicted), count)

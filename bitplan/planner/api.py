@@ -1,0 +1,166 @@
+"""The Python API: ``plan``, ``emit``, ``load``, ``evaluate`` (and ``profile`` on its own).
+
+Each is a plain function from the previous stage's product to its own; the CLI is a thin
+layer over these.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bitplan import __version__
+from bitplan.errors import BitplanError
+from bitplan.methods.registry import candidate_schemes
+from bitplan.methods.scheme import GROUP_SIZES, INTEGER_BITS, Scheme
+from bitplan.planner.deployment import Deployment, default_overhead_bytes, memory_breakdown, parse_size, weight_budget_bytes
+from bitplan.planner.plan import Plan
+from bitplan.planner.quality import QualityMeter, load_dense_model
+from bitplan.planner.refine import refine
+from bitplan.planner.search import allocate, check_feasible
+from bitplan.profiles.hardware import get_device
+from bitplan.profiles.model_source import BUILTIN_MODELS, cache_dir, folder_hash, resolve_model
+from bitplan.profiles.model_spec import ModelSpec, read_config, spec_from_config
+from bitplan.profiles.sensitivity import SensitivityTable, profile_sensitivity, table_key
+from bitplan.profiles.text import builtin_slices, interleaved_windows, tokens_hash, user_slices
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+REFINE_WINDOWS = 4
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Calibration text and its shape: ``samples`` windows of ``seq_len`` tokens."""
+
+    texts: tuple[Path, ...] = ()  # empty: the built-in Python documentation
+    samples: int = 16
+    seq_len: int = 512
+
+
+@dataclass(frozen=True)
+class Candidates:
+    methods: tuple[str, ...] = ("rtn",)
+    bits: tuple[int, ...] = INTEGER_BITS
+    group_sizes: tuple[int, ...] = GROUP_SIZES
+    symmetric: tuple[bool, ...] = (True, False)
+
+    def schemes(self) -> list[Scheme]:
+        return candidate_schemes(self.methods, self.bits, self.group_sizes, self.symmetric)
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
+def calibration_windows(folder: Path, settings: CalibrationSettings, extra: int = 0) -> torch.Tensor:
+    """``settings.samples + extra`` windows: the first ``samples`` profile, the rest are held in for refinement."""
+    slices = user_slices(list(settings.texts)) if settings.texts else builtin_slices("calibration")
+    return interleaved_windows(load_tokenizer(folder), slices, settings.seq_len, settings.samples + extra)
+
+
+def profile(
+    model: str,
+    candidates: Candidates = Candidates(),
+    calibration: CalibrationSettings = CalibrationSettings(),
+    seed: int = 0,
+    progress: Progress | None = None,
+    use_cache: bool = True,
+) -> SensitivityTable:
+    """Measure (or read from the cache) the sensitivity table of ``model`` for the candidates."""
+    folder = resolve_model(model)
+    config = read_config(folder)
+    spec = spec_from_config(config)
+    schemes = candidates.schemes()
+    tokens = calibration_windows(folder, calibration)[: calibration.samples]
+    model_hash = folder_hash(folder)
+    calibration_hash = tokens_hash(tokens)
+    path = cache_dir() / "profiles" / f"{table_key(model_hash, calibration_hash, schemes, seed)}.safetensors"
+    if use_cache and path.is_file():
+        log.info("sensitivity table from cache %s", path)
+        return SensitivityTable.load(path)
+    provenance = {"model_hash": model_hash, "calibration_hash": calibration_hash, "tokens": list(tokens.shape)}
+    table = profile_sensitivity(folder, config, spec, schemes, tokens, seed=seed, progress=progress, provenance=provenance)
+    table.save(path)
+    return table
+
+
+def model_source(model: str) -> str:
+    """How a plan names its model: the built-in name, or the folder's absolute path."""
+    return str(model) if str(model) in BUILTIN_MODELS else str(Path(model).resolve())
+
+
+def make_deployment(spec: ModelSpec, budget: str | int | None, target: str | None, context: int, batch: int,
+                    kv_dtype: str, tensor_parallel: int, overhead: str | int | None) -> Deployment:
+    """A budget in bytes (or text such as '40GB'), or a target device whose usable memory is the budget."""
+    if budget is None and target is None:
+        raise BitplanError("give a memory budget (--budget 40GB) or a target device (--target h100-sxm)")
+    device = get_device(target) if target else None
+    budget_bytes = (parse_size(budget) if isinstance(budget, str) else int(budget)) if budget is not None else device.usable_memory_bytes
+    if overhead is None:
+        overhead_bytes = default_overhead_bytes(tensor_parallel) if device else 0
+    else:
+        overhead_bytes = parse_size(overhead) if isinstance(overhead, str) else int(overhead)
+    return Deployment(budget_bytes=budget_bytes, context=context, batch=batch, kv_dtype=kv_dtype,
+                      tensor_parallel=tensor_parallel, overhead_bytes=overhead_bytes)
+
+
+def plan(
+    model: str,
+    budget: str | int | None = None,
+    target: str | None = None,
+    context: int = 2048,
+    batch: int = 1,
+    kv_dtype: str = "float16",
+    tensor_parallel: int = 1,
+    overhead: str | int | None = None,
+    candidates: Candidates = Candidates(),
+    calibration: CalibrationSettings = CalibrationSettings(),
+    tie_fused: bool = False,
+    trials: int = 16,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Plan:
+    """Profile (or reuse the cached profile), allocate exactly, refine with Optuna, return the Plan."""
+    folder = resolve_model(model)
+    config = read_config(folder)
+    spec = spec_from_config(config)
+    deployment = make_deployment(spec, budget, target, context, batch, kv_dtype, tensor_parallel, overhead)
+    weight_budget = weight_budget_bytes(spec, deployment)
+    check_feasible(spec, candidates.schemes(), weight_budget, deployment.budget_bytes, tie_fused)
+    table = profile(model, candidates, calibration, seed, progress)
+    allocation = allocate(table, spec, weight_budget, tie_fused)
+    search = {"solver": "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack", "status": allocation.status,
+              "mip_gap": allocation.mip_gap, "tie_fused": tie_fused, "weight_budget_bytes": weight_budget}
+    predicted = {"score_kl": allocation.score, "metric": table.provenance.get("metric")}
+    if trials > 0:
+        held_in = calibration_windows(folder, calibration, REFINE_WINDOWS)[calibration.samples :]
+        if len(held_in) == 0:
+            held_in = calibration_windows(folder, calibration)[:REFINE_WINDOWS]
+        meter = QualityMeter(load_dense_model(folder), spec)
+        refinement = refine(table, spec, weight_budget, tie_fused, meter, held_in, trials, seed, progress)
+        allocation = refinement.allocation
+        predicted.update(score_kl=allocation.score, calibration_kl=refinement.measured_kl, exact_calibration_kl=refinement.exact_kl)
+        search.update(refine_trials=refinement.trials, refine_distinct_plans=refinement.distinct_plans, knobs=refinement.knobs,
+                      refine_tokens=int(held_in.numel()))
+    memory = memory_breakdown(spec, allocation.weight_bytes, deployment)
+    return Plan(
+        model={"source": model_source(model), "model_type": spec.model_type, "hash": table.provenance["model_hash"]},
+        deployment=deployment.to_dict(),
+        target=target,
+        assignments=allocation.choice,
+        memory=memory.to_dict(),
+        predicted=predicted,
+        search=search,
+        provenance={"model_hash": table.provenance["model_hash"], "calibration_hash": table.provenance["calibration_hash"],
+                    "bitplan_version": __version__, "seed": seed, "metric": table.provenance.get("metric"),
+                    "metric_version": table.provenance.get("metric_version"), "candidates": table.schemes,
+                    "calibration": {"texts": [str(p) for p in calibration.texts] or "builtin:pydoc_data.topics",
+                                    "samples": calibration.samples, "seq_len": calibration.seq_len}},
+    )

@@ -1,0 +1,63 @@
+"""Load an emitted checkpoint as a transformers model whose quantized Linears are ``QuantLinear``.
+
+On a CPU the quantized Linears run the reference kernel (dequantize, then ``F.linear``); on a
+GPU they run bitplan's Triton kernels. Only safetensors are read; no remote code runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitplan.errors import BitplanError
+from bitplan.kernels.qlinear import QuantLinear
+from bitplan.profiles.blocks import skeleton_model
+from bitplan.profiles.model_source import WeightReader, safetensors_files
+from bitplan.profiles.model_spec import family_for, read_config
+
+
+def quantized_modules(quantization: dict) -> dict[str, dict]:
+    """module name -> its weight args, from a compressed-tensors config with exact-name targets."""
+    modules = {}
+    for group in quantization.get("config_groups", {}).values():
+        for target in group["targets"]:
+            if target.startswith("re:"):
+                raise BitplanError(f"regex target {target!r}: bitplan.load reads checkpoints with exact module names, as bitplan emits")
+            modules[target] = group["weights"]
+    return modules
+
+
+def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """The emitted checkpoint in ``folder`` as a ready-to-run causal LM (eval mode, no grad)."""
+    folder = Path(folder)
+    config = read_config(folder)
+    family_for(config)
+    quantization = config.pop("quantization_config", None)
+    if not quantization or quantization.get("quant_method") != "compressed-tensors":
+        raise BitplanError(f"{folder} is not a bitplan checkpoint (no compressed-tensors quantization_config): emit one with `bitplan emit`")
+    if not safetensors_files(folder):
+        raise BitplanError(f"{folder} has no *.safetensors files: re-run `bitplan emit`")
+    model = skeleton_model(config).to_empty(device="cpu").to(dtype)
+    reader = WeightReader(folder)
+    modules = quantized_modules(quantization)
+    for name, args in modules.items():
+        tensors = reader.tensors(f"{name}.", dtype=None)
+        scale = tensors["weight_scale"]
+        linear = QuantLinear.from_checkpoint(
+            {**tensors, "weight_scale": scale}, fmt="int", bits=int(args["num_bits"]), group_size=int(args.get("group_size") or 0)
+        )
+        model.set_submodule(name, linear)
+    dense = {name: tensor.to(dtype) for name, tensor in ((n, reader.tensor(n, dtype=None)) for n in reader.location)
+             if name.rsplit(".", 1)[0] not in modules}
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    missing = [m for m in missing if m.rsplit(".", 1)[0] not in modules and not m.startswith("lm_head")]
+    if missing or unexpected:
+        raise BitplanError(f"{folder} does not match its config.json ({len(missing)} missing, {len(unexpected)} unexpected tensors): re-run `bitplan emit`")
+    if config.get("tie_word_embeddings"):
+        model.tie_weights()
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=rotary.config)
+    return model.to(device).eval().requires_grad_(False)

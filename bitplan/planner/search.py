@@ -1,0 +1,136 @@
+"""Exact allocation: one scheme per layer (or per fused group) minimising the summed score
+under a byte budget. A multiple-choice knapsack, solved to optimality with ``scipy.optimize.milp``
+(HiGHS) over each unit's Pareto frontier of (bytes, score).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from bitplan.errors import BitplanError
+from bitplan.planner.deployment import format_bytes
+from bitplan.profiles.model_spec import ModelSpec
+from bitplan.profiles.sensitivity import SensitivityTable
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Layers that must share a scheme (a fused group, or one layer), with their options."""
+
+    key: str
+    rows: tuple[int, ...]
+    options: tuple[tuple[int, int, float], ...]  # (scheme column, total bytes, total score), Pareto frontier
+
+
+@dataclass(frozen=True)
+class Allocation:
+    choice: dict[str, str]  # layer name -> scheme name
+    weight_bytes: int
+    score: float
+    status: str
+    mip_gap: float
+
+
+def pareto(options: list[tuple[int, int, float]]) -> tuple[tuple[int, int, float], ...]:
+    """Keep options no other option beats on both bytes and score (ties: the first scheme)."""
+    frontier, best = [], float("inf")
+    for column, size, score in sorted(options, key=lambda o: (o[1], o[2], o[0])):
+        if score < best:
+            frontier.append((column, size, score))
+            best = score
+    return tuple(frontier)
+
+
+def build_units(table: SensitivityTable, spec: ModelSpec, tie_fused: bool, weights: np.ndarray | None = None) -> list[Unit]:
+    """Group rows by fused key (when tied) and list each unit's feasible options.
+
+    ``weights`` multiplies each layer's scores (the refinement's knobs); bytes are untouched.
+    """
+    members: dict[str, list[int]] = defaultdict(list)
+    for row, name in enumerate(table.layers):
+        layer = spec.layer(name)
+        members[layer.fused_key if tie_fused else name].append(row)
+    scores = table.scores.numpy()
+    sizes = table.bytes.numpy()
+    factor = np.ones(len(table.layers)) if weights is None else weights
+    units = []
+    for key, rows in members.items():
+        options = []
+        for column in range(len(table.schemes)):
+            if all(sizes[r, column] >= 0 for r in rows):
+                options.append((column, int(sum(sizes[r, column] for r in rows)), float(sum(scores[r, column] * factor[r] for r in rows))))
+        if not options:
+            raise BitplanError(f"no candidate scheme can store {key}: widen --groups (per-channel always fits)")
+        units.append(Unit(key, tuple(rows), pareto(options)))
+    return units
+
+
+def smallest_bytes(units: list[Unit]) -> int:
+    return sum(min(o[1] for o in unit.options) for unit in units)
+
+
+def smallest_plan_bytes(spec: ModelSpec, schemes: list, tie_fused: bool = False) -> int:
+    """Bytes of the smallest plan the candidates allow, from the ModelSpec alone (no profile)."""
+    members: dict[str, list] = defaultdict(list)
+    for layer in spec.layers:
+        members[layer.fused_key if tie_fused else layer.name].append(layer)
+    total = 0
+    for key, layers in members.items():
+        sizes = [sum(s.weight_bytes(l.out_features, l.in_features, spec.dtype_bytes) for l in layers)
+                 for s in schemes if all(s.fits(l.in_features) for l in layers)]
+        if not sizes:
+            raise BitplanError(f"no candidate scheme can store {key}: widen --groups (per-channel always fits)")
+        total += min(sizes)
+    return total
+
+
+def check_feasible(spec: ModelSpec, schemes: list, weight_budget_bytes: int, budget_bytes: int, tie_fused: bool = False) -> None:
+    """Fail fast, before any profiling, when no plan can fit; the message states the smallest size."""
+    floor = smallest_plan_bytes(spec, schemes, tie_fused)
+    if floor > weight_budget_bytes:
+        needed = budget_bytes - weight_budget_bytes + floor
+        raise BitplanError(
+            f"the budget {format_bytes(budget_bytes)} is below the smallest feasible deployment, {format_bytes(needed)} "
+            f"(weights at the smallest candidate scheme, plus embeddings, KV cache, workspace and overhead): "
+            f"raise --budget to at least {format_bytes(needed)}, or lower --context/--batch"
+        )
+
+
+def allocate(table: SensitivityTable, spec: ModelSpec, weight_budget_bytes: int, tie_fused: bool = False,
+             weights: np.ndarray | None = None) -> Allocation:
+    """The minimum-score assignment whose quantized-weight bytes fit ``weight_budget_bytes``."""
+    units = build_units(table, spec, tie_fused, weights)
+    floor = smallest_bytes(units)
+    if floor > weight_budget_bytes:
+        raise BitplanError(
+            f"the budget leaves {format_bytes(weight_budget_bytes)} for quantized weights, but the smallest plan needs "
+            f"{format_bytes(floor)} ({format_bytes(floor - weight_budget_bytes)} more): raise the budget or shorten the context"
+        )
+    index = [(u, o) for u, unit in enumerate(units) for o in range(len(unit.options))]
+    cost = np.array([units[u].options[o][2] for u, o in index])
+    size = np.array([units[u].options[o][1] for u, o in index], dtype=float)
+    pick_one = np.zeros((len(units), len(index)))
+    for k, (u, _) in enumerate(index):
+        pick_one[u, k] = 1.0
+    constraints = [LinearConstraint(pick_one, 1, 1), LinearConstraint(size[None, :], 0, float(weight_budget_bytes))]
+    result = milp(cost, constraints=constraints, integrality=np.ones(len(index)), bounds=Bounds(0, 1),
+                  options={"mip_rel_gap": 0.0, "presolve": True})
+    if result.x is None:
+        raise BitplanError(f"the allocation found no plan within {format_bytes(weight_budget_bytes)}: {result.message}")
+    chosen = np.round(result.x).astype(bool)
+    choice, total_bytes, total_score = {}, 0, 0.0
+    for k in np.flatnonzero(chosen):
+        u, o = index[k]
+        column, unit_bytes, _ = units[u].options[o]
+        for row in units[u].rows:
+            choice[table.layers[row]] = table.schemes[column]
+            total_score += float(table.scores[row, column])
+        total_bytes += unit_bytes
+    assert total_bytes <= weight_budget_bytes and len(choice) == len(table.layers)
+    gap = float(getattr(result, "mip_gap", 0.0) or 0.0)
+    return Allocation(dict(sorted(choice.items(), key=lambda kv: table.layers.index(kv[0]))), total_bytes, total_score,
+                      "optimal" if result.status == 0 else result.message, gap)
