@@ -1,7 +1,8 @@
 """Calibration and evaluation text: the built-in Python documentation or the user's files.
 
 The built-in text is the standard library's ``pydoc_data.topics``. Whole topics are assigned
-to calibration or held-out (about a fifth of the text), so the two never share a topic. Each topic splits into a "prose" slice and a "code" slice: indented
+to calibration or held-out (about a quarter of the text), so the two never share a topic, and
+held-out paragraphs that also appear in a calibration topic (pydoc repeats some) are dropped. Each topic splits into a "prose" slice and a "code" slice: indented
 blocks and interactive sessions are code, the rest is prose.
 """
 
@@ -16,7 +17,7 @@ import torch
 
 from bitplan.errors import BitplanError
 
-HELD_OUT_EVERY = 5
+HELD_OUT_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def split_prose_code(text: str) -> tuple[str, str]:
 
 def builtin_split() -> dict[str, list[str]]:
     """Topic names per part: walking topics in sorted order, each goes to "heldout" while the
-    held-out text is under a fifth of the total so far, else to "calibration"."""
+    held-out text is under a quarter of the total so far, else to "calibration"."""
     from pydoc_data.topics import topics
 
     parts: dict[str, list[str]] = {"calibration": [], "heldout": []}
@@ -59,7 +60,12 @@ def builtin_slices(part: str) -> list[TextSlice]:
     """``part`` is "calibration" or "heldout"; returns the prose and code slices of that part."""
     from pydoc_data.topics import topics
 
-    pairs = [split_prose_code(topics[key]) for key in builtin_split()[part]]
+    parts = builtin_split()
+    documents = [topics[key] for key in parts[part]]
+    if part == "heldout":  # topics repeat each other's paragraphs ("compound" holds "if", "for", ...)
+        seen = {p.strip() for key in parts["calibration"] for p in topics[key].split("\n\n")}
+        documents = ["\n\n".join(p for p in doc.split("\n\n") if p.strip() not in seen) for doc in documents]
+    pairs = [split_prose_code(doc) for doc in documents]
     return [
         TextSlice("prose", "\n\n".join(p for p, _ in pairs if p)),
         TextSlice("code", "\n\n".join(c for _, c in pairs if c)),
