@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/bitplan plan smollm2-135m --budget 150MB --context 2048 --out out/plan.json
+	rm -rf out/smollm2-mixed
+	$(BIN)/bitplan plan smollm2-135m --budget 170MB --context 2048 --out out/plan.json
 	$(BIN)/bitplan emit out/plan.json --out out/smollm2-mixed
 	$(BIN)/bitplan eval out/smollm2-mixed
 

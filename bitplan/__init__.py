@@ -1,17 +1,31 @@
 """bitplan: a hardware-aware planner for mixed-precision quantization of LLMs.
 
-    plan = bitplan.plan("smollm2-135m", budget="150MB", context=2048)
+    plan = bitplan.plan("smollm2-135m", budget="170MB", context=2048)
     bitplan.emit(plan, "out/smollm2-mixed")
     model = bitplan.load("out/smollm2-mixed")
     report = bitplan.evaluate("out/smollm2-mixed")
+
+The API is imported on first use, so ``import bitplan.kernels`` stays light.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from bitplan.errors import BitplanError  # noqa: E402
-from bitplan.planner.api import plan, profile  # noqa: E402
-from bitplan.planner.emit import emit  # noqa: E402
-from bitplan.planner.evaluate import evaluate  # noqa: E402
-from bitplan.planner.load import load  # noqa: E402
+_API = {
+    "BitplanError": "bitplan.errors",
+    "plan": "bitplan.planner.api",
+    "profile": "bitplan.planner.api",
+    "emit": "bitplan.planner.emit",
+    "evaluate": "bitplan.planner.evaluate",
+    "load": "bitplan.planner.load",
+}
+__all__ = [*_API, "__version__"]
 
-__all__ = ["BitplanError", "emit", "evaluate", "load", "plan", "profile", "__version__"]
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'bitplan' has no attribute {name!r}")

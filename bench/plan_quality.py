@@ -1,0 +1,93 @@
+"""Plan quality: bitplan's mixed plan against the best uniform configuration at equal bytes.
+
+For each budget equal to the deployment size of uniform RTN at 3, 4, 5 and 6 bits (group 128,
+symmetric; group 64 where 128 does not divide the inputs), measure held-out KL and perplexity
+of (a) the best uniform configuration from the same candidate set that fits, and (b) bitplan's
+plan. Uniform candidates are tried from the largest that fits downwards (up to --uniform-tries).
+
+    .venv/bin/python bench/plan_quality.py [--exclude-group 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import bitplan
+from bitplan.methods.scheme import Scheme
+from bitplan.planner.api import CalibrationSettings, Candidates, load_tokenizer
+from bitplan.planner.baselines import assignment_bytes, uniform_assignment
+from bitplan.planner.deployment import Deployment, memory_breakdown
+from bitplan.planner.quality import QualityMeter, load_dense_model
+from bitplan.profiles.model_source import resolve_model
+from bitplan.profiles.model_spec import spec_from_folder
+from common import heldout_windows, save
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bits", default="3,4,5,6")
+    parser.add_argument("--heldout", type=int, default=8, help="windows of 512 tokens per slice")
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--uniform-tries", type=int, default=4)
+    parser.add_argument("--exclude-group", type=int, action="append", default=[], help="drop a group size from the candidates (e.g. 32: the model's native Q4_1 grid)")
+    args = parser.parse_args()
+
+    folder = resolve_model("smollm2-135m")
+    spec = spec_from_folder(folder)
+    groups = tuple(g for g in (32, 64, 128, 0) if g not in args.exclude_group)
+    candidates = Candidates(("rtn",), (2, 3, 4, 5, 6, 8), groups)
+    schemes = [s for s in candidates.schemes() if not s.is_dense]
+    windows = heldout_windows(load_tokenizer(folder), args.heldout)
+    all_windows = torch.cat(list(windows.values()))
+    meter = QualityMeter(load_dense_model(folder), spec)
+    rows = []
+    for bits in (int(b) for b in args.bits.split(",")):
+        reference = uniform_assignment(spec, Scheme("rtn", bits, 128, True))
+        deployment = Deployment(budget_bytes=0, context=2048)
+        budget = memory_breakdown(spec, assignment_bytes(spec, reference), deployment).total_bytes
+        weight_budget = assignment_bytes(spec, reference)
+        fitting = sorted(((assignment_bytes(spec, uniform_assignment(spec, s)), s) for s in schemes), key=lambda t: (-t[0], t[1].name))
+        fitting = [(size, s) for size, s in fitting if size <= weight_budget][: args.uniform_tries]
+        uniform = []
+        for size, scheme in fitting:
+            meter.apply(uniform_assignment(spec, scheme))
+            uniform.append((meter.measure(all_windows), scheme, size))
+        best_uniform = min(uniform, key=lambda u: u[0].kl)
+        started = time.time()
+        plan = bitplan.plan("smollm2-135m", budget=budget, context=2048, candidates=candidates,
+                            calibration=CalibrationSettings(), trials=args.trials, seed=0)
+        plan_seconds = time.time() - started
+        meter.apply(plan.schemes())
+        planned = meter.measure(all_windows)
+        per_slice = {name: meter.measure(w).kl for name, w in windows.items()}
+        meter.apply(uniform_assignment(spec, best_uniform[1]))
+        uniform_slice = {name: meter.measure(w).kl for name, w in windows.items()}
+        rows.append({
+            "bits": bits, "budget_bytes": budget, "weight_budget_bytes": weight_budget,
+            "uniform_scheme": best_uniform[1].name, "uniform_bytes": best_uniform[2], "uniform_kl": best_uniform[0].kl,
+            "uniform_ppl": best_uniform[0].perplexity, "uniform_kl_by_slice": uniform_slice,
+            "uniform_tried": {s.name: q.kl for q, s, _ in uniform},
+            "plan_bytes": plan.memory["quantized_weights_bytes"], "plan_kl": planned.kl, "plan_ppl": planned.perplexity,
+            "plan_kl_by_slice": per_slice, "reference_ppl": planned.reference_perplexity,
+            "kl_reduction": 1 - planned.kl / best_uniform[0].kl, "plan_seconds": plan_seconds,
+            "plan_schemes": sorted(set(plan.assignments.values())),
+        })
+        r = rows[-1]
+        print(f"{bits}-bit budget {budget/1e6:.2f} MB | uniform {r['uniform_scheme']:<12} KL {r['uniform_kl']:.4f} ppl {r['uniform_ppl']:.2f} | "
+              f"bitplan KL {r['plan_kl']:.4f} ppl {r['plan_ppl']:.2f} | KL -{100*r['kl_reduction']:.1f}% | plan {plan_seconds:.0f}s", flush=True)
+    print()
+    print("| budget (uniform RTN g128 sym) | total MB | best uniform that fits | uniform KL | uniform ppl | bitplan KL | bitplan ppl | KL reduction |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['bits']}-bit | {r['budget_bytes']/1e6:.2f} | {r['uniform_scheme']} | {r['uniform_kl']:.4f} | {r['uniform_ppl']:.2f} | "
+              f"{r['plan_kl']:.4f} | {r['plan_ppl']:.2f} | {100*r['kl_reduction']:.1f}% |")
+    print(f"original perplexity on the same tokens: {rows[0]['reference_ppl']:.2f}; held-out tokens: {all_windows.numel()}")
+    suffix = "" if not args.exclude_group else "-no-g" + "-".join(map(str, args.exclude_group))
+    print("saved", save(f"plan_quality{suffix}", {"groups": groups, "rows": rows, "heldout_tokens": all_windows.numel()}))
+
+
+if __name__ == "__main__":
+    main()
