@@ -46,16 +46,21 @@ def quantize_group(names, weights, calib, scheme, timings) -> dict[str, dict[str
     moment = calib["second_moment"]
     for n, w in zip(names, weights):
         out[n]["rtn"] = quantize_rtn(w, scheme).dequantize()
-        start = time.perf_counter()
-        out[n]["hqq"] = quantize_hqq(w, scheme).dequantize()
-        timings["hqq"] += time.perf_counter() - start
+        if "hqq" in METHODS:
+            start = time.perf_counter()
+            out[n]["hqq"] = quantize_hqq(w, scheme).dequantize()
+            timings["hqq"] += time.perf_counter() - start
     sizes = [w.shape[0] for w in weights]
     for method, act_order in (("gptq", False), ("gptq_act_order", True)):
+        if method not in METHODS:
+            continue
         start = time.perf_counter()
         quantized, _ = gptq_rows(torch.cat(weights), 2 * moment, scheme, act_order=act_order)
         timings[method] += time.perf_counter() - start
         for n, q in zip(names, split_rows(quantized, sizes)):
             out[n][method] = q.dequantize()
+    if "awq" not in METHODS:
+        return out
     start = time.perf_counter()
     suffixes = [n.split(".", 3)[-1] for n in names]
     if suffixes[0] in UNFOLDABLE:
@@ -112,13 +117,20 @@ def print_table(rows: list[dict], summary: dict, bits: int) -> None:
 
 
 def main() -> None:
+    global METHODS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     parser.add_argument("--symmetric", action="store_true")
     parser.add_argument("--calibration-sequences", type=int, default=32)
     parser.add_argument("--held-out-sequences", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "method_errors.json")
+    parser.add_argument("--methods", nargs="+", choices=METHODS[1:], default=list(METHODS[1:]),
+                        help="measure only these (beside RTN); results go to method_errors_<methods>.json")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    METHODS = ("rtn", *args.methods)
+    if args.out is None:
+        suffix = "" if len(METHODS) == 5 else "_" + "_".join(args.methods)
+        args.out = Path(__file__).parent / "results" / f"method_errors{suffix}.json"
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = statistics(args.calibration_sequences, args.held_out_sequences)
     report = {"calibration_tokens": data["calibration"][next(iter(data["calibration"]))]["count"],
