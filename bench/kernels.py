@@ -2,13 +2,14 @@
 
 Decode (M = 1, 4, 8, 16): achieved bandwidth (bytes the kernel must move: packed weight, scales,
 activations, output) in GB/s and % of the device's data-sheet peak, and speed-up over fp16.
-Prefill (M = 512 .. 4096): TFLOP/s and the ratio to fp16. Shapes: Llama-3-8B and Llama-3-70B
+Prefill (M = 512 .. 4096): TFLOP/s and the ratio to fp16, for the fused GEMM and, beside it, for
+dequantizing the weight to fp16 and calling torch's matmul (``launch.PREFILL_DEQUANT_MIN_M``). Shapes: Llama-3-8B and Llama-3-70B
 Linears. Timings: medians of CUDA-graph replays (no Python launch overhead, as in serving
 engines) over enough weight copies that every read comes from DRAM, not L2.
 
     python bench/kernels.py                 # full tables, JSON under bench/results/
-    python bench/kernels.py --sweep         # first time candidate launch configs per path, then
-                                            # measure the tables with the fastest of each path
+    python bench/kernels.py --sweep         # first time candidate launch configs and knobs per path
+                                            # (SWEEP), then measure the tables with the fastest of each
     python bench/kernels.py --quick         # fewer shapes (a smoke run)
 
 Needs a CUDA GPU. Prints the table last; every number is also saved in the JSON.
@@ -212,9 +213,19 @@ def prefill_rows(shapes, configs: dict | None = None) -> list[dict]:
             t_q, t_16 = time_pair(m, n, k, specs, configs)
             t_q, t_16 = t_q * 1e-3, t_16 * 1e-3
             flop = 2 * m * n * k
-            rows.append(progress(dict(model=model, layer=layer, n=n, k=k, m=m, scheme="w4g128s", us=t_q * 1e3, fp16_us=t_16 * 1e3,
-                             tflops=flop / (t_q * 1e-3) / 1e12, fp16_tflops=flop / (t_16 * 1e-3) / 1e12,
-                             ratio=t_16 / t_q, rel_err=err)))
+            row = dict(model=model, layer=layer, n=n, k=k, m=m, scheme="w4g128s", us=t_q * 1e3, fp16_us=t_16 * 1e3,
+                       tflops=flop / (t_q * 1e-3) / 1e12, fp16_tflops=flop / (t_16 * 1e-3) / 1e12,
+                       ratio=t_16 / t_q, rel_err=err, prefill_dequant_min_m=launch.PREFILL_DEQUANT_MIN_M)
+            if launch.PREFILL_DEQUANT_MIN_M == 0:  # the alternative: dequantize to fp16, then torch's matmul
+                launch.PREFILL_DEQUANT_MIN_M = 1
+                try:
+                    config = None if configs is None else configs.get(launch.path_for(m))
+                    row["dequant_rel_err"] = checked_error(x, specs[0], n, weight16, config)
+                    t_d = graph_us([run_quant(x, spec, n, config) for spec in specs]) * 1e-3
+                    row.update(dequant_us=t_d * 1e3, dequant_tflops=flop / (t_d * 1e-3) / 1e12, dequant_ratio=t_16 / t_d)
+                finally:
+                    launch.PREFILL_DEQUANT_MIN_M = 0
+            rows.append(progress(row))
     return rows
 
 
@@ -234,7 +245,7 @@ def format_rows(n: int, k: int, bandwidth: float | None, configs: dict | None = 
             else:
                 spec = format_weight(name, n, k)
                 specs = [spec] + [format_weight(name, n, k) for _ in range(copies_for(weight_bytes(spec)) - 1)]
-                config_here = config if name in ("w4g128s", "w4g128a", "w4g32s", "w8gcs", "w2g64a", "nf4", "fp8") else None
+                config_here = config if name in ("w4g128s", "w4g128a", "w4g32s", "w8gcs", "w2g64a") else None
                 t_q = graph_us([run_quant(x, sp, n, config_here) for sp in specs]) * 1e-3
                 moved = weight_bytes(spec)
             moved += 2 * m * (k + n)
@@ -245,38 +256,58 @@ def format_rows(n: int, k: int, bandwidth: float | None, configs: dict | None = 
     return rows
 
 
+# Candidates of the fast integer kernels (W4 g128 here): (config, split-K programs per
+# multiprocessor, 4-bit GEMV nibbles in place); see the knobs in ``bitplan.kernels.launch``.
 SWEEP = {
-    "gemv": [KernelConfig(1, bn, bk, w, 1, 0) for bn in (64, 128, 256) for bk in (64, 128, 256)
-             for w in (2, 4, 8) if bn * bk <= 32768 and bn * bk // (32 * w) >= 32],
-    "small": [KernelConfig(16, bn, bk, 4, st, 0, swap) for bn in (64, 128) for bk in (128, 256) for st in (2, 4)
-              for swap in (False, True)] + [KernelConfig(1, 64, 256, 4, 1, 0), KernelConfig(1, 32, 256, 4, 1, 0)],
-    "gemm": [KernelConfig(bm, bn, 64, 8, st, 1) for bm, bn in ((128, 128), (128, 256)) for st in (3, 4)]
-    + [KernelConfig(bm, bn, bk, 8, st, 1, True) for bm, bn in ((128, 128), (256, 128)) for bk in (64, 128)
-       for st in (2, 3, 4) if bm * bk * st <= 98304],
+    "gemv": [(KernelConfig(1, bn, bk, w, st), per_sm, in_place) for bn, bk, w, st, per_sm, in_place in (
+        (128, 128, 4, 1, 4, True), (128, 128, 4, 1, 4, False), (256, 128, 4, 1, 4, False), (256, 128, 4, 2, 4, False),
+        (128, 128, 4, 2, 4, False), (128, 128, 4, 1, 6, False), (128, 128, 4, 2, 4, True), (64, 128, 4, 1, 8, False))],
+    "small": [(KernelConfig(16, bn, bk, w, st, 0, swap), per_sm, True) for bn, bk, w, st, swap, per_sm in (
+        (128, 128, 8, 3, True, 2), (64, 128, 4, 3, True, 4), (128, 128, 8, 3, True, 3))],
+    "gemm": [(KernelConfig(bm, bn, bk, w, st, 1, swap), 2, True) for bm, bn, bk, w, st, swap in (
+        (256, 128, 64, 8, 4, True), (256, 128, 64, 8, 3, True))],
 }
-SWEEP_CASES = {"gemv": [(1, 8192, 8192), (1, 28672, 8192), (1, 1024, 8192), (1, 4096, 4096)],
-               "small": [(16, 8192, 8192), (4, 4096, 4096), (8, 28672, 8192)],
-               "gemm": [(2048, 8192, 8192), (4096, 14336, 4096)]}
+SWEEP_CASES = {"gemv": [(1, 8192, 8192), (1, 28672, 8192), (1, 8192, 28672), (1, 4096, 4096), (1, 1024, 8192)],
+               "small": [(16, 8192, 8192), (4, 8192, 8192), (16, 28672, 8192), (8, 8192, 28672)],
+               "gemm": [(2048, 8192, 8192), (512, 14336, 4096)]}
+
+
+def set_knobs(path: str, per_sm: int, in_place: bool) -> None:
+    """Apply a candidate's launch knobs (module state of ``bitplan.kernels.launch``)."""
+    if path in launch.FAST_SPLIT_PER_SM:
+        launch.FAST_SPLIT_PER_SM[path] = per_sm
+    if path == "gemv":
+        launch.GEMV_NIBBLES_IN_PLACE = in_place
 
 
 def sweep_rows() -> list[dict]:
-    """Time every candidate config of each path on its shapes; rows sorted best first per path."""
+    """Time every candidate of each path on its shapes; rows sorted best first per path (all kept)."""
     rows = []
+    saved = dict(launch.FAST_SPLIT_PER_SM), launch.GEMV_NIBBLES_IN_PLACE
     for path, cases in SWEEP_CASES.items():
-        totals: dict[KernelConfig, float] = {}
+        totals: dict[tuple, float] = {}
+        per_case: dict[tuple, list] = {}
         for m, n, k in cases:
             spec = int_weight(n, k, 4, 128, True)
             specs = [spec] + [int_weight(n, k, 4, 128, True) for _ in range(copies_for(weight_bytes(spec)) - 1)]
             x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-            for config in SWEEP[path]:
+            for candidate in SWEEP[path]:
+                config, per_sm, in_place = candidate
+                set_knobs(path, per_sm, in_place)
                 try:
                     t = graph_us([run_quant(x, sp, n, config) for sp in specs]) * 1e-3
                 except Exception as error:  # a config that does not fit (shared memory, registers)
-                    print(f"  sweep {path} {config}: {type(error).__name__}", file=sys.stderr)
+                    print(f"  sweep {path} {config}: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
                     t = math.inf
-                totals[config] = totals.get(config, 0.0) + t
-        for config, total in sorted(totals.items(), key=lambda item: item[1])[:5]:
-            rows.append(progress(dict(path=path, config=config.to_dict(), total_us=total * 1e3)))
+                finally:
+                    launch.FAST_SPLIT_PER_SM.update(saved[0])
+                    launch.GEMV_NIBBLES_IN_PLACE = saved[1]
+                totals[candidate] = totals.get(candidate, 0.0) + t
+                per_case.setdefault(candidate, []).append(round(t * 1e3, 2))
+        for (config, per_sm, in_place), total in sorted(totals.items(), key=lambda item: item[1]):
+            rows.append(progress(dict(path=path, config=config.to_dict(), split_programs_per_sm=per_sm,
+                                      nibbles_in_place=in_place, total_us=total * 1e3,
+                                      case_us=per_case[(config, per_sm, in_place)], cases=[list(c) for c in cases])))
     return rows
 
 
@@ -284,7 +315,9 @@ def best_configs(sweep: list[dict]) -> dict[str, KernelConfig]:
     """The fastest swept config of each path (rows are sorted best first per path)."""
     best: dict[str, KernelConfig] = {}
     for row in sweep:
-        best.setdefault(row["path"], KernelConfig.from_dict(row["config"]))
+        if row["path"] not in best:
+            best[row["path"]] = KernelConfig.from_dict(row["config"])
+            set_knobs(row["path"], row["split_programs_per_sm"], row["nibbles_in_place"])
     return best
 
 
@@ -320,11 +353,12 @@ def print_tables(result: dict) -> None:
         print(f"| {r['model']} | {r['layer']} | {r['n']}x{r['k']} | {r['m']} | {r['us']:.1f} | {r['fp16_us']:.1f} | "
               f"{r['gb_per_s']:.0f} | {fmt(r['pct_peak'])} | {r['speedup']:.2f} | {r['rel_err']:.1e} |")
     print("\n## Prefill, W4A16 g128 symmetric vs fp16 F.linear")
-    print("| model | layer | N x K | M | TFLOP/s | fp16 TFLOP/s | x fp16 | rel err |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | layer | N x K | M | TFLOP/s | fp16 TFLOP/s | x fp16 | rel err | dequant+matmul TFLOP/s | x fp16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["prefill"]:
         print(f"| {r['model']} | {r['layer']} | {r['n']}x{r['k']} | {r['m']} | {r['tflops']:.0f} | "
-              f"{r['fp16_tflops']:.0f} | {r['ratio']:.2f} | {r.get('rel_err', float('nan')):.1e} |")
+              f"{r['fp16_tflops']:.0f} | {r['ratio']:.2f} | {r.get('rel_err', float('nan')):.1e} | "
+              f"{fmt(r.get('dequant_tflops'), 0)} | {fmt(r.get('dequant_ratio'), 2)} |")
     print("\n## Formats at one 70B shape")
     print("| N x K | M | scheme | us | x fp16 | GB/s | % peak | TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -332,9 +366,12 @@ def print_tables(result: dict) -> None:
         print(f"| {r['n']}x{r['k']} | {r['m']} | {r['scheme']} | {r['us']:.1f} | {r['speedup']:.2f} | "
               f"{r['gb_per_s']:.0f} | {fmt(r['pct_peak'])} | {r['tflops']:.1f} |")
     for r in result.get("sweep", []):
-        print(f"sweep {r['path']}: {r['config']} total {r['total_us']:.1f} us")
+        print(f"sweep {r['path']}: {r['config']} per_sm {r.get('split_programs_per_sm')} in_place {r.get('nibbles_in_place')} "
+              f"total {r['total_us']:.1f} us {r.get('case_us')}")
     for path, config in result.get("configs_used", {}).items():
         print(f"tables measured with {path}: {config}")
+    if "knobs" in result:
+        print(f"launch knobs: {result['knobs']}")
 
 
 def smoke(args) -> None:
@@ -343,7 +380,7 @@ def smoke(args) -> None:
     DEVICE, DECODE_M, PREFILL_M = "cpu", (1, 3), (32,)
     SWEEP_CASES = {path: [(m if m < 32 else 32, 128, 256)] for path, m in (("gemv", 1), ("small", 16), ("gemm", 64))}
     for path in SWEEP:
-        SWEEP[path] = SWEEP[path][:2]
+        SWEEP[path] = [(KernelConfig(*(16 if path == "small" else 1 if path == "gemv" else 32, 32, 64, 4, 1)), 2, True)]
     tiny = [("tiny", "a", 96, 256)]
     result = {"device": dict(name="cpu-interpreter", catalog_key="?", datasheet_gb_per_s=None, copy_gb_per_s=copy_bandwidth() / 1e9,
                              triton="interpreter", torch=torch.__version__)}
@@ -380,6 +417,8 @@ def main() -> None:
         result["sweep"] = sweep_rows()
         configs = best_configs(result["sweep"])
         result["configs_used"] = {path: config.to_dict() for path, config in configs.items()}
+    result["knobs"] = dict(fast_split_per_sm=dict(launch.FAST_SPLIT_PER_SM), gemv_nibbles_in_place=launch.GEMV_NIBBLES_IN_PLACE,
+                           prefill_dequant_min_m=launch.PREFILL_DEQUANT_MIN_M)
     result["decode"] = decode_rows(shapes, peak, configs)
     result["prefill"] = prefill_rows(PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES, configs)
     result["formats"] = format_rows(8192, 8192, peak, configs)

@@ -25,8 +25,15 @@ multiple of the codes per packing unit (8 for 4-bit, 32 for 3/5/6-bit), which 32
 Dispatch by M (rows of activations): ``M == 1``: GEMV on CUDA cores, split over K when N gives
 too few programs; ``M <= 16``: tensor-core GEMM with ``BLOCK_M = 16`` and split-K; larger M:
 tiled GEMM dequantizing inside the K loop (on Hopper with swapped operands, ``W @ x.T``, so the
-dequantized tile feeds wgmma from registers). Split-K partial sums go through a float32 workspace
-with atomic adds, then one copy into the output. Every function here needs Triton; CPU callers without
+dequantized tile feeds wgmma from registers).
+
+Two kernel families: integer codes of 2, 4 or 8 bits with fp16/bf16 activations (the common
+case, :func:`uses_fast_path`) run ``int_gemv_kernel`` / ``int_gemm_kernel`` (whole-word tiles,
+constant shifts, one FMA per weight for scale and zero point, unmasked full tiles; their split-K
+writes float32 partial slices and the last split of each tile sums them in the same launch, see
+``_split_counters``). Everything else (3/5/6 bits, NF4, FP8, float32 activations) runs the generic
+kernels, whose split-K partial sums go through a float32 workspace with atomic adds, then one copy
+into the output. Measured speeds: bench/results/kernels-h100-sxm.json. Every function here needs Triton; CPU callers without
 ``TRITON_INTERPRET=1`` use :mod:`bitplan.kernels.reference` instead (``QuantLinear`` does).
 """
 
@@ -111,13 +118,32 @@ _DEFAULTS = {
 }
 
 
+# The fast integer path (2/4/8-bit codes, fp16/bf16 activations: ``int_gemv_kernel`` and
+# ``int_gemm_kernel``) has its own defaults. "sm90": the fastest of bench/kernels.py --sweep on an
+# H100 SXM (W4 g128 symmetric, Llama-3 shapes); "sm80": not measured on a device yet.
+# ``num_stages`` > 1 on the GEMV path means: prefetch the next step's words into registers.
+_FAST_DEFAULTS = {
+    ("sm90", "gemv"): KernelConfig(1, 256, 128, 4, 1),
+    ("sm90", "small"): KernelConfig(16, 64, 128, 4, 3, swap_ab=True),
+    ("sm90", "gemm"): KernelConfig(256, 128, 64, 8, 4, 1, swap_ab=True),
+    ("sm80", "gemv"): KernelConfig(1, 256, 128, 4, 1),
+    ("sm80", "small"): KernelConfig(16, 64, 128, 4, 3),
+    ("sm80", "gemm"): KernelConfig(128, 128, 64, 4, 3, 1),
+    ("interpreter", "gemv"): KernelConfig(1, 64, 128, 4, 1),
+    ("interpreter", "small"): KernelConfig(16, 64, 128, 4, 1),
+    ("interpreter", "gemm"): KernelConfig(32, 64, 128, 4, 1),
+}
+FAST_BITS = (2, 4, 8)
+
+
 # Candidates that ``autotune`` times per path (a subset of what bench/kernels.py --sweep tries).
 CANDIDATES = {
     "gemv": [KernelConfig(1, bn, bk, w, 1) for bn, bk, w in ((256, 128, 4), (128, 128, 2), (128, 128, 4),
                                                               (64, 256, 4), (128, 64, 4))],
-    "small": [KernelConfig(16, 128, 128, 4, 2), KernelConfig(16, 64, 128, 4, 4, swap_ab=True),
+    "small": [KernelConfig(16, 64, 128, 4, 3, swap_ab=True), KernelConfig(16, 128, 128, 8, 3, swap_ab=True),
+              KernelConfig(16, 128, 128, 4, 2), KernelConfig(16, 64, 128, 4, 4, swap_ab=True),
               KernelConfig(16, 64, 256, 4, 4, swap_ab=True), KernelConfig(1, 256, 128, 4, 1)],
-    "gemm": [KernelConfig(256, 128, 128, 8, 2, 1, True), KernelConfig(256, 128, 64, 8, 4, 1, True),
+    "gemm": [KernelConfig(256, 128, 64, 8, 4, 1, True), KernelConfig(256, 128, 128, 8, 2, 1, True),
              KernelConfig(128, 128, 64, 8, 3, 1), KernelConfig(128, 128, 32, 4, 3, 1)],
 }
 
@@ -160,9 +186,17 @@ def arch_family(device: torch.device) -> str:
     return "sm90" if major >= 9 else "sm80"
 
 
-def default_config(m: int, device: torch.device) -> KernelConfig:
-    """The default launch parameters for ``m`` rows on ``device``'s architecture."""
-    return _DEFAULTS[(arch_family(device), path_for(m))]
+def default_config(m: int, device: torch.device, fast: bool = False) -> KernelConfig:
+    """The default launch parameters for ``m`` rows on ``device``'s architecture (``fast``: the
+    2/4/8-bit integer kernels, see :func:`uses_fast_path`)."""
+    return (_FAST_DEFAULTS if fast else _DEFAULTS)[(arch_family(device), path_for(m))]
+
+
+def uses_fast_path(fmt: WeightFormat | str, bits: int, dtype: torch.dtype) -> bool:
+    """True when ``weight_only_linear`` runs ``int_gemv_kernel`` / ``int_gemm_kernel``: integer
+    codes of 2, 4 or 8 bits (never straddling a word) and fp16/bf16 activations. Other formats
+    and float32 activations run the generic kernels."""
+    return WeightFormat(fmt) is WeightFormat.INT and bits in FAST_BITS and dtype in (torch.float16, torch.bfloat16)
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -171,9 +205,28 @@ def _multiprocessors(device: torch.device) -> int:
     return 4
 
 
-def choose_split_k(tiles: int, k_blocks: int, device: torch.device, min_blocks_per_split: int = 4) -> int:
-    """Split K until about two programs per multiprocessor, keeping >= ``min_blocks_per_split`` K blocks each."""
-    target = 2 * _multiprocessors(device)
+SPLIT_PROGRAMS_PER_SM = 2  # split-K aims at this many programs per multiprocessor (generic kernels)
+
+# Tuning knobs of the fast integer path (module state, set per process; bench/kernels.py --sweep
+# times alternatives). Split-K target programs per multiprocessor for the GEMV and the small-M GEMM;
+# whether the 4-bit GEMV decodes nibbles in place (:func:`triton_kernels._nibble_in_place`, four
+# shifts per word) or with one shift per code; from which M the prefill dequantizes the whole weight
+# to fp16/bf16 and calls torch's matmul (cuBLAS) instead of the fused GEMM (0: never; the transient
+# copy takes 2 bytes per weight).
+FAST_SPLIT_PER_SM = {"gemv": 4, "small": 4}
+GEMV_NIBBLES_IN_PLACE = False
+PREFILL_DEQUANT_MIN_M = 0
+# Groups shorter than the prefill config's BLOCK_K (e.g. g32 with BLOCK_K 64): the generic GEMM
+# was faster on an H100 than the fast one with BLOCK_K clamped to the group (W4 g32, M = 2048:
+# 814 vs 1167 us); the small-M path clamps (52 vs 56 us at M = 16; W2 g64: 40 vs 81 us).
+PREFILL_SMALL_GROUPS_GENERIC = True
+
+
+def choose_split_k(tiles: int, k_blocks: int, device: torch.device, min_blocks_per_split: int = 4,
+                   per_sm: int | None = None) -> int:
+    """Split K until about ``per_sm`` (default ``SPLIT_PROGRAMS_PER_SM``) programs per
+    multiprocessor, keeping >= ``min_blocks_per_split`` K blocks each."""
+    target = (per_sm or SPLIT_PROGRAMS_PER_SM) * _multiprocessors(device)
     if tiles >= target:
         return 1
     split = min(math.ceil(target / tiles), max(1, k_blocks // min_blocks_per_split))
@@ -254,7 +307,8 @@ def weight_only_linear(
     check_weight(fmt, weight, scale, zero, bits, group_size, out_features, in_features)
     x2d = x.reshape(-1, in_features).contiguous()
     m = x2d.shape[0]
-    cfg = config or default_config(m, x.device)
+    fast = uses_fast_path(fmt, bits, x.dtype)
+    cfg = config or default_config(m, x.device, fast)
     if fmt is WeightFormat.NF4 and codebook is None:
         codebook = torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=x.device)
     result = _output(x2d, out_features, out)
@@ -262,6 +316,12 @@ def weight_only_linear(
         zero = None if zero is None else zero.contiguous()
         if fmt is WeightFormat.FP8:
             weight = weight.view(torch.int32)  # 4 E4M3 bytes per word, decoded in the kernel
+        if fast and config is None and m > 16 and group_size and PREFILL_SMALL_GROUPS_GENERIC \
+                and group_size < cfg.block_k:
+            fast, cfg = False, default_config(m, x.device)
+        if fast:
+            _launch_fast_int(x2d, weight.contiguous(), scale.contiguous(), zero, bias, result, bits, group_size, cfg)
+            return result.reshape(*x.shape[:-1], out_features)
         _launch_weight_only(x2d, weight.contiguous(), scale.contiguous(), zero, bias, codebook, result, fmt, bits,
                             group_size, cfg)
     return result.reshape(*x.shape[:-1], out_features)
@@ -302,6 +362,111 @@ def _launch_weight_only(x2d, weight, scale, zero, bias, codebook, result, fmt, b
                                          SWAP_AB=cfg.swap_ab, BLOCK_M=cfg.block_m, GROUP_M=8, **meta)
     if split > 1:
         result.copy_(target)
+
+
+def dequantize_int(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int,
+                   in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[N, K]`` weight in ``dtype`` (fp16/bf16) of 2/4/8-bit pack-quantized tensors, on the GPU
+    (``int_dequant_kernel``: the fast path's decoding, float32 arithmetic, one rounding)."""
+    from bitplan.kernels import triton_kernels as tk
+
+    n, words = weight.shape
+    per = 32 // bits
+    block_n, block_w = 64, max(1, 128 // per)
+    out = torch.empty(n, in_features, device=weight.device, dtype=dtype)
+    grid = (math.ceil(n / block_n), math.ceil(words / block_w))
+    tk.int_dequant_kernel[grid](weight, scale, zero if zero is not None else scale, out, n, in_features, words,
+                                0x3F800000, weight.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
+                                out.stride(0), BITS=bits, GROUP=group_size, HAS_ZERO=zero is not None,
+                                BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4)
+    return out
+
+
+_SPLIT_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for split-K (one per output tile), one buffer per device.
+
+    The last split of a tile to arrive resets its counter, so the buffer is zero again when a
+    launch ends and needs no memset: launches that follow each other (one stream, or a CUDA graph
+    captured from them) share it. Two split-K launches running at the same time on different
+    streams of one device would share counters too: serialize them. During a CUDA graph capture a
+    buffer too small is not replaced: a fresh zeroed one becomes part of the graph.
+    """
+    if device.type != "cuda":
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    counters = _SPLIT_COUNTERS.get(key)
+    if counters is None or counters.numel() < tiles:
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(tiles, dtype=torch.int32, device=device)
+        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _SPLIT_COUNTERS[key] = counters
+    return counters
+
+
+def _even_split(words: int, block_w: int, split: int) -> tuple[int, int]:
+    """(split, words per split): a whole number of steps per split, preferring splits that cover
+    the words exactly (then the kernel runs without masks on K)."""
+    steps = math.ceil(words / block_w)
+    split = max(1, min(split, steps))
+    for s in range(split, 0, -1):
+        if steps % s == 0 and (split < 4 or s * 2 > split):
+            return s, steps // s * block_w
+    return split, math.ceil(steps / split) * block_w
+
+
+def _launch_fast_int(x2d, weight, scale, zero, bias, result, bits, group_size, cfg) -> None:
+    """``int_gemv_kernel`` (GEMV config, ``block_m == 1``) or ``int_gemm_kernel``; split-K for M <= 16."""
+    from bitplan.kernels import triton_kernels as tk
+
+    m, k = x2d.shape
+    n = result.shape[1]
+    per = 32 // bits
+    words = weight.shape[1]
+    if PREFILL_DEQUANT_MIN_M and m >= PREFILL_DEQUANT_MIN_M and cfg.block_m > 16:
+        dense = dequantize_int(weight, scale, zero, bits, group_size, k, x2d.dtype)
+        torch.matmul(x2d, dense.t(), out=result)
+        if bias is not None:
+            result += bias
+        return
+    gemv = cfg.block_m == 1
+    block_w = max(1 if gemv else 16 // per, cfg.block_k // per)  # tl.dot needs K >= 16
+    block_n = cfg.block_n
+    if gemv and group_size and group_size < block_w * per:  # one group per step, more rows instead
+        block_n = min(1024, block_n * (block_w * per // group_size))
+        block_w = group_size // per
+    elif group_size and group_size < block_w * per:  # one group per step: shorter steps
+        block_w = max(16 // per, group_size // per)
+    tiles = math.ceil(n / block_n) * (m if gemv else math.ceil(m / cfg.block_m))
+    steps = math.ceil(words / block_w)
+    per_sm = FAST_SPLIT_PER_SM["gemv" if gemv else "small"]
+    split = cfg.split_k or (choose_split_k(tiles, steps, x2d.device, per_sm=per_sm) if m <= 16 else 1)
+    split, w_per_split = _even_split(words, block_w, split)
+    even_k = k == words * per and words % w_per_split == 0
+    even_n = n % block_n == 0
+    dummy = scale
+    if split > 1:
+        ws = torch.empty(split, m, n, device=x2d.device, dtype=torch.float32)
+        locks = _split_counters(x2d.device, tiles)
+    else:
+        ws, locks = dummy, dummy
+    args = (x2d, weight, scale, zero if zero is not None else dummy, bias if bias is not None else dummy, result,
+            ws, locks)
+    strides = (x2d.stride(0), weight.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
+               result.stride(0))
+    meta = dict(BITS=bits, GROUP=group_size, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
+                EVEN_N=even_n, EVEN_K=even_k, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=cfg.num_warps)
+    if gemv:  # 0x3F800000: float32 1.0, a run-time value on purpose (see triton_kernels)
+        grid = (math.ceil(n / block_n), split, m)
+        tk.int_gemv_kernel[grid](*args, n, k, words, w_per_split, 0x3F800000, *strides, PREFETCH=cfg.num_stages > 1,
+                                 NIBBLES_IN_PLACE=GEMV_NIBBLES_IN_PLACE, num_stages=1, **meta)
+    else:
+        grid = (math.ceil(m / cfg.block_m) * math.ceil(n / block_n), split)
+        tk.int_gemm_kernel[grid](*args, m, n, k, words, w_per_split, 0x3F800000, *strides, DOT_FP32=interpreting(),
+                                 SWAP_AB=cfg.swap_ab, BLOCK_M=cfg.block_m, GROUP_M=8, num_stages=cfg.num_stages,
+                                 **meta)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,6 +112,24 @@ def test_swapped_operands(m, bits, split, seed, device, poisoned, rel_err):
     assert rel_err(out, ref) < FP16_BOUND, f"seed={seed}"
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_w4_gemv_decodings(in_place, seed, device, poisoned, rel_err, monkeypatch):
+    """The 4-bit GEMV decodes nibbles in place (four shifts per word) or with a shift per code."""
+    monkeypatch.setattr(launch, "GEMV_NIBBLES_IN_PLACE", in_place)
+    for group, symmetric, dtype in ((128, True, torch.float16), (32, False, torch.bfloat16), (0, False, torch.float16)):
+        out, ref = run_int(1, 40, 384, 4, group, symmetric, dtype, device, poisoned)
+        err = rel_err(out, ref)
+        assert err < bound(dtype), f"g{group} symmetric={symmetric} seed={seed}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 128, True), (8, 0, False), (2, 32, False)])
+def test_prefill_dequantize_then_matmul(bits, group, symmetric, seed, device, poisoned, rel_err, monkeypatch):
+    """From ``PREFILL_DEQUANT_MIN_M`` rows the weight is dequantized (``int_dequant_kernel``), then matmul."""
+    monkeypatch.setattr(launch, "PREFILL_DEQUANT_MIN_M", 17)
+    out, ref = run_int(17, 40, 384, bits, group, symmetric, torch.float16, device, poisoned)
+    assert rel_err(out, ref) < FP16_BOUND, f"seed={seed}"
+
+
 def test_gemv_handles_several_rows(seed, device, poisoned, rel_err):
     """A GEMV config (block_m 1) may be used for M > 1: one program row per activation row."""
     out, ref = run_int(3, 40, 256, 5, 32, True, torch.float16, device, poisoned,
