@@ -12,6 +12,7 @@ collection is not timed). Asymmetric, group 128 where it divides the inputs, els
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -79,12 +80,15 @@ def time_oracle(data: dict, run) -> float:
 
 def main() -> None:
     data = statistics()
-    report = {"bits": BITS, "linears": len(data["weights"]), "threads": torch.get_num_threads()}
+    report = {"bits": BITS, "linears": len(data["weights"]), "threads": torch.get_num_threads(),
+              "load_average_before": os.getloadavg()[0]}
     report["bitplan_per_linear_s"] = time_per_linear(data)
     report["bitplan_shared_inputs_s"] = time_shared_inputs(data)
     run = oracle_quantizer()
     report["llmcompressor_s"] = None if run is None else time_oracle(data, run)
-    print(f"GPTQ {BITS}-bit over {report['linears']} Linears ({report['threads']} threads):")
+    report["load_average_after"] = os.getloadavg()[0]
+    print(f"GPTQ {BITS}-bit over {report['linears']} Linears ({report['threads']} threads, load average "
+          f"{report['load_average_before']:.1f} before, {report['load_average_after']:.1f} after: other work shares the cores):")
     print(f"  bitplan, one call per Linear:        {report['bitplan_per_linear_s']:6.1f} s")
     print(f"  bitplan, one call per shared input:  {report['bitplan_shared_inputs_s']:6.1f} s")
     if report["llmcompressor_s"] is not None:

@@ -116,7 +116,10 @@ def _gptq_columns(
         for i in range(i2 - i1):
             col = i1 + i
             if lazy_groups and col % width == 0:
-                current = torch.cat([W1[i:], Wt[i2:]])[:width].T
+                current = W1[i:i + width]
+                if current.shape[0] < width:  # a group wider than the rest of this block
+                    current = torch.cat([current, Wt[i2:i2 + width - current.shape[0]]])
+                current = current.T
                 params = quantize_params(current, channel_scheme, scale_dtype)
                 group_scales.append(params[0])
                 group_zeros.append(params[1])

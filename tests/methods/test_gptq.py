@@ -124,3 +124,16 @@ def test_real_layers_gptq_beats_rtn(real_layers):
             assert relative_output_error(weight, gptq.dequantize(), moment) < relative_output_error(
                 weight, rtn.dequantize(), moment
             ), (name, bits)
+
+
+@pytest.mark.parametrize("group_size", [64, 256])
+def test_lazy_block_updates_do_not_change_the_result(group_size):
+    """Section 3.2: blocking only reorders the updates, so any block width gives the same codes."""
+    weight = torch.randn(24, 512, generator=torch.Generator().manual_seed(7))
+    x = correlated_inputs(2048, 512, seed=8)
+    H = 2 * x.T @ x / x.shape[0]
+    scheme = Scheme("gptq", 4, group_size, False)
+    blocked, loss_blocked = quantize_gptq(weight, H, scheme, block=128)
+    whole, loss_whole = quantize_gptq(weight, H, scheme, block=512)
+    assert torch.equal(blocked.codes, whole.codes) and torch.equal(blocked.scale, whole.scale)
+    assert loss_blocked == pytest.approx(loss_whole, rel=1e-4)
