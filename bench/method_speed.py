@@ -3,7 +3,8 @@
 bitplan: ``quantize_gptq`` per Linear, and ``gptq_rows`` once per shared input (q/k/v and
 gate/up concatenated; rows are independent given H, so the result is identical). Oracle:
 llm-compressor's ``quantize_weight`` (eager CPU path) with min/max group parameters, where it
-imports. Hessians come from the cached calibration statistics of ``method_common`` (their
+imports (with the default threads and with one). bitplan's column loop runs on one thread
+by itself (see ``gptq._one_thread``). Hessians come from the cached calibration statistics of ``method_common`` (their
 collection is not timed). Asymmetric, group 128 where it divides the inputs, else 64.
 
     .venv/bin/python bench/method_speed.py
@@ -86,13 +87,18 @@ def main() -> None:
     report["bitplan_shared_inputs_s"] = time_shared_inputs(data)
     run = oracle_quantizer()
     report["llmcompressor_s"] = None if run is None else time_oracle(data, run)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the oracle on one thread too, for a like-for-like comparison
+    report["llmcompressor_one_thread_s"] = None if run is None else time_oracle(data, run)
+    torch.set_num_threads(threads)
     report["load_average_after"] = os.getloadavg()[0]
     print(f"GPTQ {BITS}-bit over {report['linears']} Linears ({report['threads']} threads, load average "
           f"{report['load_average_before']:.1f} before, {report['load_average_after']:.1f} after: other work shares the cores):")
     print(f"  bitplan, one call per Linear:        {report['bitplan_per_linear_s']:6.1f} s")
     print(f"  bitplan, one call per shared input:  {report['bitplan_shared_inputs_s']:6.1f} s")
     if report["llmcompressor_s"] is not None:
-        print(f"  llm-compressor quantize_weight:      {report['llmcompressor_s']:6.1f} s")
+        print(f"  llm-compressor quantize_weight:      {report['llmcompressor_s']:6.1f} s "
+              f"({report['llmcompressor_one_thread_s']:.1f} s on one thread)")
     out = Path(__file__).parent / "results" / "method_speed.json"
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
