@@ -79,7 +79,7 @@ def test_clip_search_never_raises_group_error():
 
 def test_folding_keeps_the_function():
     g = torch.Generator().manual_seed(5)
-    hidden, x = torch.randn(7, 64, generator=g), torch.randn(64, generator=g).abs() + 0.5
+    hidden = torch.randn(7, 64, generator=g)
     norm_weight, weight = torch.randn(64, generator=g), torch.randn(16, 64, generator=g)
     scales = torch.rand(64, generator=g) + 0.5
     new_norm, _ = fold_scales_into_norm(norm_weight, scales)
