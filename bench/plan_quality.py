@@ -11,6 +11,7 @@ plan. Uniform candidates are tried from the largest that fits downwards (up to -
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import bitplan
@@ -29,9 +30,9 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bits", default="3,4,5,6")
-    parser.add_argument("--heldout", type=int, default=8, help="windows of 512 tokens per slice")
-    parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--uniform-tries", type=int, default=4)
+    parser.add_argument("--heldout", type=int, default=6, help="windows of 512 tokens per slice")
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--uniform-tries", type=int, default=3)
     parser.add_argument("--exclude-group", type=int, action="append", default=[], help="drop a group size from the candidates (e.g. 32: the model's native Q4_1 grid)")
     args = parser.parse_args()
 
@@ -43,6 +44,17 @@ def main() -> None:
     windows = heldout_windows(load_tokenizer(folder), args.heldout)
     all_windows = torch.cat(list(windows.values()))
     meter = QualityMeter(load_dense_model(folder), spec)
+
+    def measure(assignment):
+        """Per-slice KL and perplexity, and their token-weighted combination (one pass per slice)."""
+        meter.apply(assignment)
+        by_slice = {name: meter.measure(w) for name, w in windows.items()}
+        tokens = sum(q.tokens for q in by_slice.values())
+        kl = sum(q.kl * q.tokens for q in by_slice.values()) / tokens
+        log_ppl = sum(math.log(q.perplexity) * q.tokens for q in by_slice.values()) / tokens
+        ref = sum(math.log(q.reference_perplexity) * q.tokens for q in by_slice.values()) / tokens
+        return kl, math.exp(log_ppl), math.exp(ref), {name: q.kl for name, q in by_slice.items()}
+
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
         reference = uniform_assignment(spec, Scheme("rtn", bits, 128, True))
@@ -51,28 +63,22 @@ def main() -> None:
         weight_budget = assignment_bytes(spec, reference)
         fitting = sorted(((assignment_bytes(spec, uniform_assignment(spec, s)), s) for s in schemes), key=lambda t: (-t[0], t[1].name))
         fitting = [(size, s) for size, s in fitting if size <= weight_budget][: args.uniform_tries]
-        uniform = []
-        for size, scheme in fitting:
-            meter.apply(uniform_assignment(spec, scheme))
-            uniform.append((meter.measure(all_windows), scheme, size))
-        best_uniform = min(uniform, key=lambda u: u[0].kl)
+        uniform = [(measure(uniform_assignment(spec, scheme)), scheme, size) for size, scheme in fitting]
+        best_uniform = min(uniform, key=lambda u: u[0][0])
         started = time.time()
         plan = bitplan.plan("smollm2-135m", budget=budget, context=2048, candidates=candidates,
                             calibration=CalibrationSettings(), trials=args.trials, seed=0)
         plan_seconds = time.time() - started
-        meter.apply(plan.schemes())
-        planned = meter.measure(all_windows)
-        per_slice = {name: meter.measure(w).kl for name, w in windows.items()}
-        meter.apply(uniform_assignment(spec, best_uniform[1]))
-        uniform_slice = {name: meter.measure(w).kl for name, w in windows.items()}
+        plan_kl, plan_ppl, reference_ppl, plan_slices = measure(plan.schemes())
+        (uniform_kl, uniform_ppl, _, uniform_slices), uniform_scheme, uniform_bytes = best_uniform
         rows.append({
             "bits": bits, "budget_bytes": budget, "weight_budget_bytes": weight_budget,
-            "uniform_scheme": best_uniform[1].name, "uniform_bytes": best_uniform[2], "uniform_kl": best_uniform[0].kl,
-            "uniform_ppl": best_uniform[0].perplexity, "uniform_kl_by_slice": uniform_slice,
-            "uniform_tried": {s.name: q.kl for q, s, _ in uniform},
-            "plan_bytes": plan.memory["quantized_weights_bytes"], "plan_kl": planned.kl, "plan_ppl": planned.perplexity,
-            "plan_kl_by_slice": per_slice, "reference_ppl": planned.reference_perplexity,
-            "kl_reduction": 1 - planned.kl / best_uniform[0].kl, "plan_seconds": plan_seconds,
+            "uniform_scheme": uniform_scheme.name, "uniform_bytes": uniform_bytes, "uniform_kl": uniform_kl,
+            "uniform_ppl": uniform_ppl, "uniform_kl_by_slice": uniform_slices,
+            "uniform_tried": {s.name: q[0] for q, s, _ in uniform},
+            "plan_bytes": plan.memory["quantized_weights_bytes"], "plan_kl": plan_kl, "plan_ppl": plan_ppl,
+            "plan_kl_by_slice": plan_slices, "reference_ppl": reference_ppl,
+            "kl_reduction": 1 - plan_kl / uniform_kl, "plan_seconds": plan_seconds,
             "plan_schemes": sorted(set(plan.assignments.values())),
         })
         r = rows[-1]

@@ -1,8 +1,14 @@
 """Maps each method to the function that quantizes a weight, and builds candidate sets.
 
 A quantizer takes ``(weight [out, in] float32, scheme, scale_dtype, stats)`` and returns a
-``QuantizedWeight``. ``stats`` holds the calibration statistics a method needs for that layer
-(for example the Hessian ``H = sum x x^T``); calibration-free methods ignore it.
+``QuantizedWeight``. ``stats`` holds the calibration statistics a method needs for that layer:
+``stats["input"]`` is the layer's ``InputStats`` (GPTQ reads its Hessian); calibration-free
+methods ignore it. ``CALIBRATED`` lists the methods that need it.
+
+Integer methods wired here all emit as compressed-tensors ``pack-quantized``: RTN, GPTQ and HQQ
+produce codes on the same integer grid. AWQ, SmoothQuant, NF4 and FP8 live in this package as
+functions but are not planner candidates yet (they change neighbouring weights or need other
+checkpoint formats).
 """
 
 from __future__ import annotations
@@ -13,14 +19,29 @@ from collections.abc import Callable, Iterable
 import torch
 
 from bitplan.errors import BitplanError
+from bitplan.methods.gptq import quantize_gptq
+from bitplan.methods.hqq import quantize_hqq
 from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.scheme import DENSE, GROUP_SIZES, INTEGER_BITS, Method, QuantizedWeight, Scheme
 
 Quantizer = Callable[[torch.Tensor, Scheme, torch.dtype, dict], QuantizedWeight]
 
-QUANTIZERS: dict[Method, Quantizer] = {
-    Method.RTN: lambda weight, scheme, scale_dtype, stats: quantize_rtn(weight, scheme, scale_dtype),
-}
+def _rtn(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
+    return quantize_rtn(weight, scheme, scale_dtype)
+
+
+def _hqq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
+    return quantize_hqq(weight, scheme, scale_dtype=scale_dtype)
+
+
+def _gptq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
+    if "input" not in stats:
+        raise BitplanError("GPTQ needs calibration statistics for this layer: quantize it through bitplan.plan/emit")
+    return quantize_gptq(weight, stats["input"].hessian(), scheme, scale_dtype=scale_dtype)[0]
+
+
+QUANTIZERS: dict[Method, Quantizer] = {Method.RTN: _rtn, Method.HQQ: _hqq, Method.GPTQ: _gptq}
+CALIBRATED = frozenset({Method.GPTQ})
 
 
 def register(method: Method) -> Callable[[Quantizer], Quantizer]:
@@ -37,6 +58,10 @@ def quantize(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, sta
     if scheme.method not in QUANTIZERS:
         raise BitplanError(f"method {scheme.method} is not available yet: choose from {', '.join(map(str, QUANTIZERS))}")
     return QUANTIZERS[scheme.method](weight, scheme, scale_dtype, stats or {})
+
+
+def needs_calibration(schemes: Iterable[Scheme]) -> bool:
+    return any(scheme.method in CALIBRATED for scheme in schemes)
 
 
 def available_methods() -> list[str]:

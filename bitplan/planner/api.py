@@ -15,7 +15,7 @@ import torch
 
 from bitplan import __version__
 from bitplan.errors import BitplanError
-from bitplan.methods.registry import candidate_schemes
+from bitplan.methods.registry import candidate_schemes, needs_calibration
 from bitplan.methods.scheme import GROUP_SIZES, INTEGER_BITS, Scheme
 from bitplan.planner.deployment import Deployment, default_overhead_bytes, memory_breakdown, parse_size, weight_budget_bytes
 from bitplan.planner.plan import Plan
@@ -51,6 +51,13 @@ class Candidates:
 
     def schemes(self) -> list[Scheme]:
         return candidate_schemes(self.methods, self.bits, self.group_sizes, self.symmetric)
+
+
+def calibration_settings_from_plan(plan) -> CalibrationSettings:
+    """The calibration a plan was made with (from its provenance)."""
+    recorded = plan.provenance["calibration"]
+    texts = () if isinstance(recorded["texts"], str) else tuple(Path(p) for p in recorded["texts"])
+    return CalibrationSettings(texts, int(recorded["samples"]), int(recorded["seq_len"]))
 
 
 def load_tokenizer(folder: Path):
@@ -144,6 +151,8 @@ def plan(
         if len(held_in) == 0:
             held_in = calibration_windows(folder, calibration)[:REFINE_WINDOWS]
         meter = QualityMeter(load_dense_model(folder), spec)
+        if needs_calibration(candidates.schemes()):
+            meter.calibrate(calibration_windows(folder, calibration)[: calibration.samples])
         refinement = refine(table, spec, weight_budget, tie_fused, meter, held_in, trials, seed, progress)
         allocation = refinement.allocation
         predicted.update(score_kl=allocation.score, calibration_kl=refinement.measured_kl, exact_calibration_kl=refinement.exact_kl)
@@ -161,6 +170,6 @@ def plan(
         provenance={"model_hash": table.provenance["model_hash"], "calibration_hash": table.provenance["calibration_hash"],
                     "bitplan_version": __version__, "seed": seed, "metric": table.provenance.get("metric"),
                     "metric_version": table.provenance.get("metric_version"), "candidates": table.schemes,
-                    "calibration": {"texts": [str(p) for p in calibration.texts] or "builtin:pydoc_data.topics",
+                    "calibration": {"texts": [str(Path(p).resolve()) for p in calibration.texts] or "builtin:pydoc_data.topics",
                                     "samples": calibration.samples, "seq_len": calibration.seq_len}},
     )

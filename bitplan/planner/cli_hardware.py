@@ -93,6 +93,10 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def _read_model_config(model: str) -> dict:
+    from bitplan.profiles.model_source import BUILTIN_MODELS, resolve_model
+
+    if model in BUILTIN_MODELS:
+        return read_config(resolve_model(model))
     path = Path(model)
     if path.is_dir():
         return read_config(path)

@@ -24,11 +24,13 @@ from safetensors.torch import save_file
 
 from bitplan.errors import BitplanError
 from bitplan.kernels import layout
-from bitplan.methods.registry import quantize
+from bitplan.methods.registry import needs_calibration, quantize
 from bitplan.methods.scheme import QuantizedWeight, Scheme
 from bitplan.planner.plan import Plan, load_plan
+from bitplan.profiles.blocks import BlockRunner, block_input_stats
+from bitplan.profiles.text import tokens_hash
 from bitplan.profiles.model_source import TOKENIZER_FILES, WeightReader, folder_hash, resolve_model
-from bitplan.profiles.model_spec import ModelSpec, read_config, spec_from_config
+from bitplan.profiles.model_spec import ModelSpec, family_for, read_config, spec_from_config
 from bitplan.profiles.sensitivity import SCALE_DTYPES
 
 log = logging.getLogger(__name__)
@@ -174,28 +176,25 @@ def make_readable(folder: Path) -> None:
 
 def write_checkpoint(folder: Path, config: dict, spec: ModelSpec, assignments: dict[str, Scheme], plan: Plan,
                      staging: Path, progress) -> int:
-    """Quantize and write every tensor; returns the bytes of the Linear weights as written."""
+    """Quantize and write every tensor; returns the bytes of the Linear weights as written.
+
+    Block by block: when a calibrated method (GPTQ) is assigned, the plan's calibration tokens
+    run through the unquantized blocks to gather each Linear's input statistics, exactly as
+    profiling saw them.
+    """
     reader = WeightReader(folder)
-    scale_dtype = SCALE_DTYPES[spec.dtype]
     writer = ShardWriter(staging)
-    linear_bytes = 0
     report = progress or (lambda stage, done, total: None)
-    names = sorted(reader.location)
-    for done, name in enumerate(names, 1):
-        module = name.removesuffix(".weight")
-        scheme = assignments.get(module) if name.endswith(".weight") else None
-        if scheme is None:
-            writer.add(name, reader.tensor(name, dtype=None))
-        elif scheme.is_dense:
-            tensor = reader.tensor(name, dtype=None).to(scale_dtype)
-            linear_bytes += tensor.numel() * tensor.element_size()
-            writer.add(name, tensor)
-        else:
-            tensors = packed_tensors(quantize(reader.tensor(name), scheme, scale_dtype))
-            for suffix, tensor in tensors.items():
-                linear_bytes += tensor.numel() * tensor.element_size()
-                writer.add(f"{module}.{suffix}", tensor)
-        report("emit", done, len(names))
+    calibration = CalibrationPass(folder, config, plan, reader) if needs_calibration(assignments.values()) else None
+    by_block: dict[int, list[str]] = {}
+    for name in sorted(reader.location):
+        by_block.setdefault(block_of(name, spec), []).append(name)
+    linear_bytes = 0
+    for done, block in enumerate(sorted(by_block, key=lambda b: (b < 0, b)), 1):
+        stats = calibration.block_stats(block, spec) if calibration else {}
+        for name in by_block[block]:
+            linear_bytes += write_tensor(name, reader, assignments, stats, SCALE_DTYPES[spec.dtype], writer)
+        report("emit", done, len(by_block))
     writer.finish()
     config = {**config, "quantization_config": quantization_config(assignments)}
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -204,3 +203,66 @@ def write_checkpoint(folder: Path, config: dict, spec: ModelSpec, assignments: d
             shutil.copy2(folder / filename, staging / filename)
     (staging / "plan.json").write_text(plan.to_json())
     return linear_bytes
+
+
+def block_of(tensor_name: str, spec: ModelSpec) -> int:
+    """The decoder block a tensor belongs to, or -1 (embeddings, final norm, lm_head)."""
+    prefix = family_for({"model_type": spec.model_type}).block_prefix + "."
+    if not tensor_name.startswith(prefix):
+        return -1
+    index = tensor_name[len(prefix):].split(".", 1)[0]
+    return int(index) if index.isdigit() else -1
+
+
+def write_tensor(name: str, reader: WeightReader, assignments: dict[str, Scheme], stats: dict,
+                 scale_dtype: torch.dtype, writer: ShardWriter) -> int:
+    """Write one source tensor (quantized when its Linear is assigned a scheme); returns Linear bytes."""
+    module = name.removesuffix(".weight")
+    scheme = assignments.get(module) if name.endswith(".weight") else None
+    if scheme is None:
+        writer.add(name, reader.tensor(name, dtype=None))
+        return 0
+    if scheme.is_dense:
+        tensor = reader.tensor(name, dtype=None).to(scale_dtype)
+        writer.add(name, tensor)
+        return tensor.numel() * tensor.element_size()
+    written = 0
+    for suffix, tensor in packed_tensors(quantize(reader.tensor(name), scheme, scale_dtype, stats.get(module, {}))).items():
+        written += tensor.numel() * tensor.element_size()
+        writer.add(f"{module}.{suffix}", tensor)
+    return written
+
+
+class CalibrationPass:
+    """Re-runs the plan's calibration tokens block by block to give calibrated methods their statistics."""
+
+    def __init__(self, folder: Path, config: dict, plan: Plan, reader: WeightReader):
+        from bitplan.planner.api import calibration_settings_from_plan, calibration_windows
+
+        settings = calibration_settings_from_plan(plan)
+        tokens = calibration_windows(folder, settings)[: settings.samples]
+        if tokens_hash(tokens) != plan.provenance["calibration_hash"]:
+            raise BitplanError("the calibration text differs from the one the plan was made with: restore it, or re-run `bitplan plan`")
+        self.runner = BlockRunner(config, reader)
+        self.hidden = self.runner.embed(tokens)
+        self.positions = self.runner.position_embeddings(self.hidden)
+
+    def block_stats(self, index: int, spec: ModelSpec) -> dict:
+        """Statistics of block ``index``'s Linears (blocks in order; -1, the head, after the last)."""
+        if index < 0:
+            return self.head_stats(spec)
+        block = self.runner.load_block(index)
+        names = [layer.name for layer in spec.layers if layer.block == index]
+        stats, self.hidden = block_input_stats(block, self.runner.block_prefix(index), names, self.hidden, self.positions)
+        return stats
+
+    def head_stats(self, spec: ModelSpec) -> dict:
+        from bitplan.methods.calibration_stats import InputStats
+
+        heads = [layer.name for layer in spec.layers if layer.block < 0]
+        if not heads:
+            return {}
+        norm_weight, _ = self.runner.head_weights()
+        stats = InputStats(spec.hidden_size, max_samples=0)
+        stats.add(self.runner.final_norm(self.hidden, norm_weight))
+        return {name: {"input": stats} for name in heads}

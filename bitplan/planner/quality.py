@@ -42,26 +42,49 @@ class Quality:
 
 
 class QualityMeter:
-    """Measures plans against the reference model on fixed token windows."""
+    """Measures plans against the reference model on fixed token windows.
 
-    def __init__(self, reference: nn.Module, spec: ModelSpec, batch_size: int = 4):
+    Dequantized weights are cached per (layer, scheme) up to ``cache_bytes``, so the trials of a
+    refinement, which share most of their assignments, quantize each pair once.
+    """
+
+    def __init__(self, reference: nn.Module, spec: ModelSpec, batch_size: int = 4, cache_bytes: int = 2 * 2**30):
         self.reference = reference
         self.working = copy.deepcopy(reference)
         self.spec = spec
         self.batch_size = batch_size
         self.originals = {layer.name: reference.get_submodule(layer.name).weight for layer in spec.layers}
+        self.stats: dict[str, dict] = {}
+        self.cache: dict[tuple[str, Scheme], torch.Tensor] = {}
+        self.cache_bytes = cache_bytes
 
-    def apply(self, assignments: dict[str, Scheme], stats: dict | None = None) -> None:
+    def calibrate(self, windows: torch.Tensor) -> None:
+        """Gather every Linear's input statistics on ``windows`` (needed by calibrated methods)."""
+        from bitplan.methods.calibration_stats import collect_input_stats
+
+        batches = list(windows.split(self.batch_size))
+        collected = collect_input_stats(self.reference, batches, list(self.originals), max_samples=0)
+        self.stats = {name: {"input": stats} for name, stats in collected.items()}
+        self.cache.clear()
+
+    def dequantized(self, name: str, scheme: Scheme) -> torch.Tensor:
+        key = (name, scheme)
+        if key not in self.cache:
+            if sum(t.numel() * t.element_size() for t in self.cache.values()) > self.cache_bytes:
+                self.cache.clear()
+            weight = self.originals[name].data
+            self.cache[key] = quantize(weight, scheme, SCALE_DTYPES[self.spec.dtype], self.stats.get(name, {})).dequantize()
+        return self.cache[key]
+
+    def apply(self, assignments: dict[str, Scheme]) -> None:
         """Fake-quantize the working copy per ``assignments`` (layer name -> scheme)."""
-        scale_dtype = SCALE_DTYPES[self.spec.dtype]
         for name, original in self.originals.items():
             module = self.working.get_submodule(name)
             scheme = assignments.get(name)
             if scheme is None or scheme.is_dense:
                 module.weight = original
                 continue
-            dequantized = quantize(original.data, scheme, scale_dtype, (stats or {}).get(name, {})).dequantize()
-            module.weight = nn.Parameter(dequantized, requires_grad=False)
+            module.weight = nn.Parameter(self.dequantized(name, scheme), requires_grad=False)
 
     def set_weight(self, name: str, weight: torch.Tensor) -> None:
         self.working.get_submodule(name).weight = nn.Parameter(weight, requires_grad=False)

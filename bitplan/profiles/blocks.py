@@ -88,3 +88,42 @@ def run_block(block: nn.Module, hidden: torch.Tensor, position_embeddings, batch
         for start in range(0, hidden.shape[0], batch_size)
     ]
     return torch.cat(outputs)
+
+
+def block_input_stats(
+    block: nn.Module, prefix: str, names: list[str], hidden: torch.Tensor, position_embeddings, batch_size: int = 4
+) -> tuple[dict, torch.Tensor]:
+    """Run one block over ``hidden`` while gathering each named Linear's ``InputStats``.
+
+    Returns ({full Linear name: {"input": InputStats}}, the block's output). Linears that share
+    an input tensor (q/k/v, gate/up) share one accumulator.
+    """
+    from bitplan.methods.calibration_stats import InputStats
+
+    stats: dict[str, dict] = {}
+    seen: dict[int, InputStats] = {}
+    keep: list[torch.Tensor] = []
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0]
+            if id(x) not in seen:
+                seen[id(x)] = stats[name]["input"] if name in stats else InputStats(x.shape[-1], max_samples=0)
+                seen[id(x)].add(x)
+                keep.append(x)
+            stats.setdefault(name, {"input": seen[id(x)]})
+
+        return hook
+
+    handles = [block.get_submodule(name[len(prefix):]).register_forward_pre_hook(hook_for(name)) for name in names]
+    try:
+        with torch.no_grad():
+            outputs = []
+            for start in range(0, hidden.shape[0], batch_size):
+                seen.clear()
+                keep.clear()
+                outputs.append(block(hidden[start : start + batch_size], position_embeddings=position_embeddings))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats, torch.cat(outputs)

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bitplan.methods.calibration_stats import InputStats
 from bitplan.methods.registry import quantize
 from bitplan.methods.scheme import Scheme
 from bitplan.profiles.blocks import BlockRunner
@@ -90,6 +91,7 @@ class LayerStats:
     """Accumulates ``H = sum_t a_t x_t x_t^T``, ``sum_t g_tc^2`` and ``sum_t a_t`` for one Linear."""
 
     def __init__(self, in_features: int, out_features: int):
+        self.input = InputStats(in_features, max_samples=0)  # plain X X^T for calibrated methods (GPTQ)
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.grad_sq = torch.zeros(out_features, dtype=torch.float64)
         self.token_weight = 0.0
@@ -97,6 +99,7 @@ class LayerStats:
 
     def forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self.pending_input = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+        self.input.add(self.pending_input)
         output.register_hook(self.grad_hook)
 
     def grad_hook(self, grad: torch.Tensor) -> None:
@@ -112,12 +115,11 @@ class LayerStats:
         return self.grad_sq / max(self.token_weight, 1e-300)
 
 
-def score_scheme(weight: torch.Tensor, quantized: torch.Tensor, stats: LayerStats, num_tokens: int) -> float:
-    """1/(2N) sum_c b_c (dW H dW^T)_cc for one layer and scheme."""
+def score_scheme(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, channel_weight: torch.Tensor, num_tokens: int) -> float:
+    """1/(2N) sum_c b_c (dW H dW^T)_cc for one layer and scheme (``hessian`` float32 [in, in])."""
     delta = (weight - quantized).to(torch.float32)
-    hessian = stats.hessian.to(torch.float32)
     per_row = ((delta @ hessian) * delta).sum(1).to(torch.float64)
-    return float((stats.channel_weight() * per_row).sum()) / (2 * num_tokens)
+    return float((channel_weight * per_row).sum()) / (2 * num_tokens)
 
 
 def head_gradient(
@@ -208,6 +210,8 @@ def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_
     for layer in layers:
         row = names.index(layer.name)
         weight = reader.tensor(f"{layer.name}.weight")
+        hessian = stats[layer.name].hessian.to(torch.float32)
+        channel_weight = stats[layer.name].channel_weight()
         for column, scheme in enumerate(schemes):
             if not scheme.fits(layer.in_features):
                 continue
@@ -215,5 +219,5 @@ def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_
             if scheme.is_dense:
                 scores[row, column] = 0.0
                 continue
-            quantized = quantize(weight, scheme, scale_dtype, {"hessian": stats[layer.name].hessian}).dequantize()
-            scores[row, column] = score_scheme(weight, quantized, stats[layer.name], num_tokens)
+            quantized = quantize(weight, scheme, scale_dtype, {"input": stats[layer.name].input}).dequantize()
+            scores[row, column] = score_scheme(weight, quantized, hessian, channel_weight, num_tokens)
