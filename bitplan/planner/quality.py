@@ -86,9 +86,6 @@ class QualityMeter:
                 continue
             module.weight = nn.Parameter(self.dequantized(name, scheme), requires_grad=False)
 
-    def set_weight(self, name: str, weight: torch.Tensor) -> None:
-        self.working.get_submodule(name).weight = nn.Parameter(weight, requires_grad=False)
-
     def measure(self, windows: torch.Tensor) -> Quality:
         return measure_pair(self.reference, self.working, windows, self.batch_size)
 

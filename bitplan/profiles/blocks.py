@@ -84,7 +84,7 @@ class BlockRunner:
 def run_block(block: nn.Module, hidden: torch.Tensor, position_embeddings, batch_size: int = 4) -> torch.Tensor:
     """One block over ``hidden`` [sequences, tokens, width], a few sequences at a time."""
     outputs = [
-        block(hidden[start : start + batch_size], position_embeddings=tuple(p[:1] for p in position_embeddings))
+        block(hidden[start : start + batch_size], position_embeddings=position_embeddings)
         for start in range(0, hidden.shape[0], batch_size)
     ]
     return torch.cat(outputs)

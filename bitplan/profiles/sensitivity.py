@@ -34,7 +34,7 @@ from torch import nn
 from bitplan.methods.calibration_stats import InputStats
 from bitplan.methods.registry import quantize
 from bitplan.methods.scheme import Scheme
-from bitplan.profiles.blocks import BlockRunner
+from bitplan.profiles.blocks import BlockRunner, run_block
 from bitplan.profiles.model_source import WeightReader
 from bitplan.profiles.model_spec import LayerSpec, ModelSpec
 
@@ -176,7 +176,7 @@ def profile_sensitivity(
         for index in range(spec.num_blocks):
             block_inputs.append(hidden)
             block = runner.load_block(index)
-            hidden = torch.cat([block(hidden[s : s + 4], position_embeddings=positions) for s in range(0, hidden.shape[0], 4)])
+            hidden = run_block(block, hidden, positions)
             report("forward", index + 1, spec.num_blocks)
     head = next((layer for layer in spec.layers if layer.block < 0), None)
     head_stats = LayerStats(head.in_features, head.out_features) if head else None
