@@ -52,8 +52,8 @@ def main() -> None:
         print(f"plan {index:2d} bits {low}-{high}: predicted {score:.4f}  measured {quality.kl:.4f}  ppl {quality.perplexity:.2f}", flush=True)
     predicted = [r["predicted_kl"] for r in rows]
     measured = [r["measured_kl"] for r in rows]
-    rho = spearmanr(predicted, measured).statistic
-    pearson_log = pearsonr(torch.tensor(predicted).log(), torch.tensor(measured).log()).statistic
+    rho = float(spearmanr(predicted, measured).statistic)
+    pearson_log = float(pearsonr(torch.tensor(predicted).log(), torch.tensor(measured).log()).statistic)
     print(f"\nSpearman(predicted, measured) over {len(rows)} plans: {rho:.3f}; Pearson of logs: {pearson_log:.3f}")
     print("saved", save("score_correlation", {"rows": rows, "spearman": rho, "pearson_log": pearson_log, "heldout_tokens": windows.numel()}))
 
