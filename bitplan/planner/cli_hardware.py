@@ -17,7 +17,7 @@ from bitplan.errors import BitplanError
 from bitplan.planner.compare import DEFAULT_SCHEMES, OBJECTIVES, CompareSettings, Comparison, compare, write_plot
 from bitplan.planner.deployment import DEFAULT_PREFILL_CHUNK_TOKENS, KV_DTYPE_BYTES
 from bitplan.profiles.hardware import get_devices, load_catalog
-from bitplan.profiles.model_spec import read_config
+from bitplan.profiles.model_spec import read_config, read_config_file
 from bitplan.profiles.moe import load_spec
 
 DEFAULT_TARGETS = "h100-sxm,a100-pcie-40gb,l40s,rtx-4090"
@@ -102,10 +102,7 @@ def _read_model_config(model: str) -> dict:
         return read_config(path)
     if not path.is_file():
         raise BitplanError(f"{model} is neither a config.json nor a folder holding one: pass a Hugging Face config.json")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BitplanError(f"{path} is not valid JSON ({exc}): pass the model's config.json") from exc
+    return read_config_file(path)
 
 
 def _load_table(path: str):

@@ -160,8 +160,13 @@ def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise BitplanError(f"{folder} has no config.json: pass a Hugging Face model folder (config.json + *.safetensors)")
+    return read_config_file(path)
+
+
+def read_config_file(path: Path) -> dict:
+    """A config.json file's contents; invalid JSON is a user error."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BitplanError(f"{path} is not valid JSON ({exc}): restore the model's config.json") from exc
 
