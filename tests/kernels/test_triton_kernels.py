@@ -182,7 +182,12 @@ def test_quantize_per_token_matches_torch(seed, device):
     xq, xs = launch.quantize_per_token(x.to(device))
     ref_q, ref_s = quantize_per_token_reference(x)
     assert torch.equal(xs.cpu(), ref_s), f"seed={seed}"
-    assert torch.equal(xq.cpu(), ref_q), f"seed={seed}"
+    # Codes match exactly, except that a product landing within float32 rounding of a .5 tie may
+    # round either way (the interpreter and torch order the multiply differently): off by one there only.
+    scaled = x.float() * torch.where(ref_s > 0, 1.0 / ref_s.clamp_min(1e-30), torch.zeros_like(ref_s))[:, None]
+    near_tie = ((scaled - scaled.floor()) - 0.5).abs() < 1e-4
+    diff = (xq.cpu().int() - ref_q.int()).abs()
+    assert int(diff.max()) <= 1 and bool((near_tie | (diff == 0)).all()), f"seed={seed}"
     assert xq[3, :5].tolist() == [127, 0, 2, 2, 0] and float(xs[2]) == 0.0
 
 
