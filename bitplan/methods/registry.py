@@ -42,6 +42,7 @@ def _gptq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats:
 
 QUANTIZERS: dict[Method, Quantizer] = {Method.RTN: _rtn, Method.HQQ: _hqq, Method.GPTQ: _gptq}
 CALIBRATED = frozenset({Method.GPTQ})
+SMOOTHING = frozenset({Method.AWQ, Method.SMOOTHQUANT})  # fold one scale vector per smoothing group
 
 
 def register(method: Method) -> Callable[[Quantizer], Quantizer]:

@@ -1,6 +1,11 @@
 """Exact allocation: one scheme per layer (or per fused group) minimising the summed score
 under a byte budget. A multiple-choice knapsack, solved to optimality with ``scipy.optimize.milp``
 (HiGHS) over each unit's Pareto frontier of (bytes, score).
+
+Smoothing methods (AWQ, SmoothQuant) fold one scale vector into the op that feeds a group of
+Linears (``methods.mappings``), so the members of such a group either all take the same
+smoothing scheme or none takes one. Such a group is one unit whose options are the Pareto
+frontier of its members' independent non-smoothing choices, plus each smoothing scheme for all.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ from bitplan.profiles.model_spec import ModelSpec
 from bitplan.profiles.sensitivity import SensitivityTable
 
 
+Option = tuple[tuple[int, ...], int, float]  # (scheme column per row, total bytes, total score)
+
+
 @dataclass(frozen=True)
 class Unit:
-    """Layers that must share a scheme (a fused group, or one layer), with their options."""
+    """Layers decided together (a fused or smoothing group, or one layer), with their options."""
 
     key: str
     rows: tuple[int, ...]
-    options: tuple[tuple[int, int, float], ...]  # (scheme column, total bytes, total score), Pareto frontier
+    options: tuple[Option, ...]  # the Pareto frontier
 
 
 @dataclass(frozen=True)
@@ -35,37 +43,76 @@ class Allocation:
     mip_gap: float
 
 
-def pareto(options: list[tuple[int, int, float]]) -> tuple[tuple[int, int, float], ...]:
+def pareto(options: list[Option]) -> tuple[Option, ...]:
     """Keep options no other option beats on both bytes and score (ties: the first scheme)."""
     frontier, best = [], float("inf")
-    for column, size, score in sorted(options, key=lambda o: (o[1], o[2], o[0])):
+    for columns, size, score in sorted(options, key=lambda o: (o[1], o[2], o[0])):
         if score < best:
-            frontier.append((column, size, score))
+            frontier.append((columns, size, score))
             best = score
     return tuple(frontier)
 
 
-def build_units(table: SensitivityTable, spec: ModelSpec, tie_fused: bool, weights: np.ndarray | None = None) -> list[Unit]:
-    """Group rows by fused key (when tied) and list each unit's feasible options.
+def combine(first: tuple[Option, ...], second: tuple[Option, ...]) -> tuple[Option, ...]:
+    """The Pareto frontier of every pairing of two independent units' options."""
+    return pareto([(a[0] + b[0], a[1] + b[1], a[2] + b[2]) for a in first for b in second])
 
-    ``weights`` multiplies each layer's scores (the refinement's knobs); bytes are untouched.
+
+def smoothing_columns(table: SensitivityTable) -> set[int]:
+    """Columns of schemes that fold scales into a neighbour (names that are not schemes: none)."""
+    from bitplan.methods.registry import SMOOTHING
+    from bitplan.methods.scheme import Scheme
+
+    columns = set()
+    for column, name in enumerate(table.schemes):
+        try:
+            if Scheme.parse(name).method in SMOOTHING:
+                columns.add(column)
+        except BitplanError:
+            continue
+    return columns
+
+
+def build_units(table: SensitivityTable, spec: ModelSpec, tie_fused: bool, weights: np.ndarray | None = None,
+                extra_cost: np.ndarray | None = None) -> list[Unit]:
+    """Group rows into units and list each unit's feasible options.
+
+    Rows share a unit when tied (``tie_fused``: one scheme for the fused group) or when they
+    share a smoothing group and the table holds smoothing schemes (see the module docstring).
+    ``weights`` multiplies each layer's scores (the refinement's knobs); ``extra_cost``
+    ``[layers, schemes]`` is added to the weighted scores (e.g. predicted latency); bytes are untouched.
     """
-    members: dict[str, list[int]] = defaultdict(list)
+    scores = table.scores.numpy() * (np.ones(len(table.layers)) if weights is None else weights)[:, None]
+    if extra_cost is not None:
+        scores = scores + extra_cost
+    sizes = table.bytes.numpy()
+    smoothing = smoothing_columns(table)
+    tied: dict[str, list[int]] = defaultdict(list)  # rows that take one scheme together
     for row, name in enumerate(table.layers):
         layer = spec.layer(name)
-        members[layer.fused_key if tie_fused else name].append(row)
-    scores = table.scores.numpy()
-    sizes = table.bytes.numpy()
-    factor = np.ones(len(table.layers)) if weights is None else weights
+        tied[layer.fused_key if tie_fused else name].append(row)
+    coupled: dict[str, list[str]] = defaultdict(list)  # smoothing group -> tied keys in it
+    for key, rows in tied.items():
+        group = spec.layer(table.layers[rows[0]]).smoothing_key if smoothing else None
+        coupled[group or key].append(key)
     units = []
-    for key, rows in members.items():
-        options = []
-        for column in range(len(table.schemes)):
+    for group, keys in coupled.items():
+        rows = [r for key in keys for r in tied[key]]
+        free: tuple[Option, ...] | None = None
+        for key in keys:
+            part = [((column,) * len(tied[key]), int(sum(sizes[r, column] for r in tied[key])), float(sum(scores[r, column] for r in tied[key])))
+                    for column in range(len(table.schemes))
+                    if column not in smoothing and all(sizes[r, column] >= 0 for r in tied[key])]
+            free = pareto(part) if free is None else (combine(free, pareto(part)) if part and free else ())
+            if not part:
+                free = ()
+        options = list(free or ())
+        for column in sorted(smoothing):
             if all(sizes[r, column] >= 0 for r in rows):
-                options.append((column, int(sum(sizes[r, column] for r in rows)), float(sum(scores[r, column] * factor[r] for r in rows))))
+                options.append(((column,) * len(rows), int(sum(sizes[r, column] for r in rows)), float(sum(scores[r, column] for r in rows))))
         if not options:
-            raise BitplanError(f"no candidate scheme can store {key}: widen --groups (per-channel always fits)")
-        units.append(Unit(key, tuple(rows), pareto(options)))
+            raise BitplanError(f"no candidate scheme can store {group}: widen --groups (per-channel always fits)")
+        units.append(Unit(group, tuple(rows), pareto(options)))
     return units
 
 
@@ -101,9 +148,12 @@ def check_feasible(spec: ModelSpec, schemes: list, weight_budget_bytes: int, bud
 
 
 def allocate(table: SensitivityTable, spec: ModelSpec, weight_budget_bytes: int, tie_fused: bool = False,
-             weights: np.ndarray | None = None) -> Allocation:
-    """The minimum-score assignment whose quantized-weight bytes fit ``weight_budget_bytes``."""
-    units = build_units(table, spec, tie_fused, weights)
+             weights: np.ndarray | None = None, extra_cost: np.ndarray | None = None) -> Allocation:
+    """The minimum-cost assignment whose quantized-weight bytes fit ``weight_budget_bytes``.
+
+    The cost is the (weighted) score plus ``extra_cost``; ``Allocation.score`` is the plain score.
+    """
+    units = build_units(table, spec, tie_fused, weights, extra_cost)
     floor = smallest_bytes(units)
     if floor > weight_budget_bytes:
         raise BitplanError(
@@ -125,8 +175,8 @@ def allocate(table: SensitivityTable, spec: ModelSpec, weight_budget_bytes: int,
     choice, total_bytes, total_score = {}, 0, 0.0
     for k in np.flatnonzero(chosen):
         u, o = index[k]
-        column, unit_bytes, _ = units[u].options[o]
-        for row in units[u].rows:
+        columns, unit_bytes, _ = units[u].options[o]
+        for row, column in zip(units[u].rows, columns):
             choice[table.layers[row]] = table.schemes[column]
             total_score += float(table.scores[row, column])
         total_bytes += unit_bytes

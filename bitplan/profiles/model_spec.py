@@ -22,6 +22,7 @@ class LayerSpec:
     in_features: int
     out_features: int
     fused_group: str  # "" when the layer is not fused with others
+    smoothed_by: str = ""  # the op (inside the block) whose output is this input, when scales can fold into it
 
     @property
     def num_weights(self) -> int:
@@ -31,6 +32,11 @@ class LayerSpec:
     def fused_key(self) -> str:
         """Layers with the same key must share a scheme when fused groups are tied."""
         return f"{self.block}.{self.fused_group}" if self.fused_group else self.name
+
+    @property
+    def smoothing_key(self) -> str:
+        """Layers with the same key share one AWQ/SmoothQuant scale vector; "" when none can fold."""
+        return f"{self.block}.{self.smoothed_by}" if self.smoothed_by else ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +128,9 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
         "kv": num_kv_heads * head_dim,
         "intermediate": intermediate,
     }
+    from bitplan.methods.mappings import smoothing_groups
+
+    foldable = {linear: group.previous for group in smoothing_groups(family, num_heads, num_kv_heads) for linear in group.linears}
     layers = [
         LayerSpec(
             name=f"{family.block_prefix}.{block}.{t.suffix}",
@@ -130,6 +139,7 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
             in_features=dims[t.in_dim],
             out_features=dims[t.out_dim],
             fused_group=t.fused_group,
+            smoothed_by=foldable.get(t.suffix, ""),
         )
         for block in range(num_blocks)
         for t in family.block
