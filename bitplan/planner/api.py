@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,10 +18,12 @@ from bitplan.errors import BitplanError
 from bitplan.methods.registry import candidate_schemes, needs_calibration
 from bitplan.methods.scheme import GROUP_SIZES, INTEGER_BITS, Scheme
 from bitplan.planner.deployment import Deployment, default_overhead_bytes, memory_breakdown, parse_size, weight_budget_bytes
+from bitplan.planner.objective import assignment_sum, check_objective, decode_time_matrix, latency_cost
 from bitplan.planner.plan import Plan
 from bitplan.planner.quality import QualityMeter, load_dense_model
 from bitplan.planner.refine import refine
 from bitplan.planner.search import allocate, check_feasible
+from bitplan.planner.speed import decode_step_s
 from bitplan.profiles.hardware import get_device
 from bitplan.profiles.model_source import BUILTIN_MODELS, cache_dir, folder_hash, resolve_model
 from bitplan.profiles.model_spec import ModelSpec, read_config, spec_from_config
@@ -118,6 +120,16 @@ def make_deployment(spec: ModelSpec, budget: str | int | None, target: str | Non
                       tensor_parallel=tensor_parallel, overhead_bytes=overhead_bytes)
 
 
+def predicted_decode(spec: ModelSpec, choice: dict[str, str], device, deployment: Deployment) -> dict:
+    """Roofline decode figures of an assignment on a device (``planner.speed``): one step at the
+    deployment's batch and context, and one token at batch 1 and the same context."""
+    schemes = {name: Scheme.parse(scheme) for name, scheme in choice.items()}
+    step_s = decode_step_s(spec, schemes, device, deployment)
+    single_s = decode_step_s(spec, schemes, device, replace(deployment, batch=1))
+    return {"decode_step_ms": 1e3 * step_s, "decode_tokens_per_s": deployment.batch / step_s,
+            "decode_ms_per_token_batch1": 1e3 * single_s, "speed_model": "roofline (bitplan.planner.speed)"}
+
+
 def plan(
     model: str,
     budget: str | int | None = None,
@@ -133,8 +145,15 @@ def plan(
     trials: int = 16,
     seed: int = 0,
     progress: Progress | None = None,
+    objective: str = "quality",
 ) -> Plan:
-    """Profile (or reuse the cached profile), allocate exactly, refine with Optuna, return the Plan."""
+    """Profile (or reuse the cached profile), allocate exactly, refine with Optuna, return the Plan.
+
+    ``objective`` (``planner.objective``): ``quality`` minimises predicted KL; ``speed`` and
+    ``balanced`` add the predicted decode time on ``target``, which they therefore need.
+    """
+    if check_objective(objective) != "quality" and target is None:
+        raise BitplanError(f"--objective {objective} predicts decode time on a device: pass --target NAME (see `bitplan devices`)")
     folder = resolve_model(model)
     config = read_config(folder)
     spec = spec_from_config(config)
@@ -142,9 +161,13 @@ def plan(
     weight_budget = weight_budget_bytes(spec, deployment)
     check_feasible(spec, candidates.schemes(), weight_budget, deployment.budget_bytes, tie_fused)
     table = profile(model, candidates, calibration, seed, progress)
-    allocation = allocate(table, spec, weight_budget, tie_fused)
+    device = get_device(target) if target else None
+    times = decode_time_matrix(spec, table.layers, table.schemes, table.bytes.numpy() >= 0, device, deployment) if device else None
+    extra_cost = latency_cost(objective, table, times) if device else None
+    allocation = allocate(table, spec, weight_budget, tie_fused, extra_cost=extra_cost)
     search = {"solver": "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack", "status": allocation.status,
-              "mip_gap": allocation.mip_gap, "tie_fused": tie_fused, "weight_budget_bytes": weight_budget}
+              "mip_gap": allocation.mip_gap, "tie_fused": tie_fused, "weight_budget_bytes": weight_budget,
+              "objective": objective}
     predicted = {"score_kl": allocation.score, "metric": table.provenance.get("metric")}
     if trials > 0:
         held_in = calibration_windows(folder, calibration, REFINE_WINDOWS)[calibration.samples :]
@@ -153,11 +176,14 @@ def plan(
         meter = QualityMeter(load_dense_model(folder), spec)
         if needs_calibration(candidates.schemes()):
             meter.calibrate(calibration_windows(folder, calibration)[: calibration.samples])
-        refinement = refine(table, spec, weight_budget, tie_fused, meter, held_in, trials, seed, progress)
+        refinement = refine(table, spec, weight_budget, tie_fused, meter, held_in, trials, seed, progress, extra_cost)
         allocation = refinement.allocation
         predicted.update(score_kl=allocation.score, calibration_kl=refinement.measured_kl, exact_calibration_kl=refinement.exact_kl)
         search.update(refine_trials=refinement.trials, refine_distinct_plans=refinement.distinct_plans, knobs=refinement.knobs,
                       refine_tokens=int(held_in.numel()))
+    if device is not None:
+        predicted.update(predicted_decode(spec, allocation.choice, device, deployment))
+        predicted["linear_decode_ms"] = 1e3 * assignment_sum(table, allocation.choice, times)
     memory = memory_breakdown(spec, allocation.weight_bytes, deployment)
     return Plan(
         model={"source": model_source(model), "model_type": spec.model_type, "hash": table.provenance["model_hash"]},

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from bitplan.errors import BitplanError
 from bitplan.planner.deployment import KV_DTYPE_BYTES, format_bytes
+from bitplan.planner.objective import OBJECTIVES
 
 STAGES = {"forward": "profile: forward pass", "score": "profile: score schemes", "refine": "refine: measured KL", "emit": "emit: tensors"}
 
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel devices")
     plan.add_argument("--overhead", help="runtime overhead to reserve, e.g. 1GiB (default: 1 GiB with --target, else 0)")
     plan.add_argument("--tie-fused", action="store_true", help="q/k/v and gate/up share one scheme (engines fuse them)")
+    plan.add_argument("--objective", default="quality", choices=OBJECTIVES,
+                      help="quality: least predicted KL; speed: least predicted decode time (needs --target); "
+                           "balanced: KL/KL_ref + time/time_ref (see bitplan/planner/objective.py)")
     plan.add_argument("--trials", type=int, default=16, help="Optuna refinement trials measured on held-in text (0: exact allocation only)")
     plan.add_argument("--out", type=Path, default=Path("plan.json"), help="where to write plan.json")
     add_calibration_args(plan)
@@ -136,7 +140,8 @@ def run_plan(args) -> int:
     console = Console(stderr=True)
     with progress_bars(console) as report:
         result = plan(args.model, args.budget, args.target, args.context, args.batch, args.kv_dtype, args.tp, args.overhead,
-                      candidates_from(args), calibration_from(args), args.tie_fused, args.trials, args.seed, report)
+                      candidates_from(args), calibration_from(args), args.tie_fused, args.trials, args.seed, report,
+                      objective=args.objective)
     result.save(args.out)
     print_plan(result, Console())
     Console().print(f"plan written to {args.out}")
@@ -165,6 +170,11 @@ def print_plan(result, console: Console) -> None:
     if "calibration_kl" in predicted:
         line += f"; measured on held-in text: {predicted['calibration_kl']:.4f} (exact allocation: {predicted['exact_calibration_kl']:.4f})"
     console.print(line)
+    if "decode_tokens_per_s" in predicted:
+        batch, context = result.deployment["batch"], result.deployment["context"]
+        console.print(f"predicted decode on {result.target} ({result.search.get('objective', 'quality')} objective, roofline): "
+                      f"{predicted['decode_tokens_per_s'] / batch:.1f} tokens/s per sequence at batch {batch}, context {context} "
+                      f"({predicted['decode_tokens_per_s']:.1f} tokens/s in all); {predicted['decode_ms_per_token_batch1']:.3f} ms/token at batch 1")
 
 
 def run_profile(args) -> int:

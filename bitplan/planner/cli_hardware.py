@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bitplan.errors import BitplanError
-from bitplan.planner.compare import DEFAULT_SCHEMES, OBJECTIVES, CompareSettings, Comparison, compare, write_plot
+from bitplan.planner.compare import DEFAULT_SCHEMES, CompareSettings, Comparison, compare, write_plot
 from bitplan.planner.deployment import DEFAULT_PREFILL_CHUNK_TOKENS, KV_DTYPE_BYTES
+from bitplan.planner.objective import OBJECTIVES
 from bitplan.profiles.hardware import get_devices, load_catalog
 from bitplan.profiles.model_spec import read_config, read_config_file
 from bitplan.profiles.moe import load_spec
@@ -44,7 +45,7 @@ def add_commands(subparsers) -> None:
     comp.add_argument("--kv-dtype", default="bfloat16", choices=sorted(KV_DTYPE_BYTES), help="KV cache dtype")
     comp.add_argument("--tp", type=int, default=1, help="tensor-parallel devices of each target")
     comp.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK_TOKENS, help="tokens per prefill step")
-    comp.add_argument("--objective", default="quality", choices=OBJECTIVES, help="what the plan optimizes")
+    comp.add_argument("--objective", default="quality", choices=OBJECTIVES, help="what the plan optimizes (bitplan/planner/objective.py)")
     comp.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES), help="candidate schemes, comma-separated")
     comp.add_argument("--sensitivity", help="a measured sensitivity table (.safetensors) instead of the prior")
     comp.add_argument("--json", dest="json_out", help="also write the results as JSON here")

@@ -27,6 +27,7 @@ from bitplan.planner.deployment import (
     DEFAULT_PREFILL_CHUNK_TOKENS, Deployment, MemoryBreakdown, default_overhead_bytes,
     max_batch, memory_breakdown, weight_budget_bytes,
 )
+from bitplan.planner.objective import check_objective, cost_weights, reference_scales
 from bitplan.planner.prior import PRIOR_METRIC, prior_table
 from bitplan.planner.speed import Efficiency, Roofline, estimate, linear_decode_time_s
 from bitplan.profiles.hardware import HardwareProfile
@@ -37,7 +38,6 @@ DEFAULT_SCHEMES = (
     "none", "gptq-w8gcs", "gptq-w6g128s", "gptq-w5g128s", "gptq-w4g32s",
     "gptq-w4g128s", "gptq-w3g128s", "gptq-w2g64s",
 )
-OBJECTIVES = ("quality", "speed", "balanced")
 
 
 @dataclass(frozen=True)
@@ -172,8 +172,7 @@ class CompareSettings:
     schemes: tuple[str, ...] = DEFAULT_SCHEMES
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise BitplanError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        check_objective(self.objective)
 
     def deployment(self, device: HardwareProfile) -> Deployment:
         return Deployment(
@@ -213,13 +212,10 @@ def _with_times(groups: list[Group], spec: ModelSpec, schemes: list[Scheme], roo
 
 
 def _cost_function(objective: str, groups: list[Group]):
-    if objective == "quality":
-        return lambda o: o.score + 1e-12 * o.time_s
-    if objective == "speed":
-        return lambda o: o.time_s + 1e-9 * o.score
-    score_ref = sum(max(o.score for o in g.options) for g in groups) or 1.0
-    time_ref = sum(max(o.time_s for o in g.options) for g in groups) or 1.0
-    return lambda o: o.score / score_ref + o.time_s / time_ref
+    """The objective's cost of one option (definitions and scales: ``planner.objective``)."""
+    weights = cost_weights(objective, *reference_scales(
+        ([o.score for o in g.options], [o.time_s for o in g.options]) for g in groups))
+    return lambda o: weights(o.score, o.time_s)
 
 
 def _smallest(groups: list[Group]) -> list[GroupOption]:

@@ -5,6 +5,11 @@ the scores (q, k, v, o, gate, up, down, ...) and a multiplier for the first and 
 re-solves the exact allocation for each, and measures the resulting plan's KL on held-in
 calibration tokens. The first trial is the exact solution itself (``enqueue_trial``), so the
 kept plan is never worse, on the measured tokens, than the exact one.
+
+With ``extra_cost`` (the latency term of ``--objective speed|balanced``, in score units, see
+``planner.objective``) every allocation adds it to the scores, and a trial's value is the
+measured KL plus the same term summed over the plan's cells: the kept plan is never worse than
+the exact one on that sum, though its KL alone may be higher.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import optuna
 import torch
 
 from bitplan.methods.scheme import Scheme
+from bitplan.planner.objective import assignment_sum
 from bitplan.planner.quality import QualityMeter
 from bitplan.planner.search import Allocation, allocate
 from bitplan.profiles.model_spec import ModelSpec
@@ -59,6 +65,7 @@ def refine(
     trials: int,
     seed: int,
     progress: Callable[[str, int, int], None] | None = None,
+    extra_cost: np.ndarray | None = None,
 ) -> Refinement:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kinds = sorted({spec.layer(name).kind for name in table.layers})
@@ -69,20 +76,23 @@ def refine(
 
     def objective(trial: optuna.Trial) -> float:
         knobs = {name: trial.suggest_float(name, *KNOB_RANGE, log=True) for name in knob_names}
-        allocation = allocate(table, spec, weight_budget_bytes, tie_fused, layer_weights(table, spec, knobs))
+        allocation = allocate(table, spec, weight_budget_bytes, tie_fused, layer_weights(table, spec, knobs), extra_cost)
         key = tuple(allocation.choice.values())
         if key not in measured:
             meter.apply({name: Scheme.parse(s) for name, s in allocation.choice.items()})
             measured[key] = meter.measure(windows).kl
             allocations[key] = allocation
         report("refine", trial.number + 1, trials)
-        return measured[key]
+        trial.set_user_attr("kl", measured[key])
+        if extra_cost is None:
+            return measured[key]
+        return measured[key] + assignment_sum(table, allocation.choice, extra_cost)
 
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
     study.enqueue_trial({name: 1.0 for name in knob_names})
     study.optimize(objective, n_trials=max(trials, 1))
-    exact_kl = study.trials[0].value
+    exact_kl = study.trials[0].user_attrs["kl"]
     best = min(study.trials, key=lambda t: (t.value, t.number))
     knobs = {name: round(value, 6) for name, value in best.params.items()}
-    allocation = allocate(table, spec, weight_budget_bytes, tie_fused, layer_weights(table, spec, best.params))
-    return Refinement(allocation, best.value, exact_kl, knobs, len(study.trials), len(measured))
+    allocation = allocate(table, spec, weight_budget_bytes, tie_fused, layer_weights(table, spec, best.params), extra_cost)
+    return Refinement(allocation, best.user_attrs["kl"], exact_kl, knobs, len(study.trials), len(measured))
