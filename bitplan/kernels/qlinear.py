@@ -110,8 +110,10 @@ class QuantLinear(nn.Module):
         codebook: torch.Tensor | None = None,
         kernel_configs: Mapping[str, KernelConfig] | None = None,
         backend: str = "auto",
+        input_fp8: bool = False,
     ) -> None:
         super().__init__()
+        self.input_fp8 = input_fp8  # W8A8-FP8: inputs rounded to E4M3 per token (dynamic scale), as vLLM runs it
         self.fmt = WeightFormat(fmt)
         out_features, in_features = (int(v) for v in weight_shape)
         self.out_features, self.in_features = out_features, in_features
@@ -228,7 +230,7 @@ class QuantLinear(nn.Module):
         return self.weight_packed.view(torch.float8_e4m3fn)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, input_fp8={self.input_fp8}, "
                 f"bits={self.bits}, group_size={self.group_size}, asymmetric={self.weight_zero_point is not None}")
 
     def use_triton(self, x: torch.Tensor) -> bool:
@@ -248,6 +250,10 @@ class QuantLinear(nn.Module):
             raise ValueError(f"input ends in {x.shape[-1]} features, this layer takes {self.in_features}")
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"input must be fp16, bf16 or fp32, got {x.dtype}")
+        if self.input_fp8:
+            from bitplan.methods.fp8 import fake_quant_activations_fp8
+
+            x = fake_quant_activations_fp8(x)
         if self.use_triton(x):
             return self._forward_triton(x)
         return self._forward_reference(x)

@@ -54,9 +54,10 @@ def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def output_error(delta: torch.Tensor, second_moment: torch.Tensor) -> float:
-    """tr(ΔW M ΔWᵀ) = ‖ΔW X‖² / n, float64 accumulation."""
-    d = delta.to(torch.float64)
-    return float(((d @ second_moment.to(torch.float64)) * d).sum())
+    """tr(ΔW M ΔWᵀ) = ‖ΔW X‖² / n: the product in float32 (BLAS speed; this only ranks
+    candidates), the sum in float64."""
+    d = delta.to(torch.float32)
+    return float(((d @ second_moment.to(torch.float32)) * d).sum(dtype=torch.float64))
 
 
 def scaled_rtn_error(

@@ -19,6 +19,15 @@ from dataclasses import dataclass, field
 import torch
 
 
+PLANNER_SAMPLES = 1024  # input rows the planner keeps per Linear (SmoothQuant's search, activation error)
+PLANNER_STRIDE = 8  # every 8th row of each batch, so 1024 rows span 16 windows of 512 tokens
+
+
+def planner_stats(in_features: int) -> "InputStats":
+    """The accumulator profile, emit and evaluation all use, so they keep the same sample rows."""
+    return InputStats(in_features, max_samples=PLANNER_SAMPLES, sample_stride=PLANNER_STRIDE)
+
+
 @dataclass
 class InputStats:
     """Running statistics of the rows ``x`` (``[tokens, in_features]``) fed to a Linear.
@@ -123,6 +132,7 @@ def collect_input_stats(
     linear_names: list[str],
     stop_after: str | None = None,
     max_samples: int = 4096,
+    sample_stride: int = 4,
 ) -> dict[str, InputStats]:
     """Run ``token_batches`` (each ``[batch, seq]`` ids) through ``model`` and gather the input
     statistics of each named Linear; Linears with the identical input tensor share one object.
@@ -140,7 +150,7 @@ def collect_input_stats(
             x = args[0]
             key = id(x)  # the tensor is kept in ``seen`` for the pass, so its id cannot be reused
             if key not in seen:
-                target = stats[name] if name in stats else InputStats(x.shape[-1], max_samples=max_samples)
+                target = stats[name] if name in stats else InputStats(x.shape[-1], max_samples=max_samples, sample_stride=sample_stride)
                 seen[key] = (x, target)
                 target.add(x)
             stats.setdefault(name, seen[key][1])

@@ -5,22 +5,31 @@ A quantizer takes ``(weight [out, in] float32, scheme, scale_dtype, stats)`` and
 ``stats["input"]`` is the layer's ``InputStats`` (GPTQ reads its Hessian); calibration-free
 methods ignore it. ``CALIBRATED`` lists the methods that need it.
 
-Integer methods wired here all emit as compressed-tensors ``pack-quantized``: RTN, GPTQ and HQQ
-produce codes on the same integer grid. AWQ, SmoothQuant, NF4 and FP8 live in this package as
-functions but are not planner candidates yet (they change neighbouring weights or need other
-checkpoint formats).
+Per-layer methods: RTN, GPTQ, HQQ (integer codes, compressed-tensors ``pack-quantized``), NF4
+(bitplan's own layout) and FP8 (``float-quantized``, optionally with FP8 activations per token).
+Smoothing methods (``SMOOTHING``: AWQ, SmoothQuant W8A8) act on a group of Linears that share an
+input: :func:`quantize_smoothing_group` returns one scale vector for the group, to be folded
+into the op that feeds it, and each member's quantized ``W · diag(s)``.
+
+The default candidate set (``DEFAULT_METHODS`` at every bit width and group, both symmetries,
+with the per-method grids of :func:`method_schemes`) is what ``bitplan plan`` profiles when no
+``--methods`` is given; see the README's "Candidates" section.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
 from bitplan.errors import BitplanError
+from bitplan.methods.calibration_stats import InputStats
+from bitplan.methods.fp8 import quantize_fp8
 from bitplan.methods.gptq import quantize_gptq
 from bitplan.methods.hqq import quantize_hqq
+from bitplan.methods.nf4 import quantize_nf4
 from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.scheme import DENSE, GROUP_SIZES, INTEGER_BITS, Method, QuantizedWeight, Scheme
 
@@ -40,9 +49,57 @@ def _gptq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats:
     return quantize_gptq(weight, stats["input"].hessian(), scheme, scale_dtype=scale_dtype)[0]
 
 
-QUANTIZERS: dict[Method, Quantizer] = {Method.RTN: _rtn, Method.HQQ: _hqq, Method.GPTQ: _gptq}
-CALIBRATED = frozenset({Method.GPTQ})
+def _nf4(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
+    result = quantize_nf4(weight, block_size=scheme.group_size)
+    return QuantizedWeight(result.codes.to(torch.int8) - 8, result.block_absmax(), None, scheme)
+
+
+def _fp8(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
+    result = quantize_fp8(weight, scheme.group_size, scale_dtype=torch.float32)
+    return QuantizedWeight(result.values.view(torch.int8), result.scale, None, scheme)
+
+
+QUANTIZERS: dict[Method, Quantizer] = {Method.RTN: _rtn, Method.HQQ: _hqq, Method.GPTQ: _gptq, Method.NF4: _nf4, Method.FP8: _fp8}
 SMOOTHING = frozenset({Method.AWQ, Method.SMOOTHQUANT})  # fold one scale vector per smoothing group
+CALIBRATED = frozenset({Method.GPTQ, *SMOOTHING})
+DEFAULT_METHODS = ("rtn", "gptq", "awq", "hqq", "nf4", "fp8", "smoothquant")
+COSTLY = frozenset({Method.GPTQ, Method.AWQ, Method.HQQ})  # seconds per layer and scheme to profile, not milliseconds
+COSTLY_DEFAULT_BITS = (2, 3, 4)  # where they beat RTN by most; above 4 bits RTN is close to lossless
+SMOOTHQUANT_SAMPLES = 1024  # calibration rows kept per input for SmoothQuant's search and activation error
+
+
+@dataclass(frozen=True)
+class SmoothedGroup:
+    """A smoothing method's result for Linears sharing an input: the op feeding them divides its
+    output by ``scales`` ``[in]``; ``quantized[name]`` is Q(W_name · diag(scales))."""
+
+    scales: torch.Tensor
+    quantized: dict[str, QuantizedWeight]
+    alpha: float | None
+
+
+def quantize_smoothing_group(weights: dict[str, torch.Tensor], scheme: Scheme, scale_dtype: torch.dtype,
+                             stats: InputStats, clip: dict[str, bool] | None = None, foldable: bool = True) -> SmoothedGroup:
+    """AWQ (scale search and weight clipping) or SmoothQuant (α search, W8A8) for one group.
+
+    ``stats`` are the group's shared input statistics; ``clip`` says per Linear whether AWQ may
+    clip (the reference leaves q and k unclipped). A Linear with no op to fold scales into
+    (``foldable`` False: o_proj under grouped-query attention) keeps s = 1: AWQ then only
+    clips (as AutoAWQ does there), SmoothQuant is plain W8A8.
+    """
+    from bitplan.methods import awq, smoothquant
+
+    names = list(weights)
+    if scheme.method == Method.AWQ:
+        flags = [True if clip is None else clip[name] for name in names]
+        result = awq.quantize_awq([weights[n] for n in names], stats.mean_abs(), stats.second_moment(), scheme, flags, scale_dtype,
+                                  n_grid=awq.N_GRID if foldable else 1)
+        return SmoothedGroup(result.scales, dict(zip(names, result.quantized)), result.alpha)
+    if scheme.method == Method.SMOOTHQUANT:
+        result = smoothquant.search_alpha([weights[n] for n in names], stats.absmax(), stats.samples, scheme,
+                                          alphas=smoothquant.ALPHA_GRID if foldable else (), scale_dtype=scale_dtype)
+        return SmoothedGroup(result.scales, dict(zip(names, result.quantized)), result.alpha)
+    raise ValueError(f"{scheme} is not a smoothing scheme")
 
 
 def register(method: Method) -> Callable[[Quantizer], Quantizer]:
@@ -56,6 +113,8 @@ def register(method: Method) -> Callable[[Quantizer], Quantizer]:
 
 
 def quantize(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict | None = None) -> QuantizedWeight:
+    if scheme.method in SMOOTHING:
+        raise BitplanError(f"{scheme} smooths a group of Linears: quantize it with quantize_smoothing_group")
     if scheme.method not in QUANTIZERS:
         raise BitplanError(f"method {scheme.method} is not available yet: choose from {', '.join(map(str, QUANTIZERS))}")
     return QUANTIZERS[scheme.method](weight, scheme, scale_dtype, stats or {})
@@ -66,7 +125,29 @@ def needs_calibration(schemes: Iterable[Scheme]) -> bool:
 
 
 def available_methods() -> list[str]:
-    return [str(m) for m in QUANTIZERS]
+    return [str(m) for m in (*QUANTIZERS, *sorted(SMOOTHING))]
+
+
+def method_schemes(method: Method, bits: Iterable[int], group_sizes: Iterable[int], symmetric: Iterable[bool],
+                   act_formats: Iterable[str] = ("int8", "fp8")) -> list[Scheme]:
+    """The schemes one method offers within the requested grid.
+
+    Integer methods (RTN, GPTQ, AWQ, HQQ): every bit width x group x symmetry. NF4: 4-bit, the
+    requested groups (blocks; not per channel). FP8: 8-bit weights per channel and per group,
+    plus W8A8-FP8 per channel where ``act_formats`` has "fp8". SmoothQuant: W8A8 int8 per
+    channel where ``act_formats`` has "int8". Methods whose bit width is not requested offer none.
+    """
+    bits, group_sizes, symmetric = list(bits), list(group_sizes), list(symmetric)
+    if method == Method.NF4:
+        return [Scheme(method, 4, g, True) for g in group_sizes if g and 4 in bits]
+    if method == Method.FP8:
+        if 8 not in bits:
+            return []
+        schemes = [Scheme(method, 8, g, True) for g in group_sizes]
+        return schemes + ([Scheme(method, 8, 0, True, act_bits=8)] if "fp8" in act_formats else [])
+    if method == Method.SMOOTHQUANT:
+        return [Scheme(method, 8, 0, True, act_bits=8)] if 8 in bits and "int8" in act_formats else []
+    return [Scheme(method, b, g, sym) for b, g, sym in itertools.product(bits, group_sizes, symmetric)]
 
 
 def candidate_schemes(
@@ -75,11 +156,16 @@ def candidate_schemes(
     group_sizes: Iterable[int] = GROUP_SIZES,
     symmetric: Iterable[bool] = (True, False),
     include_dense: bool = True,
+    act_formats: Iterable[str] = ("int8", "fp8"),
+    costly_bits: Iterable[int] | None = None,
 ) -> list[Scheme]:
-    """The cross product of the requested methods, bit widths, groups and symmetries, sorted.
+    """The requested methods' schemes (:func:`method_schemes`) within the grid, sorted.
 
-    Every integer method is offered at every combination; ``include_dense`` adds "none"
-    (the weight left in the checkpoint dtype), which is always feasible and loses nothing.
+    ``include_dense`` adds "none" (the weight left in the checkpoint dtype), which is always
+    feasible and loses nothing. ``act_formats`` lists the activation formats the target runs
+    natively ("int8", "fp8"); W8A8 candidates of other formats are left out. ``costly_bits``
+    (the default set uses ``COSTLY_DEFAULT_BITS``) offers GPTQ, AWQ and HQQ only at those widths
+    and symmetric; None offers them on the whole grid.
     """
     chosen = []
     for name in methods:
@@ -87,16 +173,20 @@ def candidate_schemes(
             method = Method(name)
         except ValueError:
             raise BitplanError(f"unknown method {name!r}: choose from {', '.join(available_methods())}") from None
-        if method not in QUANTIZERS:
-            raise BitplanError(f"method {name} is not available yet: choose from {', '.join(available_methods())}")
+        if str(method) not in available_methods() or method == Method.NONE:
+            raise BitplanError(f"method {name} is not available: choose from {', '.join(available_methods())}")
         chosen.append(method)
+    bits, group_sizes, symmetric = list(bits), list(group_sizes), list(symmetric)
     bad_bits = [b for b in bits if b not in INTEGER_BITS]
     if bad_bits:
         raise BitplanError(f"unsupported bit widths {bad_bits}: choose from {', '.join(map(str, INTEGER_BITS))}")
-    schemes = sorted(
-        Scheme(method, b, g, sym)
-        for method, b, g, sym in itertools.product(chosen, bits, group_sizes, symmetric)
-    )
+    schemes = set()
+    for method in chosen:
+        if costly_bits is not None and method in COSTLY:
+            schemes.update(method_schemes(method, [b for b in bits if b in costly_bits], group_sizes, [True], act_formats))
+        else:
+            schemes.update(method_schemes(method, bits, group_sizes, symmetric, act_formats))
+    schemes = sorted(schemes)
     if not schemes:
         raise BitplanError("the candidate set is empty: give at least one method and bit width")
     return [*schemes, DENSE] if include_dense else schemes

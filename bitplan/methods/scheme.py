@@ -80,6 +80,26 @@ class Scheme:
             act_bits=int(match["act"] or 16),
         )
 
+    def check(self) -> "Scheme":
+        """Raise unless this method can store weights this way; returns the scheme."""
+        method, problem = self.method, ""
+        if method == Method.NF4 and (self.bits != 4 or not self.symmetric or self.group_size == 0 or self.act_bits != 16):
+            problem = "NF4 is 4-bit, absmax-scaled (symmetric) per block of 32/64/128 inputs, weight-only"
+        elif method == Method.FP8 and (self.bits != 8 or not self.symmetric or (self.act_bits == 8 and self.group_size)):
+            problem = "FP8 is 8-bit symmetric; with FP8 activations (a8) it is per channel"
+        elif method == Method.SMOOTHQUANT and (self.bits, self.group_size, self.symmetric, self.act_bits) != (8, 0, True, 8):
+            problem = "SmoothQuant is W8A8: int8 symmetric per channel, int8 activations per token"
+        elif method not in (Method.NF4, Method.FP8, Method.SMOOTHQUANT, Method.NONE) and (self.act_bits != 16 or self.bits not in INTEGER_BITS):
+            problem = f"{method} stores {'/'.join(map(str, INTEGER_BITS))}-bit integer weights with 16-bit activations"
+        if problem:
+            raise BitplanError(f"scheme {self.name} is not valid: {problem}")
+        return self
+
+    @property
+    def act_quantized(self) -> bool:
+        """Whether activations are quantized at run time (per token) too."""
+        return self.act_bits < 16
+
     def fits(self, in_features: int) -> bool:
         """Whether this scheme can be stored for a layer with ``in_features`` inputs."""
         return self.is_dense or layout.group_fits(in_features, self.group_size)
@@ -88,6 +108,12 @@ class Scheme:
         """Exact checkpoint bytes of a weight under this scheme (see ``kernels.layout``)."""
         if self.is_dense:
             return layout.dense_weight_bytes(out_features, in_features, scale_bytes)
+        if self.method == Method.NF4:
+            return layout.nf4_weight_bytes(out_features, in_features, self.group_size, double_quant=False)
+        if self.method == Method.FP8:
+            return layout.fp8_weight_bytes(out_features, in_features, self.group_size, scale_bytes=4)
+        if self.method == Method.SMOOTHQUANT:
+            return layout.int8_weight_bytes(out_features, in_features, scale_bytes)
         return layout.packed_weight_bytes(
             out_features, in_features, self.bits, self.group_size, self.symmetric, scale_bytes
         )
@@ -113,9 +139,11 @@ DENSE = Scheme(Method.NONE, 16, 0, True)
 class QuantizedWeight:
     """A method's output, unpacked and tied to no kernel.
 
-    ``codes``: int8 ``[out, in]`` signed codes. ``scale``: ``[out, groups]`` in the storage
-    dtype. ``zero``: int8 ``[out, groups]`` signed zero points, or None when symmetric.
-    The weight it stands for is ``(codes - zero) * scale`` group by group.
+    ``codes``: int8 ``[out, in]``. ``scale``: ``[out, groups]`` in the storage dtype. ``zero``:
+    int8 ``[out, groups]`` signed zero points, or None when symmetric. For integer methods the
+    weight it stands for is ``(codes - zero) * scale`` group by group; for NF4, ``codes`` are
+    code-book indices minus 8 and the weight is ``NF4[codes + 8] * scale``; for FP8, ``codes``
+    are the E4M3 bit patterns and the weight is ``e4m3(codes) * scale``.
     """
 
     codes: torch.Tensor
@@ -127,5 +155,23 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    def code_values(self) -> torch.Tensor:
+        """The unscaled values float32 ``[out, in]`` for NF4 and FP8 (code book or E4M3)."""
+        if self.scheme.method == Method.NF4:
+            from bitplan.methods.nf4 import code_book
+
+            return code_book()[self.codes.to(torch.int64) + 8]
+        return self.codes.view(torch.float8_e4m3fn).to(torch.float32)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.scheme.method in (Method.NF4, Method.FP8):
+            out, width = self.codes.shape[0], self.scheme.group_size or self.codes.shape[1]
+            values = self.code_values().view(out, -1, width) * self.scale.to(torch.float32).unsqueeze(-1)
+            return values.reshape(self.codes.shape).to(dtype)
         return dequantize_codes(self.codes, self.scale, self.zero, self.scheme.group_size, dtype)
+
+    def scale_rows(self, divisor: torch.Tensor) -> "QuantizedWeight":
+        """The same codes with output row ``r`` divided by ``divisor[r]`` (a fold of the next
+        Linear's smoothing scales into this one's output), scales rounded to their dtype."""
+        scale = (self.scale.to(torch.float32) / divisor.to(torch.float32).unsqueeze(1)).to(self.scale.dtype)
+        return QuantizedWeight(self.codes, scale, self.zero, self.scheme)

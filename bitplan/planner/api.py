@@ -15,8 +15,9 @@ import torch
 
 from bitplan import __version__
 from bitplan.errors import BitplanError
-from bitplan.methods.registry import candidate_schemes, needs_calibration
+from bitplan.methods.registry import COSTLY_DEFAULT_BITS, DEFAULT_METHODS, candidate_schemes, needs_calibration
 from bitplan.methods.scheme import GROUP_SIZES, INTEGER_BITS, Scheme
+from bitplan.planner.emit import formats
 from bitplan.planner.deployment import Deployment, default_overhead_bytes, memory_breakdown, parse_size, weight_budget_bytes
 from bitplan.planner.objective import assignment_sum, check_objective, decode_time_matrix, latency_cost
 from bitplan.planner.plan import Plan
@@ -46,13 +47,25 @@ class CalibrationSettings:
 
 @dataclass(frozen=True)
 class Candidates:
-    methods: tuple[str, ...] = ("rtn",)
+    """The schemes to profile. The default is every method (``DEFAULT_METHODS``) on the whole
+    grid, except GPTQ, AWQ and HQQ, which are offered at 2-4 bits, symmetric (``costly_bits``;
+    None gives them the whole grid). ``act_formats``: W8A8 activation formats the target runs
+    natively (``plan`` narrows it to the target's)."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
     bits: tuple[int, ...] = INTEGER_BITS
     group_sizes: tuple[int, ...] = GROUP_SIZES
     symmetric: tuple[bool, ...] = (True, False)
+    act_formats: tuple[str, ...] = ("int8", "fp8")
+    costly_bits: tuple[int, ...] | None = COSTLY_DEFAULT_BITS
 
     def schemes(self) -> list[Scheme]:
-        return candidate_schemes(self.methods, self.bits, self.group_sizes, self.symmetric)
+        return candidate_schemes(self.methods, self.bits, self.group_sizes, self.symmetric,
+                                 act_formats=self.act_formats, costly_bits=self.costly_bits)
+
+    def for_device(self, device) -> "Candidates":
+        """Only the W8A8 formats ``device`` runs natively (int8 or fp8 tensor cores)."""
+        return replace(self, act_formats=tuple(f for f in self.act_formats if device.supports(f)))
 
 
 def calibration_settings_from_plan(plan) -> CalibrationSettings:
@@ -159,9 +172,11 @@ def plan(
     spec = spec_from_config(config)
     deployment = make_deployment(spec, budget, target, context, batch, kv_dtype, tensor_parallel, overhead)
     weight_budget = weight_budget_bytes(spec, deployment)
+    device = get_device(target) if target else None
+    if device is not None:
+        candidates = candidates.for_device(device)
     check_feasible(spec, candidates.schemes(), weight_budget, deployment.budget_bytes, tie_fused)
     table = profile(model, candidates, calibration, seed, progress)
-    device = get_device(target) if target else None
     times = decode_time_matrix(spec, table.layers, table.schemes, table.bytes.numpy() >= 0, device, deployment) if device else None
     extra_cost = latency_cost(objective, table, times) if device else None
     allocation = allocate(table, spec, weight_budget, tie_fused, extra_cost=extra_cost)
@@ -193,6 +208,7 @@ def plan(
         memory=memory.to_dict(),
         predicted=predicted,
         search=search,
+        formats=formats({name: Scheme.parse(s) for name, s in allocation.choice.items()}),
         provenance={"model_hash": table.provenance["model_hash"], "calibration_hash": table.provenance["calibration_hash"],
                     "bitplan_version": __version__, "seed": seed, "metric": table.provenance.get("metric"),
                     "metric_version": table.provenance.get("metric_version"), "candidates": table.schemes,

@@ -48,7 +48,9 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", action="append", type=Path, default=[], help="calibration text: .txt or .jsonl (repeatable); default: Python's documentation")
     parser.add_argument("--samples", type=positive_int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration window")
-    parser.add_argument("--methods", default="rtn", help="candidate methods, comma-separated")
+    parser.add_argument("--methods", default=None,
+                        help="candidate methods, comma-separated, each on the whole grid (default: rtn,gptq,awq,hqq,nf4,fp8,smoothquant "
+                             "with GPTQ/AWQ/HQQ at 2-4 bits symmetric; see the README)")
     parser.add_argument("--bits", type=int_list, default=(2, 3, 4, 5, 6, 8), help="candidate bit widths, e.g. 3,4,6")
     parser.add_argument("--groups", type=group_list, default=(32, 64, 128, 0), help="group sizes; c = per channel")
     parser.add_argument("--symmetric-only", action="store_true", help="drop asymmetric (zero-point) candidates")
@@ -119,7 +121,10 @@ def progress_bars(console: Console):
 def candidates_from(args):
     from bitplan.planner.api import Candidates
 
-    return Candidates(tuple(m.strip() for m in args.methods.split(",")), args.bits, args.groups, (True,) if args.symmetric_only else (True, False))
+    symmetric = (True,) if args.symmetric_only else (True, False)
+    if args.methods is None:
+        return Candidates(bits=args.bits, group_sizes=args.groups, symmetric=symmetric)
+    return Candidates(tuple(m.strip() for m in args.methods.split(",")), args.bits, args.groups, symmetric, costly_bits=None)
 
 
 def calibration_from(args):

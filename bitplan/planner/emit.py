@@ -1,11 +1,25 @@
 """Emit: a plan becomes a deployable checkpoint folder.
 
-Layout (compressed-tensors, as vLLM loads it): quantized Linears as ``pack-quantized`` tensors
-(``weight_packed``, ``weight_scale``, ``weight_zero_point`` when asymmetric, ``weight_shape``;
-see ``kernels.layout``), everything else as in the source checkpoint; ``config.json`` with a
-``quantization_config`` holding one config group per scheme whose targets are exact module
-names; tokenizer files; and ``plan.json``. Written to a temporary folder beside the target,
-then renamed into place, so a failure leaves nothing half-written.
+Layout (compressed-tensors, as vLLM loads it), one format per scheme (``FORMATS``):
+
+- integer weight-only (RTN, GPTQ, AWQ, HQQ): ``pack-quantized``: ``weight_packed``,
+  ``weight_scale``, ``weight_zero_point`` when asymmetric, ``weight_shape`` (``kernels.layout``);
+- SmoothQuant W8A8: ``int-quantized``: ``weight`` int8, ``weight_scale`` ``[out, 1]``, and
+  dynamic per-token int8 ``input_activations``;
+- FP8: ``weight`` float8_e4m3fn, ``weight_scale`` float32 ``[out, groups]``; W8A8-FP8 adds
+  dynamic per-token FP8 ``input_activations`` and is ``float-quantized``, weight-only FP8 is
+  ``naive-quantized`` (the formats compressed-tensors itself infers for these schemes);
+- NF4: no standard format holds it, so bitplan's own ``bitplan-nf4``: ``weight_packed`` uint8
+  ``[out, in/2]`` (two code-book indices per byte, the even input in the low nibble) and
+  ``weight_absmax`` float32 ``[out, in/block]``; its config group says ``"type": "nf4"``. Only
+  ``bitplan.load`` reads it; ``plan.json``'s ``formats`` says which engines load which layers.
+
+AWQ and SmoothQuant scales are folded into the norm or Linear that feeds each group
+(:mod:`bitplan.methods.block`), so the model keeps its shape. Everything else is copied as in
+the source; ``config.json`` gets a ``quantization_config`` with one config group per scheme whose
+targets are exact module names; tokenizer files and ``plan.json`` are copied in. Written to a
+temporary folder beside the target, then renamed into place, so a failure leaves nothing
+half-written.
 """
 
 from __future__ import annotations
@@ -24,8 +38,9 @@ from safetensors.torch import save_file
 
 from bitplan.errors import BitplanError
 from bitplan.kernels import layout
-from bitplan.methods.registry import needs_calibration, quantize
-from bitplan.methods.scheme import QuantizedWeight, Scheme
+from bitplan.methods.block import quantize_block
+from bitplan.methods.registry import needs_calibration
+from bitplan.methods.scheme import Method, QuantizedWeight, Scheme
 from bitplan.planner.plan import Plan, load_plan
 from bitplan.profiles.blocks import BlockRunner, block_input_stats
 from bitplan.profiles.text import tokens_hash
@@ -36,6 +51,49 @@ from bitplan.profiles.sensitivity import SCALE_DTYPES
 log = logging.getLogger(__name__)
 SHARD_BYTES = 2 * 10**9
 CHECKPOINT_FORMAT = "pack-quantized"
+ENGINES = {
+    "pack-quantized": ["vllm (compressed-tensors)", "bitplan.load"],
+    "int-quantized": ["vllm (compressed-tensors)", "bitplan.load"],
+    "float-quantized": ["vllm (compressed-tensors)", "bitplan.load"],
+    "naive-quantized": ["vllm (compressed-tensors)", "bitplan.load"],
+    "bitplan-nf4": ["bitplan.load"],
+    "dense": ["any"],
+}
+
+
+def checkpoint_format(scheme: Scheme) -> str:
+    """The checkpoint format a scheme is written in (see the module docstring)."""
+    if scheme.is_dense:
+        return "dense"
+    if scheme.method == Method.FP8:
+        return "float-quantized" if scheme.act_quantized else "naive-quantized"  # as compressed-tensors infers them
+    return {Method.SMOOTHQUANT: "int-quantized", Method.NF4: "bitplan-nf4"}.get(scheme.method, CHECKPOINT_FORMAT)
+
+
+def formats(assignments: dict[str, Scheme]) -> dict[str, dict]:
+    """For plan.json: each scheme in the plan, its checkpoint format, the engines that load it, its layers."""
+    table: dict[str, dict] = {}
+    for name, scheme in assignments.items():
+        fmt = checkpoint_format(scheme)
+        entry = table.setdefault(scheme.name, {"format": fmt, "engines": ENGINES[fmt], "layers": 0})
+        entry["layers"] += 1
+    return dict(sorted(table.items()))
+
+
+def linear_tensors(quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """One Linear's checkpoint tensors in its scheme's format, names without the module prefix."""
+    scheme = quantized.scheme
+    fmt = checkpoint_format(scheme)
+    if fmt == "int-quantized":
+        return {"weight": quantized.codes.to(torch.int8).contiguous(), "weight_scale": quantized.scale.contiguous()}
+    if fmt in ("float-quantized", "naive-quantized"):
+        return {"weight": quantized.codes.view(torch.float8_e4m3fn).contiguous(), "weight_scale": quantized.scale.to(torch.float32).contiguous()}
+    if fmt == "bitplan-nf4":
+        from bitplan.methods.nf4 import pack_nf4
+
+        return {"weight_packed": pack_nf4((quantized.codes.to(torch.int16) + 8).to(torch.uint8)),
+                "weight_absmax": quantized.scale.to(torch.float32).contiguous()}
+    return packed_tensors(quantized)
 
 
 def packed_tensors(quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -52,9 +110,10 @@ def packed_tensors(quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 
 def weight_args(scheme: Scheme) -> dict:
+    kind = {Method.FP8: "float", Method.NF4: "nf4"}.get(scheme.method, "int")
     return {
         "num_bits": scheme.bits,
-        "type": "int",
+        "type": kind,
         "symmetric": scheme.symmetric,
         "strategy": "group" if scheme.group_size else "channel",
         "group_size": scheme.group_size or None,
@@ -63,6 +122,14 @@ def weight_args(scheme: Scheme) -> dict:
         "actorder": None,
         "block_structure": None,
     }
+
+
+def input_args(scheme: Scheme) -> dict | None:
+    """Dynamic per-token activations for W8A8 schemes (as vLLM runs them), else None."""
+    if not scheme.act_quantized:
+        return None
+    return {"num_bits": scheme.act_bits, "type": "float" if scheme.method == Method.FP8 else "int", "symmetric": True,
+            "strategy": "token", "group_size": None, "dynamic": True, "observer": None, "actorder": None, "block_structure": None}
 
 
 def quantization_config(assignments: dict[str, Scheme]) -> dict:
@@ -75,16 +142,16 @@ def quantization_config(assignments: dict[str, Scheme]) -> dict:
         f"group_{index}": {
             "targets": sorted(names),
             "weights": weight_args(scheme),
-            "input_activations": None,
+            "input_activations": input_args(scheme),
             "output_activations": None,
-            "format": CHECKPOINT_FORMAT,
+            "format": checkpoint_format(scheme),
         }
         for index, (scheme, names) in enumerate(sorted(by_scheme.items()))
     }
     dense = sorted(name for name, scheme in assignments.items() if scheme.is_dense)
     return {
         "quant_method": "compressed-tensors",
-        "format": "mixed-precision" if len(groups) > 1 else CHECKPOINT_FORMAT,
+        "format": "mixed-precision" if len(groups) > 1 else next((g["format"] for g in groups.values()), CHECKPOINT_FORMAT),
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": ["lm_head", *dense],
@@ -190,10 +257,14 @@ def write_checkpoint(folder: Path, config: dict, spec: ModelSpec, assignments: d
     for name in sorted(reader.location):
         by_block.setdefault(block_of(name, spec), []).append(name)
     linear_bytes = 0
+    scale_dtype = SCALE_DTYPES[spec.dtype]
+    read = lambda name: reader.tensor(name) if name in reader.location else None  # noqa: E731
     for done, block in enumerate(sorted(by_block, key=lambda b: (b < 0, b)), 1):
         stats = calibration.block_stats(block, spec) if calibration else {}
+        layers = [layer for layer in spec.layers if layer.block == block]
+        quantized = quantize_block(layers, assignments, read, stats, scale_dtype) if layers else None
         for name in by_block[block]:
-            linear_bytes += write_tensor(name, reader, assignments, stats, SCALE_DTYPES[spec.dtype], writer)
+            linear_bytes += write_tensor(name, reader, quantized, writer)
         report("emit", done, len(by_block))
     writer.finish()
     config = {**config, "quantization_config": quantization_config(assignments)}
@@ -214,23 +285,24 @@ def block_of(tensor_name: str, spec: ModelSpec) -> int:
     return int(index) if index.isdigit() else -1
 
 
-def write_tensor(name: str, reader: WeightReader, assignments: dict[str, Scheme], stats: dict,
-                 scale_dtype: torch.dtype, writer: ShardWriter) -> int:
-    """Write one source tensor (quantized when its Linear is assigned a scheme); returns Linear bytes."""
+def write_tensor(name: str, reader: WeightReader, quantized, writer: ShardWriter) -> int:
+    """Write one source tensor as the block's quantization left it; returns Linear weight bytes."""
     module = name.removesuffix(".weight")
-    scheme = assignments.get(module) if name.endswith(".weight") else None
-    if scheme is None:
-        writer.add(name, reader.tensor(name, dtype=None))
+    if quantized is not None and name.endswith(".weight") and module in quantized.linears:
+        result = quantized.linears[module]
+        if isinstance(result, torch.Tensor):
+            writer.add(name, result)
+            return result.numel() * result.element_size()
+        written = 0
+        for suffix, tensor in linear_tensors(result).items():
+            written += tensor.numel() * tensor.element_size()
+            writer.add(f"{module}.{suffix}", tensor)
+        return written
+    if quantized is not None and name in quantized.replaced:
+        writer.add(name, quantized.replaced[name])
         return 0
-    if scheme.is_dense:
-        tensor = reader.tensor(name, dtype=None).to(scale_dtype)
-        writer.add(name, tensor)
-        return tensor.numel() * tensor.element_size()
-    written = 0
-    for suffix, tensor in packed_tensors(quantize(reader.tensor(name), scheme, scale_dtype, stats.get(module, {}))).items():
-        written += tensor.numel() * tensor.element_size()
-        writer.add(f"{module}.{suffix}", tensor)
-    return written
+    writer.add(name, reader.tensor(name, dtype=None))
+    return 0
 
 
 class CalibrationPass:
@@ -257,12 +329,12 @@ class CalibrationPass:
         return stats
 
     def head_stats(self, spec: ModelSpec) -> dict:
-        from bitplan.methods.calibration_stats import InputStats
+        from bitplan.methods.calibration_stats import planner_stats
 
         heads = [layer.name for layer in spec.layers if layer.block < 0]
         if not heads:
             return {}
         norm_weight, _ = self.runner.head_weights()
-        stats = InputStats(spec.hidden_size, max_samples=0)
+        stats = planner_stats(spec.hidden_size)
         stats.add(self.runner.final_norm(self.hidden, norm_weight))
         return {name: {"input": stats} for name in heads}

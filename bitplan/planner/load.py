@@ -13,21 +13,37 @@ import torch
 from torch import nn
 
 from bitplan.errors import BitplanError
+from bitplan.kernels.launch import WeightFormat
 from bitplan.kernels.qlinear import QuantLinear
 from bitplan.profiles.blocks import skeleton_model
 from bitplan.profiles.model_source import WeightReader, safetensors_files
 from bitplan.profiles.model_spec import family_for, read_config
 
 
+FORMATS = {"pack-quantized": WeightFormat.INT, "int-quantized": WeightFormat.W8A8, "float-quantized": WeightFormat.FP8,
+           "naive-quantized": WeightFormat.FP8, "bitplan-nf4": WeightFormat.NF4}  # naive: bitplan writes it for weight-only FP8
+
+
 def quantized_modules(quantization: dict) -> dict[str, dict]:
-    """module name -> its weight args, from a compressed-tensors config with exact-name targets."""
+    """module name -> its config group, from a compressed-tensors config with exact-name targets."""
     modules = {}
     for group in quantization.get("config_groups", {}).values():
+        if group.get("format", quantization.get("format")) not in FORMATS:
+            raise BitplanError(f"checkpoint format {group.get('format')!r} is not one bitplan reads ({', '.join(FORMATS)}): emit it with `bitplan emit`")
         for target in group["targets"]:
             if target.startswith("re:"):
                 raise BitplanError(f"regex target {target!r}: bitplan.load reads checkpoints with exact module names, as bitplan emits")
-            modules[target] = group["weights"]
+            modules[target] = group
     return modules
+
+
+def quant_linear(tensors: dict[str, torch.Tensor], group: dict) -> QuantLinear:
+    """One Linear from its checkpoint tensors and config group."""
+    args, activations = group["weights"], group.get("input_activations")
+    fmt = FORMATS[group["format"]]
+    input_fp8 = bool(activations) and activations.get("type") == "float"
+    return QuantLinear.from_checkpoint(tensors, fmt=fmt, bits=int(args["num_bits"]), group_size=int(args.get("group_size") or 0),
+                                       input_fp8=input_fp8)
 
 
 def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
@@ -43,13 +59,8 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: 
     model = skeleton_model(config).to_empty(device="cpu").to(dtype)
     reader = WeightReader(folder)
     modules = quantized_modules(quantization)
-    for name, args in modules.items():
-        tensors = reader.tensors(f"{name}.", dtype=None)
-        scale = tensors["weight_scale"]
-        linear = QuantLinear.from_checkpoint(
-            {**tensors, "weight_scale": scale}, fmt="int", bits=int(args["num_bits"]), group_size=int(args.get("group_size") or 0)
-        )
-        model.set_submodule(name, linear)
+    for name, group in modules.items():
+        model.set_submodule(name, quant_linear(reader.tensors(f"{name}.", dtype=None), group))
     dense = {name: tensor.to(dtype) for name, tensor in ((n, reader.tensor(n, dtype=None)) for n in reader.location)
              if name.rsplit(".", 1)[0] not in modules}
     missing, unexpected = model.load_state_dict(dense, strict=False)

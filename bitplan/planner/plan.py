@@ -32,6 +32,7 @@ class Plan:
     predicted: dict  # predicted KL (summed score), measured calibration KL where refined
     search: dict  # solver, status, refinement trials and knobs
     provenance: dict  # model_hash, calibration_hash, bitplan_version, seed, metric, candidates
+    formats: dict = field(default_factory=dict)  # scheme -> checkpoint format, engines that load it, layer count
     schema_version: int = SCHEMA_VERSION
     integrity: str = field(default="", compare=False)
 

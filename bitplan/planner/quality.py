@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitplan.methods.registry import quantize
-from bitplan.methods.scheme import Scheme
+from bitplan.methods.block import fake_quant_activations, quantize_block
+from bitplan.methods.scheme import DENSE, QuantizedWeight, Scheme
 from bitplan.profiles.model_spec import ModelSpec
 from bitplan.profiles.sensitivity import SCALE_DTYPES
 
@@ -44,8 +44,11 @@ class Quality:
 class QualityMeter:
     """Measures plans against the reference model on fixed token windows.
 
-    Dequantized weights are cached per (layer, scheme) up to ``cache_bytes``, so the trials of a
-    refinement, which share most of their assignments, quantize each pair once.
+    A plan is applied block by block through :func:`bitplan.methods.block.quantize_block`, the
+    function emit writes from: quantized Linears become their dequantized weights, folded norms
+    and biases are replaced, and W8A8 Linears quantize their input per token (a pre-hook). Each
+    block's tensors are cached by its assignments up to ``cache_bytes``, so the trials of a
+    refinement, which share most assignments, quantize each block variant once.
     """
 
     def __init__(self, reference: nn.Module, spec: ModelSpec, batch_size: int = 4, cache_bytes: int = 2 * 2**30):
@@ -53,38 +56,67 @@ class QualityMeter:
         self.working = copy.deepcopy(reference)
         self.spec = spec
         self.batch_size = batch_size
-        self.originals = {layer.name: reference.get_submodule(layer.name).weight for layer in spec.layers}
+        self.params = dict(reference.named_parameters(remove_duplicate=False))
+        self.blocks: dict[int, list] = {}
+        for layer in spec.layers:
+            self.blocks.setdefault(layer.block, []).append(layer)
         self.stats: dict[str, dict] = {}
-        self.cache: dict[tuple[str, Scheme], torch.Tensor] = {}
+        self.cache: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
         self.cache_bytes = cache_bytes
+        self.changed: set[str] = set()
+        self.hooks: list = []
 
     def calibrate(self, windows: torch.Tensor) -> None:
         """Gather every Linear's input statistics on ``windows`` (needed by calibrated methods)."""
-        from bitplan.methods.calibration_stats import collect_input_stats
+        from bitplan.methods.calibration_stats import PLANNER_SAMPLES, PLANNER_STRIDE, collect_input_stats
 
         batches = list(windows.split(self.batch_size))
-        collected = collect_input_stats(self.reference, batches, list(self.originals), max_samples=0)
+        names = [layer.name for layer in self.spec.layers]
+        collected = collect_input_stats(self.reference, batches, names, max_samples=PLANNER_SAMPLES, sample_stride=PLANNER_STRIDE)
         self.stats = {name: {"input": stats} for name, stats in collected.items()}
         self.cache.clear()
 
-    def dequantized(self, name: str, scheme: Scheme) -> torch.Tensor:
-        key = (name, scheme)
+    def read(self, name: str) -> torch.Tensor | None:
+        tensor = self.params.get(name)
+        return None if tensor is None else tensor.data
+
+    def block_tensors(self, block: int, assignments: dict[str, Scheme]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The float32 tensors (full names) and activation formats block ``block`` runs with."""
+        layers = self.blocks[block]
+        key = (block, tuple(assignments[layer.name] for layer in layers))
         if key not in self.cache:
-            if sum(t.numel() * t.element_size() for t in self.cache.values()) > self.cache_bytes:
+            if sum(t.numel() * t.element_size() for tensors, _ in self.cache.values() for t in tensors.values()) > self.cache_bytes:
                 self.cache.clear()
-            weight = self.originals[name].data
-            self.cache[key] = quantize(weight, scheme, SCALE_DTYPES[self.spec.dtype], self.stats.get(name, {})).dequantize()
+            quantized = quantize_block(layers, assignments, self.read, self.stats, SCALE_DTYPES[self.spec.dtype])
+            tensors = {f"{name}.weight": (w.dequantize() if isinstance(w, QuantizedWeight) else w.to(torch.float32))
+                       for name, w in quantized.linears.items()}
+            tensors.update({name: t.to(torch.float32) for name, t in quantized.replaced.items()})
+            self.cache[key] = (tensors, quantized.activations)
         return self.cache[key]
 
+    def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        module_name, attr = name.rsplit(".", 1)
+        setattr(self.working.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+
     def apply(self, assignments: dict[str, Scheme]) -> None:
-        """Fake-quantize the working copy per ``assignments`` (layer name -> scheme)."""
-        for name, original in self.originals.items():
-            module = self.working.get_submodule(name)
-            scheme = assignments.get(name)
-            if scheme is None or scheme.is_dense:
-                module.weight = original
+        """Fake-quantize the working copy per ``assignments`` (layer name -> scheme; missing = dense)."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
+        for name in self.changed:
+            self.set_tensor(name, self.params[name])
+        self.changed.clear()
+        full = {layer.name: assignments.get(layer.name, DENSE) for layer in self.spec.layers}
+        for block, layers in self.blocks.items():
+            if all(full[layer.name].is_dense for layer in layers):
                 continue
-            module.weight = nn.Parameter(self.dequantized(name, scheme), requires_grad=False)
+            tensors, activations = self.block_tensors(block, full)
+            for name, tensor in tensors.items():
+                self.set_tensor(name, tensor)
+                self.changed.add(name)
+            for name, fmt in activations.items():
+                hook = lambda module, args, fmt=fmt: (fake_quant_activations(args[0], fmt),)  # noqa: E731
+                self.hooks.append(self.working.get_submodule(name).register_forward_pre_hook(hook))
 
     def measure(self, windows: torch.Tensor) -> Quality:
         return measure_pair(self.reference, self.working, windows, self.batch_size)

@@ -98,17 +98,17 @@ def block_input_stats(
     Returns ({full Linear name: {"input": InputStats}}, the block's output). Linears that share
     an input tensor (q/k/v, gate/up) share one accumulator.
     """
-    from bitplan.methods.calibration_stats import InputStats
+    from bitplan.methods.calibration_stats import planner_stats
 
     stats: dict[str, dict] = {}
-    seen: dict[int, InputStats] = {}
+    seen: dict[int, object] = {}
     keep: list[torch.Tensor] = []
 
     def hook_for(name: str):
         def hook(module, args):
             x = args[0]
             if id(x) not in seen:
-                seen[id(x)] = stats[name]["input"] if name in stats else InputStats(x.shape[-1], max_samples=0)
+                seen[id(x)] = stats[name]["input"] if name in stats else planner_stats(x.shape[-1])
                 seen[id(x)].add(x)
                 keep.append(x)
             stats.setdefault(name, {"input": seen[id(x)]})

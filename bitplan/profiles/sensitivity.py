@@ -31,8 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bitplan.methods.calibration_stats import InputStats
-from bitplan.methods.registry import quantize
+from bitplan.methods.block import NO_CLIP_KINDS, activation_format, fake_quant_activations, previous_op
+from bitplan.methods.calibration_stats import planner_stats
+from bitplan.methods.registry import SMOOTHING, quantize, quantize_smoothing_group
 from bitplan.methods.scheme import Scheme
 from bitplan.profiles.blocks import BlockRunner, run_block
 from bitplan.profiles.model_source import WeightReader
@@ -41,7 +42,7 @@ from bitplan.profiles.model_spec import LayerSpec, ModelSpec
 log = logging.getLogger(__name__)
 
 METRIC = "fisher-kl"
-METRIC_VERSION = 1
+METRIC_VERSION = 1  # scores of schemes scored before are unchanged by later methods, so cached tables stay valid
 Progress = Callable[[str, int, int], None]
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -91,7 +92,7 @@ class LayerStats:
     """Accumulates ``H = sum_t a_t x_t x_t^T``, ``sum_t g_tc^2`` and ``sum_t a_t`` for one Linear."""
 
     def __init__(self, in_features: int, out_features: int):
-        self.input = InputStats(in_features, max_samples=0)  # plain X X^T for calibrated methods (GPTQ)
+        self.input = planner_stats(in_features)  # plain statistics for calibrated methods (GPTQ, AWQ, SmoothQuant)
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.grad_sq = torch.zeros(out_features, dtype=torch.float64)
         self.token_weight = 0.0
@@ -114,12 +115,23 @@ class LayerStats:
     def channel_weight(self) -> torch.Tensor:
         return self.grad_sq / max(self.token_weight, 1e-300)
 
+    def mean_token_weight(self) -> float:
+        return self.token_weight / max(self.input.count, 1)
+
 
 def score_scheme(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, channel_weight: torch.Tensor, num_tokens: int) -> float:
     """1/(2N) sum_c b_c (dW H dW^T)_cc for one layer and scheme (``hessian`` float32 [in, in])."""
     delta = (weight - quantized).to(torch.float32)
     per_row = ((delta @ hessian) * delta).sum(1).to(torch.float64)
     return float((channel_weight * per_row).sum()) / (2 * num_tokens)
+
+
+def activation_score(effective: torch.Tensor, samples: torch.Tensor, fmt: str, stats: LayerStats) -> float:
+    """The run-time activation rounding's share of the score, from the kept input rows:
+    ``mean(a)/2 * mean_k sum_c b_c ((Qa(x_k) - x_k) W^T)_c^2`` (``x`` as the Linear sees it)."""
+    delta = (fake_quant_activations(samples, fmt) - samples) @ effective.T.to(torch.float32)
+    per_channel = delta.to(torch.float64).pow(2).mean(0)
+    return stats.mean_token_weight() / 2 * float((stats.channel_weight() * per_channel).sum())
 
 
 def head_gradient(
@@ -206,18 +218,45 @@ def profile_sensitivity(
 
 
 def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_tokens) -> None:
+    """Score every scheme on this block's Linears (or the head); smoothing schemes group by group.
+
+    A smoothing scheme's weight change is measured in unfolded coordinates, ``Q(W s) / s - W``;
+    a W8A8 scheme adds the activation rounding where the Linear runs (on ``x / s``, by ``Q(W s)``).
+    """
     scale_dtype = SCALE_DTYPES[spec.dtype]
-    for layer in layers:
-        row = names.index(layer.name)
-        weight = reader.tensor(f"{layer.name}.weight")
-        hessian = stats[layer.name].hessian.to(torch.float32)
-        channel_weight = stats[layer.name].channel_weight()
-        for column, scheme in enumerate(schemes):
-            if not scheme.fits(layer.in_features):
-                continue
-            sizes[row, column] = scheme.weight_bytes(layer.out_features, layer.in_features, spec.dtype_bytes)
-            if scheme.is_dense:
-                scores[row, column] = 0.0
-                continue
-            quantized = quantize(weight, scheme, scale_dtype, {"input": stats[layer.name].input}).dequantize()
-            scores[row, column] = score_scheme(weight, quantized, hessian, channel_weight, num_tokens)
+    weights = {layer.name: reader.tensor(f"{layer.name}.weight") for layer in layers}
+
+    def record(layer, column, effective, activation=0.0) -> None:
+        layer_stats = stats[layer.name]
+        score = score_scheme(weights[layer.name], effective, layer_stats.hessian.to(torch.float32), layer_stats.channel_weight(), num_tokens)
+        scores[names.index(layer.name), column] = score + activation
+
+    for column, scheme in enumerate(schemes):
+        smoothing, fmt = scheme.method in SMOOTHING, activation_format(scheme)
+        for layer in layers:
+            if scheme.fits(layer.in_features):
+                sizes[names.index(layer.name), column] = scheme.weight_bytes(layer.out_features, layer.in_features, spec.dtype_bytes)
+        if scheme.is_dense:
+            for layer in layers:
+                scores[names.index(layer.name), column] = 0.0
+            continue
+        if not smoothing:
+            for layer in layers:
+                if scheme.fits(layer.in_features):
+                    layer_stats = stats[layer.name]
+                    effective = quantize(weights[layer.name], scheme, scale_dtype, {"input": layer_stats.input}).dequantize()
+                    record(layer, column, effective, activation_score(effective, layer_stats.input.samples, fmt, layer_stats) if fmt else 0.0)
+            continue
+        groups: dict[str, list] = {}
+        for layer in layers:
+            if scheme.fits(layer.in_features):
+                groups.setdefault(previous_op(layer) if layer.smoothed_by else layer.name, []).append(layer)
+        for members in groups.values():
+            inputs = stats[members[0].name].input
+            clip = {m.name: m.kind not in NO_CLIP_KINDS for m in members}
+            group = quantize_smoothing_group({m.name: weights[m.name] for m in members}, scheme, scale_dtype, inputs, clip,
+                                             foldable=bool(members[0].smoothed_by))
+            for member in members:
+                folded = group.quantized[member.name].dequantize()
+                activation = activation_score(folded, inputs.samples / group.scales, fmt, stats[member.name]) if fmt else 0.0
+                record(member, column, folded / group.scales, activation)
