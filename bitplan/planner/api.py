@@ -128,7 +128,7 @@ def make_deployment(spec: ModelSpec, budget: str | int | None, target: str | Non
     if overhead is None:
         overhead_bytes = default_overhead_bytes(tensor_parallel) if device else 0
     else:
-        overhead_bytes = parse_size(overhead) if isinstance(overhead, str) else int(overhead)
+        overhead_bytes = parse_size(overhead, allow_zero=True) if isinstance(overhead, str) else int(overhead)
     return Deployment(budget_bytes=budget_bytes, context=context, batch=batch, kv_dtype=kv_dtype,
                       tensor_parallel=tensor_parallel, overhead_bytes=overhead_bytes)
 

@@ -52,13 +52,17 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*(?P<number>\d+(?:\.\d+)?|\.\d+)\s*(?P<unit>[kmgt]i?b|b)\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str) -> int:
-    """Parse '150MB', '40GB', '40GiB', '0.5TB' into bytes (decimal MB/GB, binary MiB/GiB)."""
+def parse_size(text: str, allow_zero: bool = False) -> int:
+    """Parse '150MB', '40GB', '40GiB', '0.5TB' into bytes (decimal MB/GB, binary MiB/GiB).
+
+    ``allow_zero`` (overheads) also accepts '0' and '0MB'; budgets must be positive."""
+    if allow_zero and str(text).strip() == "0":
+        return 0
     match = _SIZE.match(str(text))
     if not match:
         raise BitplanError(f"cannot read the size {text!r}: write a number and a unit, e.g. 150MB, 40GB, 40GiB or 0.5TB")
     value = float(match["number"]) * _UNITS[match["unit"].lower()]
-    if value <= 0:
+    if value <= 0 and not (allow_zero and value == 0):
         raise BitplanError(f"the size {text!r} is not positive: give a budget above zero, e.g. 150MB")
     return int(value)
 

@@ -37,7 +37,7 @@ class Plan:
     integrity: str = field(default="", compare=False)
 
     def schemes(self) -> dict[str, Scheme]:
-        return {name: Scheme.parse(scheme) for name, scheme in self.assignments.items()}
+        return {name: Scheme.parse(scheme).check() for name, scheme in self.assignments.items()}
 
     def body(self) -> dict:
         data = asdict(self)

@@ -38,3 +38,54 @@ def test_gptq_needs_statistics_and_uses_them():
         return float(((delta @ second) * delta).sum())
 
     assert output_error(gptq) < output_error(rtn)
+
+
+def test_default_candidates_cover_every_method_with_costly_ones_at_low_bits():
+    from bitplan.planner.api import Candidates
+
+    schemes = Candidates().schemes()
+    methods = {str(s.method) for s in schemes}
+    assert methods == {"rtn", "gptq", "awq", "hqq", "nf4", "fp8", "smoothquant", "none"}
+    costly = [s for s in schemes if str(s.method) in ("gptq", "awq", "hqq")]
+    assert costly and all(s.bits <= 4 and s.symmetric for s in costly)
+    assert {s.name for s in schemes} >= {"smoothquant-w8gcsa8", "fp8-w8gcsa8", "fp8-w8gcs", "nf4-w4g64s", "rtn-w8g32a"}
+    full = Candidates(("gptq",), costly_bits=None).schemes()
+    assert any(s.bits == 8 and not s.symmetric for s in full)
+
+
+def test_w8a8_candidates_follow_the_targets_native_formats():
+    from bitplan.planner.api import Candidates
+    from bitplan.profiles.hardware import get_device
+
+    def names(device):
+        return {s.name for s in Candidates().for_device(get_device(device)).schemes()}
+
+    assert {"fp8-w8gcsa8", "smoothquant-w8gcsa8"} <= names("h100-sxm")
+    assert "fp8-w8gcsa8" not in names("a100-sxm-80gb") and "smoothquant-w8gcsa8" in names("a100-sxm-80gb")
+    assert "fp8-w8gcs" in names("a100-sxm-80gb")  # weight-only FP8 runs anywhere
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("nf4-w4g64s", lambda o, i: o * i // 2 + o * (i // 64) * 4),
+    ("fp8-w8gcs", lambda o, i: o * i + o * 4),
+    ("fp8-w8g64s", lambda o, i: o * i + o * (i // 64) * 4),
+    ("smoothquant-w8gcsa8", lambda o, i: o * i + o * 2),
+])
+def test_weight_bytes_of_non_packed_formats(name, expected):
+    assert Scheme.parse(name).weight_bytes(1536, 576, 2) == expected(1536, 576)
+
+
+@pytest.mark.parametrize("name", ["nf4-w3g64s", "nf4-w4gcs", "fp8-w8g64sa8", "smoothquant-w4gcs", "rtn-w4g64sa8", "awq-w7g64s"])
+def test_invalid_schemes_are_refused_with_the_rule(name):
+    with pytest.raises(BitplanError, match="is not valid"):
+        Scheme.parse(name).check()
+
+
+def test_nf4_and_fp8_dequantize_through_their_code_books():
+    weight = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    nf4 = quantize(weight, Scheme.parse("nf4-w4g64s"), torch.bfloat16)
+    assert nf4.codes.min() >= -8 and nf4.codes.max() <= 7
+    assert (nf4.dequantize() - weight).abs().max() < 0.35 * weight.abs().max()
+    fp8 = quantize(weight, Scheme.parse("fp8-w8gcs"), torch.bfloat16)
+    relative = ((fp8.dequantize() - weight).norm() / weight.norm()).item()
+    assert relative < 0.04  # E4M3 keeps 3 mantissa bits: ~2-3% error

@@ -209,3 +209,13 @@ def test_parse_size():
     assert parse_size("40GiB") == 40 * GIB and parse_size("150MB") == 150_000_000
     with pytest.raises(BitplanError):
         parse_size("40 parsecs")
+
+
+def test_a_zero_overhead_is_allowed_but_not_a_zero_budget():
+    assert parse_size("0", allow_zero=True) == 0 and parse_size("0MB", allow_zero=True) == 0
+    with pytest.raises(BitplanError, match="not positive"):
+        parse_size("0MB")
+    from bitplan.planner.api import make_deployment
+
+    deployment = make_deployment(None, "2GB", "rtx-4090", 2048, 1, "float16", 1, "0")
+    assert deployment.overhead_bytes == 0 and deployment.budget_bytes == 2_000_000_000

@@ -80,3 +80,58 @@ def test_feasibility_is_checked_from_the_spec_alone():
     check_feasible(spec, schemes, floor, 10**6)
     with pytest.raises(BitplanError, match="raise --budget to at least"):
         check_feasible(spec, schemes, floor - 1, 10**6)
+
+
+def smoothing_spec() -> ModelSpec:
+    """q/k/v fed by one norm (a smoothing group) and o with nothing to fold into."""
+    layers = tuple(
+        LayerSpec(f"model.layers.0.self_attn.{kind}_proj", kind, 0, 64, 64, "qkv" if kind in "qkv" else "",
+                  "input_layernorm" if kind in "qkv" else "")
+        for kind in ("q", "k", "v", "o")
+    )
+    return ModelSpec("llama", "llama", layers, 64, 128, 1, 4, 2, 16, 100, True, "bfloat16", 0)
+
+
+SMOOTHING_SCHEMES = ("rtn-w4g64s", "awq-w4g64s", "rtn-w8gcs", "none")
+
+
+def consistent(pick, smoothing_columns=(1,)) -> bool:
+    """q/k/v (rows 0-2) take one smoothing scheme together or none; o (row 3) is free."""
+    group = [pick[0], pick[1], pick[2]]
+    return not any(c in smoothing_columns for c in group) or len(set(group)) == 1
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_smoothing_groups_take_one_smoothing_scheme_or_none(seed):
+    """The exact allocation equals brute force over the plans a smoothing fold allows."""
+    generator = torch.Generator().manual_seed(seed)
+    spec = smoothing_spec()
+    sizes = [[30, 30, 60, 120]] * 4
+    scores = torch.rand(4, 4, generator=generator).tolist()
+    for row in scores:
+        row[3] = 0.0
+    budget = int(120 + torch.randint(0, 240, (1,), generator=generator))
+    allocation = allocate(table_for(spec, scores, sizes, SMOOTHING_SCHEMES), spec, budget)
+    best = None
+    for pick in itertools.product(range(4), repeat=4):
+        size = sum(sizes[i][j] for i, j in enumerate(pick))
+        score = sum(scores[i][j] for i, j in enumerate(pick))
+        if size <= budget and consistent(pick) and (best is None or score < best):
+            best = score
+    assert allocation.score == pytest.approx(best)
+    chosen = [allocation.choice[layer.name] for layer in spec.layers]
+    assert consistent([SMOOTHING_SCHEMES.index(name) for name in chosen])
+
+
+def test_awq_wins_a_group_only_when_all_members_gain():
+    spec = smoothing_spec()
+    # AWQ is much better for q, slightly worse for k and v: together it still wins the group
+    scores = [[1.0, 0.1, 0.5, 0.0], [0.20, 0.25, 0.1, 0.0], [0.20, 0.25, 0.1, 0.0], [0.3, 0.2, 0.1, 0.0]]
+    sizes = [[30, 30, 60, 120]] * 4
+    allocation = allocate(table_for(spec, scores, sizes, SMOOTHING_SCHEMES), spec, 120)
+    names = [layer.name for layer in spec.layers]
+    assert [allocation.choice[n] for n in names[:3]] == ["awq-w4g64s"] * 3
+    assert allocation.choice[names[3]] == "awq-w4g64s"  # o has no fold: AWQ (s = 1) is its own choice
+    scores[0][1] = 0.9  # now AWQ no longer pays for the group
+    allocation = allocate(table_for(spec, scores, sizes, SMOOTHING_SCHEMES), spec, 120)
+    assert [allocation.choice[n] for n in names[:3]] == ["rtn-w4g64s"] * 3
