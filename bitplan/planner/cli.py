@@ -167,8 +167,11 @@ def print_plan(result, console: Console) -> None:
     schemes = Table(title="schemes chosen")
     schemes.add_column("scheme")
     schemes.add_column("layers", justify="right")
-    for name, count in sorted(counts.items(), key=lambda kv: -kv[1]):
-        schemes.add_row(name, str(count))
+    schemes.add_column("checkpoint format")
+    schemes.add_column("loads in")
+    for name, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        fmt = result.formats.get(name, {})
+        schemes.add_row(name, str(count), fmt.get("format", ""), ", ".join(fmt.get("engines", [])))
     console.print(schemes)
     predicted = result.predicted
     line = f"predicted KL (sum of scores): {predicted['score_kl']:.4f} nats/token"
