@@ -1,0 +1,62 @@
+"""The sensitivity profile on the real model, for every kind of scheme (short calibration)."""
+
+import math
+
+import pytest
+import torch
+
+from bitplan.methods.scheme import Scheme
+from bitplan.planner.api import CalibrationSettings, calibration_windows
+from bitplan.profiles.model_spec import read_config, spec_from_config
+from bitplan.profiles.sensitivity import profile_sensitivity
+
+SCHEMES = [Scheme.parse(n) for n in ("rtn-w4g64s", "nf4-w4g64s", "fp8-w8gcs", "fp8-w8gcsa8", "smoothquant-w8gcsa8", "rtn-w8gcs", "none")]
+
+
+def profile(folder, schemes):
+    config = read_config(folder)
+    tokens = calibration_windows(folder, CalibrationSettings((), 2, 64))[:2]
+    return profile_sensitivity(folder, config, spec_from_config(config), schemes, tokens, seed=0)
+
+
+@pytest.fixture(scope="module")
+def table(smollm_folder):
+    return profile(smollm_folder, SCHEMES)
+
+
+def column(table, name):
+    return table.scores[:, table.schemes.index(name)]
+
+
+def test_every_scheme_scores_every_layer(table):
+    assert (table.bytes >= 0).all()  # SmoothQuant also on o_proj, with s = 1
+    quantized = [i for i, n in enumerate(table.schemes) if n != "none"]
+    scores = table.scores[:, quantized]
+    assert torch.isfinite(scores).all() and (scores > 0).all()
+    assert (column(table, "none") == 0).all()
+
+
+def test_fp8_activations_add_to_the_weight_only_score(table):
+    """Same E4M3 weights, plus per-token activation rounding: strictly more predicted loss."""
+    assert (column(table, "fp8-w8gcsa8") > column(table, "fp8-w8gcs")).all()
+
+
+def test_w8a8_costs_more_than_w8a16_and_far_less_than_4_bits(table):
+    w8a16, w8a8, w4 = column(table, "rtn-w8gcs"), column(table, "smoothquant-w8gcsa8"), column(table, "rtn-w4g64s")
+    assert w8a8.sum() > w8a16.sum() and w8a8.sum() < 0.2 * w4.sum()
+
+
+@pytest.mark.slow  # AWQ's scale search costs ~30 s per scheme for the whole model on 2 cores
+def test_awq_lowers_the_predicted_loss_of_most_smoothing_groups(smollm_folder):
+    table = profile(smollm_folder, [Scheme.parse("rtn-w4g64s"), Scheme.parse("awq-w4g64s")])
+    assert (table.bytes >= 0).all()  # also o_proj, which has nothing to fold into (s = 1)
+    spec = spec_from_config(read_config(smollm_folder))
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(table.layers):
+        key = spec.layer(name).smoothing_key
+        if key:
+            groups.setdefault(key, []).append(row)
+    rtn, awq = column(table, "rtn-w4g64s"), column(table, "awq-w4g64s")
+    ratios = sorted(float(awq[rows].sum() / rtn[rows].sum()) for rows in groups.values())
+    assert len(ratios) == 3 * spec.num_blocks and math.isfinite(ratios[-1])
+    assert ratios[len(ratios) // 2] < 0.9
