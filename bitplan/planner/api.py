@@ -17,7 +17,7 @@ from bitplan import __version__
 from bitplan.errors import BitplanError
 from bitplan.methods.registry import COSTLY_DEFAULT_BITS, DEFAULT_METHODS, candidate_schemes, needs_calibration
 from bitplan.methods.scheme import GROUP_SIZES, INTEGER_BITS, Scheme
-from bitplan.planner.emit import formats
+from bitplan.planner.emit import ENGINES, checkpoint_format, formats
 from bitplan.planner.deployment import Deployment, default_overhead_bytes, memory_breakdown, parse_size, weight_budget_bytes
 from bitplan.planner.objective import assignment_sum, check_objective, decode_time_matrix, latency_cost
 from bitplan.planner.plan import Plan
@@ -34,6 +34,7 @@ from bitplan.profiles.text import builtin_slices, interleaved_windows, tokens_ha
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 REFINE_WINDOWS = 4
+ENGINE_CHOICES = ("any", "vllm")
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,18 @@ class Candidates:
     symmetric: tuple[bool, ...] = (True, False)
     act_formats: tuple[str, ...] = ("int8", "fp8")
     costly_bits: tuple[int, ...] | None = COSTLY_DEFAULT_BITS
+    engine: str = "any"  # "vllm": only schemes whose checkpoint format vLLM loads (no NF4)
 
     def schemes(self) -> list[Scheme]:
-        return candidate_schemes(self.methods, self.bits, self.group_sizes, self.symmetric,
-                                 act_formats=self.act_formats, costly_bits=self.costly_bits)
+        schemes = candidate_schemes(self.methods, self.bits, self.group_sizes, self.symmetric,
+                                    act_formats=self.act_formats, costly_bits=self.costly_bits)
+        if self.engine not in ENGINE_CHOICES:
+            raise BitplanError(f"unknown engine {self.engine!r}: choose from {', '.join(ENGINE_CHOICES)}")
+        if self.engine == "vllm":
+            schemes = [s for s in schemes if any(e.startswith("vllm") or e == "any" for e in ENGINES[checkpoint_format(s)])]
+        if all(s.is_dense for s in schemes):
+            raise BitplanError(f"no candidate scheme is left for engine {self.engine}: add methods it loads (e.g. --methods rtn,gptq)")
+        return schemes
 
     def for_device(self, device) -> "Candidates":
         """Only the W8A8 formats ``device`` runs natively (int8 or fp8 tensor cores)."""

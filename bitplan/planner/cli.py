@@ -54,6 +54,8 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int_list, default=(2, 3, 4, 5, 6, 8), help="candidate bit widths, e.g. 3,4,6")
     parser.add_argument("--groups", type=group_list, default=(32, 64, 128, 0), help="group sizes; c = per channel")
     parser.add_argument("--symmetric-only", action="store_true", help="drop asymmetric (zero-point) candidates")
+    parser.add_argument("--engine", default="any", choices=("any", "vllm"),
+                        help="keep only schemes this engine loads (vllm: every format but bitplan's own NF4 layout)")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and search (same seed, same plan)")
 
 
@@ -122,9 +124,10 @@ def candidates_from(args):
     from bitplan.planner.api import Candidates
 
     symmetric = (True,) if args.symmetric_only else (True, False)
+    engine = getattr(args, "engine", "any")
     if args.methods is None:
-        return Candidates(bits=args.bits, group_sizes=args.groups, symmetric=symmetric)
-    return Candidates(tuple(m.strip() for m in args.methods.split(",")), args.bits, args.groups, symmetric, costly_bits=None)
+        return Candidates(bits=args.bits, group_sizes=args.groups, symmetric=symmetric, engine=engine)
+    return Candidates(tuple(m.strip() for m in args.methods.split(",")), args.bits, args.groups, symmetric, costly_bits=None, engine=engine)
 
 
 def calibration_from(args):
