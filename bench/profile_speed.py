@@ -44,7 +44,7 @@ def main() -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print("| what | value |\n|---|---|")
     print(f"| layers x schemes | {result['layers']} x {result['schemes']} |")
-    print(f"| calibration tokens | 16 x 512 |")
+    print("| calibration tokens | 16 x 512 |")
     print(f"| profile time | {result['seconds']:.1f} s (process {wall:.1f} s) |")
     print(f"| peak resident memory | {result['peak_rss_bytes'] / 2**30:.2f} GiB |")
     print(f"| load average during run | {os.getloadavg()[0]:.1f} (2 cores) |")
