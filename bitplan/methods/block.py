@@ -51,6 +51,11 @@ def previous_op(layer: LayerSpec) -> str:
     return f"{head}.{layer.block}.{layer.smoothed_by}"
 
 
+def clip_flags(members: list[LayerSpec]) -> dict[str, bool]:
+    """Which Linears AWQ may clip (all but q and k, as its reference)."""
+    return {m.name: m.kind not in NO_CLIP_KINDS for m in members}
+
+
 def activation_format(scheme: Scheme) -> str | None:
     if not scheme.act_quantized:
         return None
@@ -94,9 +99,8 @@ def quantize_block(layers: list[LayerSpec], assignments: dict[str, Scheme], read
     order = sorted(groups, key=lambda key: key not in names)  # Linear-fed groups first (step 1), then norm-fed
     for key in order:
         scheme, members = groups[key]
-        clip = {m.name: m.kind not in NO_CLIP_KINDS for m in members}
         group = quantize_smoothing_group({m.name: weights[m.name] for m in members}, scheme, scale_dtype,
-                                         stats[members[0].name]["input"], clip)
+                                         stats[members[0].name]["input"], clip_flags(members))
         done.update(group.quantized)
         result.smoothing[key] = (scheme.name, group.alpha)
         if key in names:  # fold into the feeding Linear's output rows, before it is quantized
@@ -113,7 +117,7 @@ def quantize_block(layers: list[LayerSpec], assignments: dict[str, Scheme], read
         scheme = assignments[layer.name]
         if scheme.method in SMOOTHING and not layer.smoothed_by:
             alone = quantize_smoothing_group({layer.name: weights[layer.name]}, scheme, scale_dtype, stats[layer.name]["input"],
-                                             {layer.name: layer.kind not in NO_CLIP_KINDS}, foldable=False)
+                                             clip_flags([layer]), foldable=False)
             done[layer.name] = alone.quantized[layer.name]
         if layer.name in done:
             result.linears[layer.name] = done[layer.name]

@@ -98,15 +98,13 @@ def build_units(table: SensitivityTable, spec: ModelSpec, tie_fused: bool, weigh
     units = []
     for group, keys in coupled.items():
         rows = [r for key in keys for r in tied[key]]
-        free: tuple[Option, ...] | None = None
+        free: tuple[Option, ...] | None = None  # the members' independent non-smoothing choices
         for key in keys:
-            part = [((column,) * len(tied[key]), int(sum(sizes[r, column] for r in tied[key])), float(sum(scores[r, column] for r in tied[key])))
-                    for column in range(len(table.schemes))
-                    if column not in smoothing and all(sizes[r, column] >= 0 for r in tied[key])]
-            free = pareto(part) if free is None else (combine(free, pareto(part)) if part and free else ())
-            if not part:
-                free = ()
-        options = list(free or ())
+            part = pareto([((column,) * len(tied[key]), int(sum(sizes[r, column] for r in tied[key])), float(sum(scores[r, column] for r in tied[key])))
+                           for column in range(len(table.schemes))
+                           if column not in smoothing and all(sizes[r, column] >= 0 for r in tied[key])])
+            free = part if free is None else combine(free, part)
+        options = list(free)
         for column in sorted(smoothing):
             if all(sizes[r, column] >= 0 for r in rows):
                 options.append(((column,) * len(rows), int(sum(sizes[r, column] for r in rows)), float(sum(scores[r, column] for r in rows))))

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bitplan.methods.block import NO_CLIP_KINDS, activation_format, fake_quant_activations, previous_op
+from bitplan.methods.block import activation_format, clip_flags, fake_quant_activations, previous_op
 from bitplan.methods.calibration_stats import planner_stats
 from bitplan.methods.registry import SMOOTHING, quantize, quantize_smoothing_group
 from bitplan.methods.scheme import Scheme
@@ -253,8 +253,7 @@ def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_
                 groups.setdefault(previous_op(layer) if layer.smoothed_by else layer.name, []).append(layer)
         for members in groups.values():
             inputs = stats[members[0].name].input
-            clip = {m.name: m.kind not in NO_CLIP_KINDS for m in members}
-            group = quantize_smoothing_group({m.name: weights[m.name] for m in members}, scheme, scale_dtype, inputs, clip,
+            group = quantize_smoothing_group({m.name: weights[m.name] for m in members}, scheme, scale_dtype, inputs, clip_flags(members),
                                              foldable=bool(members[0].smoothed_by))
             for member in members:
                 folded = group.quantized[member.name].dequantize()
