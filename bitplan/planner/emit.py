@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from bitplan.engines import get_rules
+from bitplan.engines.formats import BITPLAN_MODEL_TYPE, Format, checkpoint_format
+from bitplan.engines.rules import assignment_violations
 from bitplan.errors import BitplanError
 from bitplan.kernels import layout
 from bitplan.methods.block import quantize_block
@@ -50,32 +53,13 @@ from bitplan.profiles.sensitivity import SCALE_DTYPES
 
 log = logging.getLogger(__name__)
 SHARD_BYTES = 2 * 10**9
-CHECKPOINT_FORMAT = "pack-quantized"
-ENGINES = {
-    "pack-quantized": ["vllm (compressed-tensors)", "bitplan.load"],
-    "int-quantized": ["vllm (compressed-tensors)", "bitplan.load"],
-    "float-quantized": ["vllm (compressed-tensors)", "bitplan.load"],
-    "naive-quantized": ["vllm (compressed-tensors)", "bitplan.load"],
-    "bitplan-nf4": ["bitplan.load"],
-    "dense": ["any"],
-}
-
-
-def checkpoint_format(scheme: Scheme) -> str:
-    """The checkpoint format a scheme is written in (see the module docstring)."""
-    if scheme.is_dense:
-        return "dense"
-    if scheme.method == Method.FP8:
-        return "float-quantized" if scheme.act_quantized else "naive-quantized"  # as compressed-tensors infers them
-    return {Method.SMOOTHQUANT: "int-quantized", Method.NF4: "bitplan-nf4"}.get(scheme.method, CHECKPOINT_FORMAT)
 
 
 def formats(assignments: dict[str, Scheme]) -> dict[str, dict]:
-    """For plan.json: each scheme in the plan, its checkpoint format, the engines that load it, its layers."""
+    """For plan.json: each scheme in the plan, its checkpoint format and its number of layers."""
     table: dict[str, dict] = {}
-    for name, scheme in assignments.items():
-        fmt = checkpoint_format(scheme)
-        entry = table.setdefault(scheme.name, {"format": fmt, "engines": ENGINES[fmt], "layers": 0})
+    for scheme in assignments.values():
+        entry = table.setdefault(scheme.name, {"format": str(checkpoint_format(scheme)), "layers": 0})
         entry["layers"] += 1
     return dict(sorted(table.items()))
 
@@ -84,11 +68,11 @@ def linear_tensors(quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
     """One Linear's checkpoint tensors in its scheme's format, names without the module prefix."""
     scheme = quantized.scheme
     fmt = checkpoint_format(scheme)
-    if fmt == "int-quantized":
+    if fmt == Format.INT:
         return {"weight": quantized.codes.to(torch.int8).contiguous(), "weight_scale": quantized.scale.contiguous()}
-    if fmt in ("float-quantized", "naive-quantized"):
+    if fmt in (Format.FLOAT, Format.NAIVE):
         return {"weight": quantized.codes.view(torch.float8_e4m3fn).contiguous(), "weight_scale": quantized.scale.to(torch.float32).contiguous()}
-    if fmt == "bitplan-nf4":
+    if fmt == Format.NF4:
         from bitplan.methods.nf4 import pack_nf4
 
         return {"weight_packed": pack_nf4((quantized.codes.to(torch.int16) + 8).to(torch.uint8)),
@@ -133,7 +117,11 @@ def input_args(scheme: Scheme) -> dict | None:
 
 
 def quantization_config(assignments: dict[str, Scheme]) -> dict:
-    """compressed-tensors ``quantization_config``: one group per scheme, exact module names as targets."""
+    """compressed-tensors ``quantization_config``: one group per scheme, exact module names as targets.
+
+    Dense Linears are listed under ``ignore``; ``lm_head`` too when it is tied to the embeddings
+    or left dense. A quantized ``lm_head`` is a target of its group like any other Linear.
+    """
     by_scheme: dict[Scheme, list[str]] = {}
     for name, scheme in assignments.items():
         if not scheme.is_dense:
@@ -144,21 +132,32 @@ def quantization_config(assignments: dict[str, Scheme]) -> dict:
             "weights": weight_args(scheme),
             "input_activations": input_args(scheme),
             "output_activations": None,
-            "format": checkpoint_format(scheme),
+            "format": str(checkpoint_format(scheme)),
         }
         for index, (scheme, names) in enumerate(sorted(by_scheme.items()))
     }
     dense = sorted(name for name, scheme in assignments.items() if scheme.is_dense)
+    head_quantized = "lm_head" in assignments and not assignments["lm_head"].is_dense
     return {
         "quant_method": "compressed-tensors",
-        "format": "mixed-precision" if len(groups) > 1 else next((g["format"] for g in groups.values()), CHECKPOINT_FORMAT),
+        "format": "mixed-precision" if len(groups) > 1 else next((g["format"] for g in groups.values()), str(Format.PACKED)),
         "quantization_status": "compressed",
         "config_groups": groups,
-        "ignore": ["lm_head", *dense],
+        "ignore": sorted(set(dense) | (set() if head_quantized else {"lm_head"})),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
         "version": metadata.version("compressed-tensors"),
     }
+
+
+def mark_for_bitplan(config: dict) -> dict:
+    """A checkpoint planned for ``--engine bitplan`` may hold what no other loader reads (NF4).
+    Its config.json says so in a way others refuse cleanly: ``model_type`` "bitplan" (transformers
+    and vLLM stop with "does not recognize this architecture") and ``quant_method`` "bitplan";
+    the real model type is kept in ``bitplan_model_type`` for ``bitplan.load``."""
+    quantization = {**config["quantization_config"], "quant_method": "bitplan"}
+    return {**config, "model_type": BITPLAN_MODEL_TYPE, "bitplan_model_type": config["model_type"],
+            "architectures": ["BitplanCheckpoint"], "quantization_config": quantization}
 
 
 def check_plan_against_model(plan: Plan, spec: ModelSpec) -> dict[str, Scheme]:
@@ -217,6 +216,7 @@ def emit(plan: Plan | str | os.PathLike, out: str | os.PathLike, progress: Calla
     config = read_config(folder)
     spec = spec_from_config(config)
     assignments = check_plan_against_model(plan, spec)
+    check_engine_rules(plan, spec, assignments)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -232,6 +232,23 @@ def emit(plan: Plan | str | os.PathLike, out: str | os.PathLike, progress: Calla
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def engine_rules_of(plan: Plan):
+    """The rules of the engine a plan was made for (its name and platform, as plan.json records them)."""
+    return get_rules(plan.engine["name"], plan.engine["platform"] if plan.engine["platform"] != "any" else None)
+
+
+def check_engine_rules(plan: Plan, spec: ModelSpec, assignments: dict[str, Scheme]) -> None:
+    """Refuse a plan that its own engine cannot run (a hand-made or hand-edited plan), naming the layer and the rule."""
+    from bitplan.engines.rules import model_refusal
+
+    rules = engine_rules_of(plan)
+    tp = plan.deployment.get("tensor_parallel", 1)
+    problems = ([model_refusal(spec, rules, tp)] if model_refusal(spec, rules, tp) else []) + assignment_violations(rules, spec, assignments, tp)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BitplanError(f"the plan breaks the rules of {rules.key}: {problems[0]}{more}: re-run `bitplan plan --engine {rules.engine}`")
 
 
 def make_readable(folder: Path) -> None:
@@ -268,6 +285,8 @@ def write_checkpoint(folder: Path, config: dict, spec: ModelSpec, assignments: d
         report("emit", done, len(by_block))
     writer.finish()
     config = {**config, "quantization_config": quantization_config(assignments)}
+    if engine_rules_of(plan).loader == "bitplan":
+        config = mark_for_bitplan(config)
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     for filename in TOKENIZER_FILES:
         if (folder / filename).is_file():

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from bitplan.errors import BitplanError
+from bitplan.engines.formats import BITPLAN_MODEL_TYPE, Format
 from bitplan.kernels.launch import WeightFormat
 from bitplan.kernels.qlinear import QuantLinear
 from bitplan.profiles.blocks import skeleton_model
@@ -20,8 +21,8 @@ from bitplan.profiles.model_source import WeightReader, safetensors_files
 from bitplan.profiles.model_spec import family_for, read_config
 
 
-FORMATS = {"pack-quantized": WeightFormat.INT, "int-quantized": WeightFormat.W8A8, "float-quantized": WeightFormat.FP8,
-           "naive-quantized": WeightFormat.FP8, "bitplan-nf4": WeightFormat.NF4}  # naive: bitplan writes it for weight-only FP8
+FORMATS = {Format.PACKED: WeightFormat.INT, Format.INT: WeightFormat.W8A8, Format.FLOAT: WeightFormat.FP8,
+           Format.NAIVE: WeightFormat.FP8, Format.NF4: WeightFormat.NF4}  # naive: bitplan writes it for weight-only FP8
 
 
 def quantized_modules(quantization: dict) -> dict[str, dict]:
@@ -50,9 +51,12 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: 
     """The emitted checkpoint in ``folder`` as a ready-to-run causal LM (eval mode, no grad)."""
     folder = Path(folder)
     config = read_config(folder)
+    if config.get("model_type") == BITPLAN_MODEL_TYPE:  # planned for --engine bitplan (see emit.mark_for_bitplan)
+        config = {**config, "model_type": config.get("bitplan_model_type")}
+        config.pop("architectures", None)
     family_for(config)
     quantization = config.pop("quantization_config", None)
-    if not quantization or quantization.get("quant_method") != "compressed-tensors":
+    if not quantization or quantization.get("quant_method") not in ("compressed-tensors", "bitplan"):
         raise BitplanError(f"{folder} is not a bitplan checkpoint (no compressed-tensors quantization_config): emit one with `bitplan emit`")
     if not safetensors_files(folder):
         raise BitplanError(f"{folder} has no *.safetensors files: re-run `bitplan emit`")

@@ -17,7 +17,7 @@ from pathlib import Path
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import Scheme
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the engine the plan was made for (name, platform, rules enforced)
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class Plan:
     predicted: dict  # predicted KL (summed score), measured calibration KL where refined
     search: dict  # solver, status, refinement trials and knobs
     provenance: dict  # model_hash, calibration_hash, bitplan_version, seed, metric, candidates
-    formats: dict = field(default_factory=dict)  # scheme -> checkpoint format, engines that load it, layer count
+    formats: dict = field(default_factory=dict)  # scheme -> checkpoint format and layer count
+    engine: dict = field(default_factory=dict)  # name, platform, loader, the rules the search enforced
     schema_version: int = SCHEMA_VERSION
     integrity: str = field(default="", compare=False)
 
@@ -74,8 +75,11 @@ def load_plan(path: Path) -> Plan:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BitplanError(f"{path} is not valid JSON ({exc}): re-create it with `bitplan plan`") from exc
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        raise BitplanError(f"{path} is not a bitplan plan of schema version {SCHEMA_VERSION}: re-create it with `bitplan plan`")
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise BitplanError(f"{path} is not a bitplan plan (no schema_version): re-create it with `bitplan plan`")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise BitplanError(f"{path} has plan schema version {data['schema_version']}, this bitplan reads version {SCHEMA_VERSION} "
+                           f"(version 2 records the engine the plan was made for): re-create it with `bitplan plan`")
     stored = data.pop("integrity", "")
     if hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest() != stored:
         raise BitplanError(f"{path} was modified after bitplan wrote it (integrity hash mismatch): re-run `bitplan plan` rather than editing the plan")

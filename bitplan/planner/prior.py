@@ -32,12 +32,12 @@ quantizable Linears, so a model quantized uniformly with RTN w4 g128 symmetric s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 
 from bitplan.methods.scheme import Method, Scheme
 from bitplan.profiles.model_spec import LayerSpec, ModelSpec
+from bitplan.profiles.sensitivity import SensitivityTable
 from bitplan.profiles.moe import EXPERT_KIND, Routing, expert_role
 
 PRIOR_METRIC = "prior-kl"
@@ -83,20 +83,9 @@ def layer_weight(spec: ModelSpec, layer: LayerSpec, routing: Routing | None) -> 
     return weight
 
 
-@dataclass
-class PriorTable:
-    """Scores (prior KL, nats/token) and exact bytes per (layer, scheme), shaped like the
-    measured ``SensitivityTable``: NaN score and -1 bytes where a scheme cannot store a layer."""
-
-    layers: list[str]
-    schemes: list[str]
-    scores: torch.Tensor  # float64 [layers, schemes]
-    bytes: torch.Tensor  # int64 [layers, schemes]
-    provenance: dict = field(default_factory=dict)
-
-
-def prior_table(spec: ModelSpec, schemes: list[Scheme], routing: Routing | None = None) -> PriorTable:
-    """The prior's table for every quantizable Linear of ``spec`` and every candidate scheme."""
+def prior_table(spec: ModelSpec, schemes: list[Scheme], routing: Routing | None = None) -> SensitivityTable:
+    """The prior's table for every quantizable Linear of ``spec`` and every candidate scheme, shaped like a
+    measured one (NaN score and -1 bytes where a scheme cannot store a layer), marked ``metric = "prior-kl"``."""
     weights = torch.tensor([layer_weight(spec, layer, routing) for layer in spec.layers], dtype=torch.float64)
     share = weights / weights.sum()
     errors = torch.tensor([relative_error(s) for s in schemes], dtype=torch.float64)
@@ -108,4 +97,4 @@ def prior_table(spec: ModelSpec, schemes: list[Scheme], routing: Routing | None 
                 sizes[i, j] = scheme.weight_bytes(layer.out_features, layer.in_features, spec.dtype_bytes)
     scores[sizes < 0] = math.nan
     provenance = {"metric": PRIOR_METRIC, "prior_kl_at_w4g128_rtn": PRIOR_KL_AT_W4G128_RTN, "model": spec.model_type}
-    return PriorTable([layer.name for layer in spec.layers], [s.name for s in schemes], scores, sizes, provenance)
+    return SensitivityTable([layer.name for layer in spec.layers], [s.name for s in schemes], scores, sizes, provenance)

@@ -118,24 +118,30 @@ def smallest_bytes(units: list[Unit]) -> int:
     return sum(min(o[1] for o in unit.options) for unit in units)
 
 
-def smallest_plan_bytes(spec: ModelSpec, schemes: list, tie_fused: bool = False) -> int:
-    """Bytes of the smallest plan the candidates allow, from the ModelSpec alone (no profile)."""
+def smallest_plan_bytes(spec: ModelSpec, schemes: list, tie_fused: bool = False, allowed=None) -> int:
+    """Bytes of the smallest plan the candidates allow, from the ModelSpec alone (no profile).
+
+    ``allowed(layer, scheme)`` narrows what each layer may take (an engine's rules); by default a
+    scheme is allowed where its group divides the layer's inputs.
+    """
+    allowed = allowed or (lambda layer, scheme: scheme.fits(layer.in_features))
     members: dict[str, list] = defaultdict(list)
     for layer in spec.layers:
         members[layer.fused_key if tie_fused else layer.name].append(layer)
     total = 0
     for key, layers in members.items():
         sizes = [sum(s.weight_bytes(l.out_features, l.in_features, spec.dtype_bytes) for l in layers)
-                 for s in schemes if all(s.fits(l.in_features) for l in layers)]
+                 for s in schemes if all(allowed(l, s) for l in layers)]
         if not sizes:
             raise BitplanError(f"no candidate scheme can store {key}: widen --groups (per-channel always fits)")
         total += min(sizes)
     return total
 
 
-def check_feasible(spec: ModelSpec, schemes: list, weight_budget_bytes: int, budget_bytes: int, tie_fused: bool = False) -> None:
+def check_feasible(spec: ModelSpec, schemes: list, weight_budget_bytes: int, budget_bytes: int, tie_fused: bool = False,
+                   allowed=None) -> None:
     """Fail fast, before any profiling, when no plan can fit; the message states the smallest size."""
-    floor = smallest_plan_bytes(spec, schemes, tie_fused)
+    floor = smallest_plan_bytes(spec, schemes, tie_fused, allowed)
     if floor > weight_budget_bytes:
         needed = budget_bytes - weight_budget_bytes + floor
         raise BitplanError(

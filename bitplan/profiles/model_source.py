@@ -87,6 +87,7 @@ def convert_gguf(source: Path, filename: str, target: Path) -> None:
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
     config["dtype"] = "bfloat16"
+    config["architectures"] = [type(model).__name__]  # engines (vLLM) pick the model class from it
     state = {k: v.to(CONVERTED_DTYPE).contiguous() for k, v in model.state_dict().items()}
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)

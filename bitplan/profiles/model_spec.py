@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 from bitplan.errors import BitplanError
@@ -72,11 +73,23 @@ class ModelSpec:
     def linear_weights(self) -> int:
         return sum(layer.num_weights for layer in self.layers)
 
-    def layer(self, name: str) -> LayerSpec:
+    @cached_property
+    def _by_name(self) -> dict[str, LayerSpec]:
+        return {layer.name: layer for layer in self.layers}
+
+    @cached_property
+    def _by_fused_key(self) -> dict[str, tuple[LayerSpec, ...]]:
+        groups: dict[str, list[LayerSpec]] = {}
         for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
+            groups.setdefault(layer.fused_key, []).append(layer)
+        return {key: tuple(members) for key, members in groups.items()}
+
+    def layer(self, name: str) -> LayerSpec:
+        return self._by_name[name]
+
+    def fused_members(self, layer: LayerSpec) -> tuple[LayerSpec, ...]:
+        """The Linears an engine fuses with ``layer`` (itself included); just ``layer`` when none."""
+        return self._by_fused_key[layer.fused_key]
 
     def to_dict(self) -> dict:
         data = asdict(self)

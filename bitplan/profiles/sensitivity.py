@@ -63,6 +63,12 @@ class SensitivityTable:
     def scheme_index(self, name: str) -> int:
         return self.schemes.index(name)
 
+    def subset(self, schemes: list[str]) -> "SensitivityTable":
+        """The same table with only ``schemes``' columns, in that order."""
+        columns = [self.schemes.index(name) for name in schemes]
+        return SensitivityTable(list(self.layers), list(schemes), self.scores[:, columns].clone(), self.bytes[:, columns].clone(),
+                                dict(self.provenance))
+
     def save(self, path: Path) -> None:
         """One safetensors file; names and provenance in its metadata. Written atomically."""
         path = Path(path)
@@ -84,8 +90,24 @@ class SensitivityTable:
 
 
 def table_key(model_hash: str, tokens_hash: str, schemes: list[Scheme], seed: int) -> str:
-    text = json.dumps([model_hash, tokens_hash, [s.name for s in schemes], METRIC, METRIC_VERSION, seed])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    """``<inputs>-<schemes>``: the first part names everything a score depends on but its scheme
+    (each scheme is scored on its own), so a cached table of a superset serves a subset."""
+    inputs = json.dumps([model_hash, tokens_hash, METRIC, METRIC_VERSION, seed])
+    names = json.dumps([s.name for s in schemes])
+    return f"{hashlib.sha256(inputs.encode()).hexdigest()[:24]}-{hashlib.sha256(names.encode()).hexdigest()[:12]}"
+
+
+def cached_table(folder: Path, key: str, schemes: list[Scheme]) -> "SensitivityTable | None":
+    """A cached table holding every scheme in ``schemes`` for the same inputs, narrowed to them."""
+    exact = folder / f"{key}.safetensors"
+    candidates = [exact] if exact.is_file() else []
+    candidates += sorted(p for p in folder.glob(f"{key.split('-')[0]}-*.safetensors") if p != exact)
+    wanted = [s.name for s in schemes]
+    for path in candidates:
+        table = SensitivityTable.load(path)
+        if set(wanted) <= set(table.schemes):
+            return table.subset(wanted)
+    return None
 
 
 class LayerStats:

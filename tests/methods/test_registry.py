@@ -89,13 +89,3 @@ def test_nf4_and_fp8_dequantize_through_their_code_books():
     fp8 = quantize(weight, Scheme.parse("fp8-w8gcs"), torch.bfloat16)
     relative = ((fp8.dequantize() - weight).norm() / weight.norm()).item()
     assert relative < 0.04  # E4M3 keeps 3 mantissa bits: ~2-3% error
-
-
-def test_engine_vllm_drops_the_formats_vllm_cannot_load():
-    from bitplan.planner.api import Candidates
-
-    everything = {s.name for s in Candidates().schemes()}
-    for_vllm = {s.name for s in Candidates(engine="vllm").schemes()}
-    assert {n for n in everything - for_vllm} == {"nf4-w4g32s", "nf4-w4g64s", "nf4-w4g128s"}
-    with pytest.raises(BitplanError, match="no candidate scheme is left"):
-        Candidates(("nf4",), engine="vllm").schemes()

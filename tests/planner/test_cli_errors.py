@@ -43,6 +43,14 @@ CASES = {
     "empty text": (["plan", "smollm2-135m", "--budget", "1GB", "--text", "{empty}"], "is empty"),
     "binary text": (["plan", "smollm2-135m", "--budget", "1GB", "--text", "{binary}"], "binary"),
     "missing plan": (["emit", "{root}/no-plan.json", "--out", "{root}/ckpt"], "does not exist"),
+    "unknown engine": (["plan", "smollm2-135m", "--budget", "1GB", "--engine", "tensorrt"], "unknown engine 'tensorrt'"),
+    "engine cannot run on the target": (["plan", "smollm2-135m", "--engine", "vllm", "--target", "mi300x"],
+                                        "engine vllm has no rules in bitplan for mi300x"),
+    "engine on a platform of another": (["plan", "smollm2-135m", "--budget", "1GB", "--engine", "transformers", "--target", "cpu-avx2"],
+                                        "is a vLLM platform"),
+    "tensor parallel across 9 heads": (["plan", "smollm2-135m", "--budget", "1GB", "--tp", "2"], "does not divide the model's 9 attention heads"),
+    "tensor parallel on one-device engine": (["plan", "smollm2-135m", "--budget", "1GB", "--tp", "3", "--engine", "transformers"],
+                                             "runs on one device"),
 }
 
 
@@ -70,3 +78,24 @@ def test_tampered_plan_is_refused_and_nothing_is_emitted(tmp_path, capsys):
     code, lines = run_cli(capsys, "emit", str(path), "--out", str(tmp_path / "ckpt"))
     assert code == 2 and "modified after bitplan wrote it" in lines[0]
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_hand_made_plan_that_breaks_its_engines_rules_is_refused(tmp_path, capsys, private_cache, smollm_folder):
+    """A plan written through the API (so its integrity hash is valid) that splits a fused group for vLLM."""
+    from bitplan.methods.scheme import Scheme
+    from bitplan.planner.plan import Plan
+    from bitplan.profiles.model_source import folder_hash
+    from bitplan.profiles.model_spec import spec_from_folder
+
+    spec = spec_from_folder(smollm_folder)
+    chosen = {layer.name: "rtn-w4g64s" for layer in spec.layers}
+    chosen["model.layers.7.self_attn.v_proj"] = "rtn-w8g64s"
+    weight_bytes = sum(Scheme.parse(chosen[l.name]).weight_bytes(l.out_features, l.in_features, spec.dtype_bytes) for l in spec.layers)
+    path = tmp_path / "plan.json"
+    Plan(model={"source": "smollm2-135m", "hash": folder_hash(smollm_folder), "model_type": "llama"},
+         deployment={"tensor_parallel": 1}, target=None, assignments=chosen, memory={"quantized_weights_bytes": weight_bytes},
+         predicted={}, search={}, provenance={}, engine={"name": "vllm", "platform": "cuda-sm80"}).save(path)
+    code, lines = run_cli(capsys, "emit", str(path), "--out", str(tmp_path / "ckpt"))
+    assert code == 2 and len(lines) == 1, lines
+    assert "breaks the rules of vllm@cuda-sm80: block 7 qkv: vllm runs qkv as one fused Linear" in lines[0]
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt*"))

@@ -23,6 +23,7 @@ from bitplan.planner.deployment import (
     Deployment, default_overhead_bytes, kv_bytes_per_token, kv_cache_bytes, max_batch,
     memory_breakdown, parse_size, weight_budget_bytes, workspace_bytes,
 )
+from bitplan.profiles.hardware import get_device
 from bitplan.profiles.moe import load_spec
 
 GIB = 2**30
@@ -217,5 +218,5 @@ def test_a_zero_overhead_is_allowed_but_not_a_zero_budget():
         parse_size("0MB")
     from bitplan.planner.api import make_deployment
 
-    deployment = make_deployment(None, "2GB", "rtx-4090", 2048, 1, "float16", 1, "0")
+    deployment = make_deployment(None, "2GB", get_device("rtx-4090"), 2048, 1, "float16", 1, "0")
     assert deployment.overhead_bytes == 0 and deployment.budget_bytes == 2_000_000_000

@@ -44,7 +44,7 @@ def assignments_for(spec) -> dict[str, Scheme]:
 @pytest.fixture(scope="module")
 def mixed_plan(private_cache, smollm_folder):
     base = bitplan.plan("smollm2-135m", budget="400MB", context=256, candidates=Candidates(("rtn",), (4,), (64,)),
-                        calibration=CALIBRATION, trials=0)
+                        calibration=CALIBRATION, trials=0, engine="bitplan")
     spec = spec_from_folder(smollm_folder)
     chosen = assignments_for(spec)
     weight_bytes = sum(chosen[l.name].weight_bytes(l.out_features, l.in_features, spec.dtype_bytes) for l in spec.layers)

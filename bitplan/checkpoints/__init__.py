@@ -1,0 +1,1 @@
+"""Checkpoints: writing and reading what engines load, and asking the engines themselves."""

@@ -1,0 +1,202 @@
+"""Engines as judges: open an emitted checkpoint with the engine itself and compare its numbers
+with ``bitplan.load``'s on the same tokens.
+
+- transformers: ``AutoModelForCausalLM.from_pretrained(checkpoint)`` (compressed-tensors
+  decompresses the Linears), logits on held-out windows against ``bitplan.load``'s;
+- vLLM: its own kernel selection for the plan's platform (``vllm_judge.py kernels``), and, on
+  a CPU platform, ``vllm.LLM`` loading and greedy-decoding, scored token by token against
+  ``bitplan.load`` (``vllm_judge.py generate``). vLLM cannot share bitplan's venv (it pins an
+  older transformers and compressed-tensors), so the judge script runs in vLLM's own Python,
+  given by ``--vllm-python`` or ``$BITPLAN_VLLM_PYTHON`` (``make engines`` creates one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from bitplan.errors import BitplanError
+
+JUDGE_SCRIPT = Path(__file__).with_name("vllm_judge.py")
+LOGIT_TOLERANCE = 1e-3  # both sides decode the same integers with the same scales in float32
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What an engine did with a checkpoint and how close its numbers are to ``bitplan.load``'s."""
+
+    engine: str
+    loaded_by: str
+    ok: bool
+    detail: str
+    tokens: int = 0
+    max_logit_diff: float | None = None
+    top1_agreement: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def heldout_tokens(checkpoint: Path, windows: int = 2, seq_len: int = 128) -> torch.Tensor:
+    """A few windows of held-out text, tokenized by the checkpoint's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from bitplan.profiles.text import builtin_slices, interleaved_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
+    return interleaved_windows(tokenizer, builtin_slices("heldout"), seq_len, windows)
+
+
+def transformers_agreement(checkpoint: str | os.PathLike, tokens: torch.Tensor | None = None) -> Agreement:
+    """Load ``checkpoint`` with ``AutoModelForCausalLM`` and compare logits with ``bitplan.load``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from bitplan.planner.load import load
+
+    checkpoint = Path(checkpoint)
+    tokens = heldout_tokens(checkpoint) if tokens is None else tokens
+    who = f"transformers {metadata.version('transformers')} AutoModelForCausalLM, compressed-tensors {metadata.version('compressed-tensors')}"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, trust_remote_code=False).eval()
+    except Exception as error:  # the engine's refusal is the finding
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return Agreement("transformers", who, False, f"refused: {type(error).__name__}: {first[:300]}")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    with torch.no_grad():
+        theirs = model(tokens).logits
+        ours = load(checkpoint)(tokens).logits
+    diff = float((theirs - ours).abs().max())
+    top1 = float((theirs.argmax(-1) == ours.argmax(-1)).double().mean())
+    ok = diff <= LOGIT_TOLERANCE
+    detail = f"logits within {diff:.3g} of bitplan.load's" + ("" if ok else f" (tolerance {LOGIT_TOLERANCE})")
+    return Agreement("transformers", who, ok, detail, int(tokens.numel()), diff, top1)
+
+
+def vllm_python(explicit: str | os.PathLike | None = None) -> Path:
+    """The Python of vLLM's venv: the argument, or ``$BITPLAN_VLLM_PYTHON``."""
+    candidate = explicit or os.environ.get("BITPLAN_VLLM_PYTHON")
+    if not candidate or not Path(candidate).is_file():
+        raise BitplanError("vLLM runs in its own venv: run `make engines` and pass --vllm-python .venv-vllm/bin/python "
+                           "(or set BITPLAN_VLLM_PYTHON)")
+    return Path(candidate)
+
+
+def run_judge(python: Path, *args: str, timeout_s: float = 900) -> dict:
+    """Run ``vllm_judge.py`` in vLLM's Python; its JSON answer."""
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([str(python), str(JUDGE_SCRIPT), *args], capture_output=True, text=True, timeout=timeout_s, env=env)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise BitplanError(f"vLLM's judge failed (exit {result.returncode}): {' | '.join(tail)}")
+    return json.loads(result.stdout)
+
+
+JUDGE_CAPABILITY = {"cuda-sm80": "80", "cuda-sm90": "90", "cpu-avx2": "cpu", "cpu-avx512": "cpu"}
+
+
+def vllm_kernel_agreement(checkpoint: str | os.PathLike, python: Path, platform: str, tp: int = 1) -> Agreement:
+    """vLLM's own scheme and kernel selection for every (fused) Linear of ``checkpoint`` on ``platform``.
+
+    Needs only config.json: for a CUDA platform the judge stands in a CUDA platform of that compute
+    capability (no GPU needed), for a CPU platform it asks this machine's vLLM build."""
+    answer = run_judge(python, "kernels", str(checkpoint), "--capability", JUDGE_CAPABILITY[platform], "--tp", str(tp))
+    who = f"vLLM {answer.get('vllm_version', '?')} scheme and kernel selection ({platform}, tp {tp})"
+    if not answer.get("config_ok", True):
+        return Agreement("vllm", who, False, f"refused the quantization_config: {answer.get('config_error')}")
+    summary = answer["summary"]
+    kernels = ", ".join(f"{k} x{n}" for k, n in sorted(summary["scheme_kernel_counts"].items()))
+    detail = f"{summary['ok']}/{summary['modules']} modules accepted ({kernels})"
+    if not summary["all_ok"]:
+        first = next(m for m in answer["modules"] if not m["ok"])
+        detail += f"; first refusal: {first['module']}: {(first.get('error') or '').splitlines()[0][:300]}"
+    return Agreement("vllm", who, bool(summary["all_ok"]), detail, extra={"modules": summary["modules"], "refused": summary["refused"]})
+
+
+def logprob_tolerance(checkpoint: Path) -> tuple[float, float]:
+    """(mean, max) |Δ log-probability| allowed between vLLM on a CPU and ``bitplan.load``.
+
+    vLLM runs bf16 activations and its own per-token activation rounding; measured on SmolLM2
+    (3 prompts x 24 tokens): int4 and W8A8 int8 mean 0.025-0.033, max 0.12-0.18; W8A8-FP8 mean
+    0.053-0.062, max 0.33-0.40, where vLLM's own bf16 and fp32 runs already differ by 0.062. The
+    bounds are about twice that spread; a layout error (a transposed scale, a zero point off by
+    one) moves log-probabilities by whole nats."""
+    config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config", {})
+    fp8 = any((g.get("weights") or {}).get("type") == "float" for g in config.get("config_groups", {}).values())
+    return (0.1, 0.6) if fp8 else (0.05, 0.3)
+
+
+def vllm_generation_agreement(checkpoint: str | os.PathLike, python: Path, prompts: list[list[int]] | None = None,
+                              max_tokens: int = 24, dtype: str = "bfloat16") -> Agreement:
+    """``vllm.LLM`` loads ``checkpoint`` on this CPU and greedy-decodes; ``bitplan.load`` scores the same
+    sequences (teacher-forced) and the chosen tokens' log-probabilities are compared."""
+    import tempfile
+
+    from bitplan.planner.load import load
+
+    checkpoint = Path(checkpoint)
+    prompts = prompts or [row[:16].tolist() for row in heldout_tokens(checkpoint, windows=3, seq_len=64)]
+    with tempfile.TemporaryDirectory() as scratch:
+        prompt_file = Path(scratch) / "prompts.json"
+        prompt_file.write_text(json.dumps(prompts))
+        answer = run_judge(python, "generate", str(checkpoint), "--prompts", str(prompt_file), "--max-tokens", str(max_tokens),
+                           "--dtype", dtype)
+    model = load(checkpoint)
+    deltas, greedy_equal, total = [], 0, 0
+    for prompt, result in zip(prompts, answer["results"]):
+        sequence = torch.tensor([prompt + result["token_ids"]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(sequence).logits[0].double(), dim=-1)
+        for step, (token, theirs) in enumerate(zip(result["token_ids"], result["logprobs"])):
+            position = len(prompt) + step - 1
+            deltas.append(abs(float(logprobs[position, token]) - theirs))
+            greedy_equal += int(int(logprobs[position].argmax()) == token)
+            total += 1
+    mean_bound, max_bound = logprob_tolerance(checkpoint)
+    mean_delta, max_delta = sum(deltas) / len(deltas), max(deltas)
+    ok = mean_delta <= mean_bound and max_delta <= max_bound
+    who = f"vllm.LLM on this CPU ({dtype}), load {answer['load_s']} s, generate {answer['generate_s']} s"
+    detail = (f"{total} greedy tokens: bitplan.load picks the same token at {greedy_equal}; |Δ log-prob| mean {mean_delta:.3f} "
+              f"(bound {mean_bound}), max {max_delta:.3f} (bound {max_bound})")
+    return Agreement("vllm", who, ok, detail, total, top1_agreement=greedy_equal / total,
+                     extra={"mean_abs_logprob_diff": mean_delta, "max_abs_logprob_diff": max_delta})
+
+
+def plan_of(checkpoint: Path) -> dict:
+    from bitplan.planner.plan import load_plan
+
+    if not (checkpoint / "plan.json").is_file():
+        raise BitplanError(f"{checkpoint} has no plan.json: pass a folder written by `bitplan emit`")
+    return load_plan(checkpoint / "plan.json").engine
+
+
+def check_checkpoint(checkpoint: str | os.PathLike, engine: str | None = None, python: str | os.PathLike | None = None) -> list[Agreement]:
+    """Ask ``engine`` (default: the one the plan was made for) to load ``checkpoint`` and compare its numbers.
+
+    transformers: logits against ``bitplan.load``. vLLM: its kernel selection on the plan's
+    platform, and on a CPU platform a real load and greedy generation as well."""
+    checkpoint = Path(checkpoint)
+    planned = plan_of(checkpoint)
+    engine = engine or planned.get("name")
+    if engine == "transformers":
+        return [transformers_agreement(checkpoint)]
+    if engine == "vllm":
+        platform = planned.get("platform") if planned.get("name") == "vllm" else "cuda-sm80"
+        python = vllm_python(python)
+        results = [vllm_kernel_agreement(checkpoint, python, platform)]
+        if platform.startswith("cpu") and results[0].ok:
+            results.append(vllm_generation_agreement(checkpoint, python))
+        return results
+    raise BitplanError(f"bitplan check asks transformers or vllm, not {engine!r}: pass --engine transformers or --engine vllm")

@@ -1,0 +1,52 @@
+"""Serving engines as data: what each one loads and runs, per platform, with sources.
+
+``--engine`` names the engine (default ``vllm``, what most users serve with); ``--target``
+names the hardware: a catalog device (its compute capability picks vLLM's rules) or a platform
+name (``cpu-avx2``, ``cpu-avx512``, ``cuda-sm80``, ``cuda-sm90``). Without a target, vLLM's rules
+are those of CUDA compute capability 8.0 (Ampere), which newer GPUs also run.
+"""
+
+from __future__ import annotations
+
+from bitplan.engines import bitplan_loader, transformers, vllm
+from bitplan.engines.rules import EngineRules
+from bitplan.errors import BitplanError
+
+DEFAULT_ENGINE = "vllm"
+ENGINES = ("vllm", "transformers", "bitplan")
+PLATFORMS = ("cuda-sm80", "cuda-sm90", "cpu-avx2", "cpu-avx512")  # --target values that name a platform, not a device
+RULES: dict[tuple[str, str], EngineRules] = {
+    **{("vllm", platform): rules for platform, rules in vllm.RULES.items()},
+    ("transformers", "any"): transformers.RULES,
+    ("bitplan", "any"): bitplan_loader.RULES,
+}
+
+
+def platform_of(engine: str, target: str | None, compute_capability: str = "", arch: str = "") -> str:
+    """The platform whose rules apply: from a platform name, or a catalog device's capability."""
+    if engine != "vllm":
+        return "any"
+    if target is None:
+        return "cuda-sm80"
+    if target in PLATFORMS:
+        return target
+    try:
+        major = float(compute_capability) if compute_capability else 0.0
+    except ValueError:
+        major = 0.0
+    if 8.0 <= major < 9.0 or major >= 10.0:
+        return "cuda-sm80"  # Marlin-class kernels (sm_80+) also run on Ada and Blackwell
+    if 9.0 <= major < 10.0:
+        return "cuda-sm90"
+    what = f"compute capability {compute_capability}" if compute_capability else f"a {arch or 'non-CUDA'} device"
+    raise BitplanError(f"engine vllm has no rules in bitplan for {target} ({what}): target a CUDA GPU of compute capability "
+                       f"8.0 or newer, a CPU platform ({', '.join(p for p in PLATFORMS if p.startswith('cpu'))}), or use --engine bitplan")
+
+
+def get_rules(engine: str, target: str | None = None, compute_capability: str = "", arch: str = "") -> EngineRules:
+    """The rules of ``engine`` on the hardware ``target`` names."""
+    if engine not in ENGINES:
+        raise BitplanError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+    if engine != "vllm" and target in PLATFORMS:
+        raise BitplanError(f"--target {target} is a vLLM platform; engine {engine} runs anywhere: drop --target or pass a device")
+    return RULES[(engine, platform_of(engine, target, compute_capability, arch))]

@@ -1,0 +1,164 @@
+"""vLLM as a judge, from its own installation (``make engines`` builds ``.venv-vllm``; ``make test``
+points ``BITPLAN_VLLM_PYTHON`` at it).
+
+- bitplan's vLLM rules agree with vLLM's own scheme and kernel selection, scheme by scheme and
+  module by module, on sm_80, sm_90 and this CPU, on SmolLM2's and Llama-3-70B's shapes;
+- plans made for ``--engine vllm`` pass that selection whole (SmolLM2 emitted; Llama-3-70B and
+  Qwen2-72B at tensor parallel 1, 2, 4 from config.json);
+- a checkpoint planned for vLLM on this CPU loads in ``vllm.LLM``, generates, and agrees with
+  ``bitplan.load`` token by token.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import bitplan
+from bitplan.checkpoints.verify import run_judge, vllm_generation_agreement, vllm_kernel_agreement
+from bitplan.engines import get_rules
+from bitplan.engines.rules import restrict_table
+from bitplan.methods.scheme import Scheme
+from bitplan.planner.api import CalibrationSettings, Candidates
+from bitplan.planner.emit import quantization_config
+from bitplan.planner.prior import prior_table
+from bitplan.planner.search import allocate
+from bitplan.profiles.model_spec import spec_from_config
+
+CONFIGS = Path(__file__).parents[1] / "data" / "configs"
+CALIBRATION = CalibrationSettings((), 2, 128)
+JUDGED = {"80": "cuda-sm80", "90": "cuda-sm90"}
+
+
+@pytest.fixture(scope="module")
+def vllm_python():
+    path = os.environ.get("BITPLAN_VLLM_PYTHON")
+    if not path:
+        pytest.skip("BITPLAN_VLLM_PYTHON is not set: `make test` builds vLLM's venv (make engines) and sets it")
+    assert Path(path).is_file(), f"BITPLAN_VLLM_PYTHON={path} does not exist: run `make engines`"
+    return Path(path)
+
+
+def cpu_platform() -> str:
+    return "cpu-avx512" if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else "cpu-avx2"
+
+
+def write_config(folder: Path, config: dict, assignments: dict[str, Scheme]) -> Path:
+    """config.json as emit writes it (the same ``quantization_config``), without weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**config, "quantization_config": quantization_config(assignments)}))
+    return path
+
+
+def uniform(spec, scheme: Scheme, rules, tp: int = 1) -> dict[str, Scheme]:
+    """Every Linear takes ``scheme`` where its group divides the inputs, else stays dense."""
+    return {layer.name: scheme if scheme.fits(layer.in_features) else Scheme.parse("none") for layer in spec.layers}
+
+
+SCHEMES = ["rtn-w4g32s", "rtn-w4g64a", "rtn-w4g128s", "rtn-w4gca", "rtn-w8g32s", "rtn-w8g64a", "rtn-w8gcs", "rtn-w3g64s",
+           "rtn-w2g32s", "rtn-w6gcs", "smoothquant-w8gcsa8", "fp8-w8gcsa8", "fp8-w8gcs", "fp8-w8g64s"]
+
+
+@pytest.fixture(scope="module")
+def sweep(vllm_python, tmp_path_factory, smollm_folder):
+    """One judge run per platform over a uniform config of every scheme kind, on two model shapes."""
+    root = tmp_path_factory.mktemp("sweep")
+    models = {"smollm2": json.loads((smollm_folder / "config.json").read_text()),
+              "llama-3-70b": json.loads((CONFIGS / "llama-3-70b.json").read_text())}
+    paths, cases = [], {}
+    for model, config in models.items():
+        spec = spec_from_config(config)
+        for name in SCHEMES:
+            path = write_config(root / f"{model}-{name}", config, uniform(spec, Scheme.parse(name), None))
+            paths.append(str(path))
+            cases[str(path)] = (spec, Scheme.parse(name))
+    answers = {}
+    for capability in ("80", "90", "cpu"):
+        answer = run_judge(vllm_python, "kernels", *paths, "--capability", capability, "--layers", "2")
+        answers[capability] = answer
+    return cases, answers
+
+
+@pytest.mark.parametrize("capability", ["80", "90", "cpu"])
+def test_bitplans_vllm_rules_agree_with_vllms_own_selection_module_by_module(sweep, capability):
+    cases, answers = sweep
+    answer = answers[capability]
+    platform = JUDGED.get(capability) or ("cpu-avx512" if answer["host"].get("op_cpu_gemm_wna16") else "cpu-avx2")
+    rules = get_rules("vllm", platform)
+    checked = 0
+    for run in answer["runs"]:
+        spec, scheme = cases[run["config"]]
+        if not run.get("config_ok", True):
+            assert not rules.takes(scheme), f"{platform}: vLLM refuses a config of {scheme} that bitplan's rules accept: {run['config_error']}"
+            continue
+        for module in run["modules"]:
+            members = [m for m in module["hf_members"] if m in {l.name for l in spec.layers}]
+            if not members:
+                continue  # embeddings: always dense
+            layer = spec.layer(members[0])
+            chosen = scheme if scheme.fits(layer.in_features) else Scheme.parse("none")
+            ours = rules.layer_refusal(layer, chosen, spec) is None
+            if layer.kind == "lm_head":
+                continue  # left dense (ignored) by uniform(): the head is judged in the plans below
+            if not ours and module["ok"] and platform == "cuda-sm80" and chosen.name == "fp8-w8gcsa8":
+                # Stricter by design: below compute capability 8.9 vLLM serves W8A8-FP8 as weight-only FP8,
+                # not what the plan measured (bitplan/engines/vllm.py). Fails if vLLM starts running it as W8A8.
+                assert module["scheme"] == "CompressedTensorsW8A16Fp8", module
+                continue
+            assert ours == module["ok"], (f"{platform} {module['module']} under {chosen}: bitplan says "
+                                          f"{'runs' if ours else 'refused'}, vLLM says {module.get('kernel') or module.get('error')}")
+            checked += 1
+    assert checked > 100
+
+
+@pytest.fixture(scope="module")
+def vllm_plan(private_cache):
+    return bitplan.plan("smollm2-135m", budget="150MB", context=256, trials=0, calibration=CALIBRATION,
+                        candidates=Candidates(("rtn", "smoothquant"), (4, 8), (32, 64, 0)))
+
+
+def test_a_plan_for_vllm_passes_vllms_selection_on_sm80_and_sm90(vllm_python, vllm_plan, smollm_folder, tmp_path):
+    assert vllm_plan.engine["name"] == "vllm" and vllm_plan.engine["platform"] == "cuda-sm80"
+    chosen = {name: Scheme.parse(s) for name, s in vllm_plan.assignments.items()}
+    assert len({s.name for s in chosen.values()}) >= 3, "the plan should mix schemes"
+    config = json.loads((smollm_folder / "config.json").read_text())
+    folder = write_config(tmp_path / "smollm2", config, chosen).parent
+    for platform in ("cuda-sm80", "cuda-sm90"):
+        result = vllm_kernel_agreement(folder, vllm_python, platform)
+        assert result.ok, result.detail
+
+
+@pytest.mark.parametrize("model", ["llama-3-70b", "qwen2-72b"])
+def test_large_plans_for_vllm_pass_its_selection_at_tensor_parallel_1_2_4(vllm_python, model, tmp_path):
+    config = json.loads((CONFIGS / f"{model}.json").read_text())
+    spec = spec_from_config(config)
+    paths = {}
+    for platform in ("cuda-sm80", "cuda-sm90"):
+        rules = get_rules("vllm", platform)
+        schemes = Candidates(("rtn", "smoothquant", "fp8")).schemes(rules)
+        for tp in (1, 2, 4):
+            table = restrict_table(prior_table(spec, schemes), spec, rules, tp)
+            allocation = allocate(table, spec, int(spec.linear_weights * 4.6 / 8), tie_fused=True)
+            chosen = {n: Scheme.parse(s) for n, s in allocation.choice.items()}
+            paths.setdefault(platform, []).append(f"{write_config(tmp_path / f'{platform}-tp{tp}', config, chosen)}@{tp}")
+    for platform, capability in (("cuda-sm80", "80"), ("cuda-sm90", "90")):
+        answer = run_judge(vllm_python, "kernels", *paths[platform], "--capability", capability)
+        for run in answer["runs"]:
+            assert run["summary"]["all_ok"], f"{model} {platform} tp {run['tp']}: {run['summary']['distinct_errors']}"
+
+
+def test_a_checkpoint_planned_for_vllm_on_this_cpu_loads_generates_and_agrees(vllm_python, private_cache, tmp_path):
+    platform = cpu_platform()
+    plan = bitplan.plan("smollm2-135m", budget="150MB", context=256, trials=0, calibration=CALIBRATION, target=platform,
+                        candidates=Candidates(("rtn", "smoothquant"), (4, 8), (32, 64, 0)))
+    formats = {entry["format"] for entry in plan.formats.values()}
+    assert "int-quantized" in formats and (platform == "cpu-avx2" or "pack-quantized" in formats), plan.formats
+    checkpoint = bitplan.emit(plan, tmp_path / "cpu")
+    selection = vllm_kernel_agreement(checkpoint, vllm_python, platform)
+    assert selection.ok, selection.detail
+    result = vllm_generation_agreement(checkpoint, vllm_python)
+    assert result.ok, result.detail
+    assert result.top1_agreement >= 0.9, result.detail
