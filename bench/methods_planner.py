@@ -4,7 +4,7 @@ Budgets are the deployment sizes of uniform RTN at 3 and 4 bits (group 128, symm
 64 where 128 does not divide the inputs; 2048-token fp16 KV cache), as in plan_quality.py. Both
 planners run with the same calibration, seed and refinement trials; the RTN-only planner gets
 RTN's whole grid (2-8 bits, groups 32/64/128/channel, both symmetries), the all-methods planner
-gets the default candidate set (``bitplan.planner.api.Candidates()``). Profiling time of each
+gets the default candidate set (``bitplan.api.Candidates()``). Profiling time of each
 candidate set is recorded (a cached table reads as ~0 s: pass --fresh-cache to re-measure).
 
     .venv/bin/python bench/methods_planner.py [--bits 3,4] [--trials 12]
@@ -21,16 +21,17 @@ import time
 from pathlib import Path
 
 import torch
+from common import heldout_windows, save
 
 import bitplan
+from bitplan.api import CalibrationSettings, Candidates
 from bitplan.methods.scheme import Scheme
-from bitplan.planner.api import CalibrationSettings, Candidates, load_tokenizer
+from bitplan.models.source import resolve_model
+from bitplan.models.spec import spec_from_folder
 from bitplan.planner.baselines import assignment_bytes, uniform_assignment
 from bitplan.planner.deployment import Deployment, memory_breakdown
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.profiles.model_source import resolve_model
-from bitplan.profiles.model_spec import spec_from_folder
-from common import heldout_windows, save
+from bitplan.profiles.calibration import load_tokenizer
 
 SETS = {
     "rtn-only": Candidates(("rtn",)),
@@ -56,7 +57,7 @@ def main() -> None:
     windows = heldout_windows(load_tokenizer(folder), args.heldout)
     meter = QualityMeter(load_dense_model(folder), spec)
     settings = CalibrationSettings()
-    from bitplan.planner.api import calibration_windows
+    from bitplan.profiles.calibration import calibration_windows
 
     meter.calibrate(calibration_windows(folder, settings)[: settings.samples])
 
@@ -88,10 +89,10 @@ def main() -> None:
             seconds = time.time() - started
             kl, ppl = measure(plan.schemes())
             methods = collections.Counter(Scheme.parse(s).method.value for s in plan.assignments.values())
-            row[label] = {"kl": kl, "ppl": ppl, "bytes": plan.memory["quantized_weights_bytes"], "plan_seconds": seconds,
-                          "methods": dict(methods), "calibration_kl": plan.predicted.get("calibration_kl")}
+            row[label] = {"kl": kl, "ppl": ppl, "bytes": plan.memory.quantized_weights_bytes, "plan_seconds": seconds,
+                          "methods": dict(methods), "calibration_kl": plan.predicted.calibration_kl}
             print(f"{bits}-bit budget {budget / 1e6:.2f} MB  {label:22s} KL {kl:.4f} ppl {ppl:.2f}  "
-                  f"bytes {plan.memory['quantized_weights_bytes']}  methods {dict(methods)}  ({seconds:.0f} s)", flush=True)
+                  f"bytes {plan.memory.quantized_weights_bytes}  methods {dict(methods)}  ({seconds:.0f} s)", flush=True)
         all_kl, rtn_kl = row["all methods (default)"]["kl"], row["rtn-only"]["kl"]
         row["kl_reduction"] = 1 - all_kl / rtn_kl
         rows.append(row)

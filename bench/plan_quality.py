@@ -14,17 +14,18 @@ import argparse
 import math
 import time
 
+import torch
+from common import heldout_windows, save
+
 import bitplan
+from bitplan.api import CalibrationSettings, Candidates
 from bitplan.methods.scheme import Scheme
-from bitplan.planner.api import CalibrationSettings, Candidates, load_tokenizer
+from bitplan.models.source import resolve_model
+from bitplan.models.spec import spec_from_folder
 from bitplan.planner.baselines import assignment_bytes, uniform_assignment
 from bitplan.planner.deployment import Deployment, memory_breakdown
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.profiles.model_source import resolve_model
-from bitplan.profiles.model_spec import spec_from_folder
-from common import heldout_windows, save
-
-import torch
+from bitplan.profiles.calibration import load_tokenizer
 
 
 def main() -> None:
@@ -76,7 +77,7 @@ def main() -> None:
             "uniform_scheme": uniform_scheme.name, "uniform_bytes": uniform_bytes, "uniform_kl": uniform_kl,
             "uniform_ppl": uniform_ppl, "uniform_kl_by_slice": uniform_slices,
             "uniform_tried": {s.name: q[0] for q, s, _ in uniform},
-            "plan_bytes": plan.memory["quantized_weights_bytes"], "plan_kl": plan_kl, "plan_ppl": plan_ppl,
+            "plan_bytes": plan.memory.quantized_weights_bytes, "plan_kl": plan_kl, "plan_ppl": plan_ppl,
             "plan_kl_by_slice": plan_slices, "reference_ppl": reference_ppl,
             "kl_reduction": 1 - plan_kl / uniform_kl, "plan_seconds": plan_seconds,
             "plan_schemes": sorted(set(plan.assignments.values())),

@@ -22,7 +22,7 @@ CHILD = """
 import json, os, resource, sys, time
 os.environ["BITPLAN_CACHE"] = sys.argv[1]
 import bitplan
-from bitplan.planner.api import Candidates, CalibrationSettings
+from bitplan.api import Candidates, CalibrationSettings
 started = time.time()
 table = bitplan.profile("smollm2-135m", Candidates(), CalibrationSettings(samples=16, seq_len=512), use_cache=False)
 seconds = time.time() - started
@@ -32,7 +32,7 @@ print(json.dumps({"seconds": seconds, "schemes": len(table.schemes), "layers": l
 
 
 def main() -> None:
-    from bitplan.profiles.model_source import ensure_builtin
+    from bitplan.models.source import ensure_builtin
 
     model = ensure_builtin("smollm2-135m")
     with tempfile.TemporaryDirectory() as cache:

@@ -13,15 +13,15 @@ import argparse
 import random
 
 import torch
+from common import heldout_windows, save
 from scipy.stats import pearsonr, spearmanr
 
 import bitplan
 from bitplan.methods.scheme import Scheme
-from bitplan.planner.api import load_tokenizer
+from bitplan.models.source import resolve_model
+from bitplan.models.spec import spec_from_folder
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.profiles.model_source import resolve_model
-from bitplan.profiles.model_spec import spec_from_folder
-from common import heldout_windows, save
+from bitplan.profiles.calibration import load_tokenizer
 
 
 def main() -> None:

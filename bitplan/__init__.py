@@ -16,11 +16,11 @@ __version__ = "0.1.0"
 
 _API = {
     "BitplanError": "bitplan.errors",
-    "plan": "bitplan.planner.api",
-    "profile": "bitplan.planner.api",
-    "emit": "bitplan.planner.emit",
-    "evaluate": "bitplan.planner.evaluate",
-    "load": "bitplan.planner.load",
+    "plan": "bitplan.api",
+    "profile": "bitplan.api",
+    "emit": "bitplan.checkpoints.emit",
+    "evaluate": "bitplan.checkpoints.evaluate",
+    "load": "bitplan.checkpoints.load",
 }
 __all__ = [*_API, "__version__"]
 

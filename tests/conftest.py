@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bitplan.profiles.model_source import ensure_builtin
+from bitplan.models.source import ensure_builtin
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,7 @@ def transformers_agreement(checkpoint: str | os.PathLike, tokens: torch.Tensor |
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from bitplan.planner.load import load
+    from bitplan.checkpoints.load import load
 
     checkpoint = Path(checkpoint)
     tokens = heldout_tokens(checkpoint) if tokens is None else tokens
@@ -144,7 +144,7 @@ def vllm_generation_agreement(checkpoint: str | os.PathLike, python: Path, promp
     sequences (teacher-forced) and the chosen tokens' log-probabilities are compared."""
     import tempfile
 
-    from bitplan.planner.load import load
+    from bitplan.checkpoints.load import load
 
     checkpoint = Path(checkpoint)
     prompts = prompts or [row[:16].tolist() for row in heldout_tokens(checkpoint, windows=3, seq_len=64)]
@@ -174,7 +174,7 @@ def vllm_generation_agreement(checkpoint: str | os.PathLike, python: Path, promp
                      extra={"mean_abs_logprob_diff": mean_delta, "max_abs_logprob_diff": max_delta})
 
 
-def plan_of(checkpoint: Path) -> dict:
+def plan_of(checkpoint: Path):
     from bitplan.planner.plan import load_plan
 
     if not (checkpoint / "plan.json").is_file():
@@ -189,11 +189,11 @@ def check_checkpoint(checkpoint: str | os.PathLike, engine: str | None = None, p
     platform, and on a CPU platform a real load and greedy generation as well."""
     checkpoint = Path(checkpoint)
     planned = plan_of(checkpoint)
-    engine = engine or planned.get("name")
+    engine = engine or planned.name
     if engine == "transformers":
         return [transformers_agreement(checkpoint)]
     if engine == "vllm":
-        platform = planned.get("platform") if planned.get("name") == "vllm" else "cuda-sm80"
+        platform = planned.platform if planned.name == "vllm" else "cuda-sm80"
         python = vllm_python(python)
         results = [vllm_kernel_agreement(checkpoint, python, platform)]
         if platform.startswith("cpu") and results[0].ok:

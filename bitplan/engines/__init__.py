@@ -8,9 +8,12 @@ are those of CUDA compute capability 8.0 (Ampere), which newer GPUs also run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from bitplan.engines import bitplan_loader, transformers, vllm
 from bitplan.engines.rules import EngineRules
 from bitplan.errors import BitplanError
+from bitplan.profiles.hardware import HardwareProfile, get_device
 
 DEFAULT_ENGINE = "vllm"
 ENGINES = ("vllm", "transformers", "bitplan")
@@ -50,3 +53,19 @@ def get_rules(engine: str, target: str | None = None, compute_capability: str = 
     if engine != "vllm" and target in PLATFORMS:
         raise BitplanError(f"--target {target} is a vLLM platform; engine {engine} runs anywhere: drop --target or pass a device")
     return RULES[(engine, platform_of(engine, target, compute_capability, arch))]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a plan is for: the engine's rules on the hardware, and the catalog device when one is named."""
+
+    name: str | None  # --target as given: a catalog device, a profile file, a platform, or None
+    rules: EngineRules
+    device: HardwareProfile | None
+
+
+def resolve_target(engine: str, target: str | None = None) -> Target:
+    """``--engine`` and ``--target`` to the rules that apply and the device (None for a platform name)."""
+    device = get_device(target) if target and target not in PLATFORMS else None
+    rules = get_rules(engine, target, device.compute_capability if device else "", device.arch if device else "")
+    return Target(target, rules, device)

@@ -19,7 +19,6 @@ from enum import StrEnum
 
 from bitplan.methods.scheme import Method, Scheme
 
-
 BITPLAN_MODEL_TYPE = "bitplan"  # config.json model_type of checkpoints only bitplan.load reads (checkpoints.emit.mark_for_bitplan)
 
 
@@ -57,3 +56,11 @@ def weight_type(scheme: Scheme) -> str:
     if scheme.is_dense:
         return "dense"
     return {Method.FP8: "float", Method.NF4: "nf4"}.get(scheme.method, "int")
+
+
+def format_counts(assignments: dict[str, Scheme]) -> dict[str, tuple[str, int]]:
+    """Each scheme of an assignment with its checkpoint format and its number of layers, sorted."""
+    counts: dict[str, list] = {}
+    for scheme in assignments.values():
+        counts.setdefault(scheme.name, [str(checkpoint_format(scheme)), 0])[1] += 1
+    return {name: (fmt, layers) for name, (fmt, layers) in sorted(counts.items())}

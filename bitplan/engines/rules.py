@@ -26,8 +26,8 @@ import torch
 from bitplan.engines.formats import Format, activation_type, checkpoint_format, weight_type
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import Scheme
-from bitplan.profiles.model_spec import LayerSpec, ModelSpec
-from bitplan.profiles.sensitivity import SensitivityTable
+from bitplan.models.spec import LayerSpec, ModelSpec
+from bitplan.profiles.tables import SensitivityTable
 
 ROW_PARALLEL_KINDS = frozenset({"o", "down"})  # vLLM llama.py: o_proj and down_proj are RowParallelLinear
 

@@ -15,15 +15,20 @@ Layout (compressed-tensors ``pack-quantized``, the format vLLM loads):
 A group size must divide ``in``: compressed-tensors and vLLM's kernels reject short groups,
 so a scheme whose group does not divide a layer is not a candidate for that layer.
 
-This module is the one place where bytes are counted. The planner and the emitter both
+This module is the one place where bytes are counted (compressed-tensors layouts above, GGUF types below). The planner and the emitter both
 call :func:`packed_weight_bytes`, so a plan and its checkpoint cannot disagree.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from enum import StrEnum
 
+import numpy as np
 import torch
+
+from bitplan.errors import BitplanError
 
 INT32_BYTES = 4
 SHAPE_TENSOR_BYTES = 2 * 8  # weight_shape: two int64
@@ -150,3 +155,102 @@ def nf4_weight_bytes(out_features: int, in_features: int, block_size: int, doubl
     if not double_quant:
         return total + blocks * 4
     return total + blocks + math.ceil(blocks / NF4_DOUBLE_QUANT_BLOCK) * 4 + 4
+
+
+# ------------------------------------------------------------------------------ GGUF (llama.cpp)
+# ggml's per-tensor types: blocks of ``block_size`` elements stored in ``type_size`` bytes each
+# (``type_traits[]`` in ggml.c). A row must be whole blocks. Quantizers: ``bitplan.methods.ggml``.
+
+QK_K = 256
+
+
+class GGMLType(StrEnum):
+    """GGUF tensor types bitplan can produce (names as in ``ggml_type_name`` / ``gguf.GGMLQuantizationType``)."""
+
+    F32 = "F32"
+    F16 = "F16"
+    BF16 = "BF16"
+    Q8_0 = "Q8_0"
+    Q5_1 = "Q5_1"
+    Q5_0 = "Q5_0"
+    Q4_1 = "Q4_1"
+    Q4_0 = "Q4_0"
+    Q6_K = "Q6_K"
+    Q5_K = "Q5_K"
+    Q4_K = "Q4_K"
+    Q3_K = "Q3_K"
+    Q2_K = "Q2_K"
+
+
+@dataclass(frozen=True)
+class GGMLTypeInfo:
+    """ggml's type traits (``type_traits[]`` in ggml.c): ``type_id`` is the ``enum ggml_type`` value."""
+
+    type_id: int
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+
+GGML_TYPES: dict[GGMLType, GGMLTypeInfo] = {
+    GGMLType.F32: GGMLTypeInfo(0, 1, 4),
+    GGMLType.F16: GGMLTypeInfo(1, 1, 2),
+    GGMLType.BF16: GGMLTypeInfo(30, 1, 2),
+    GGMLType.Q4_0: GGMLTypeInfo(2, 32, 18),
+    GGMLType.Q4_1: GGMLTypeInfo(3, 32, 20),
+    GGMLType.Q5_0: GGMLTypeInfo(6, 32, 22),
+    GGMLType.Q5_1: GGMLTypeInfo(7, 32, 24),
+    GGMLType.Q8_0: GGMLTypeInfo(8, 32, 34),
+    GGMLType.Q2_K: GGMLTypeInfo(10, QK_K, 84),
+    GGMLType.Q3_K: GGMLTypeInfo(11, QK_K, 110),
+    GGMLType.Q4_K: GGMLTypeInfo(12, QK_K, 144),
+    GGMLType.Q5_K: GGMLTypeInfo(13, QK_K, 176),
+    GGMLType.Q6_K: GGMLTypeInfo(14, QK_K, 210),
+}
+
+
+# llama-quantize's ``tensor_type_fallback`` (src/llama-quant.cpp, b11434): a tensor whose row length is not
+# a multiple of the type's block gets this type instead, and F16 if that does not fit either.
+LLAMA_QUANTIZE_FALLBACK: dict[GGMLType, GGMLType] = {
+    GGMLType.Q2_K: GGMLType.Q4_0,
+    GGMLType.Q3_K: GGMLType.Q4_0,
+    GGMLType.Q4_K: GGMLType.Q5_0,
+    GGMLType.Q5_K: GGMLType.Q5_1,
+    GGMLType.Q6_K: GGMLType.Q8_0,
+}
+
+
+def is_valid_row_size(ggml_type: GGMLType | str, n_per_row: int) -> bool:
+    """Whether ggml can store rows of ``n_per_row`` elements in this type (whole blocks only:
+    k-quants need multiples of 256, legacy quants of 32)."""
+    return n_per_row > 0 and n_per_row % GGML_TYPES[GGMLType(ggml_type)].block_size == 0
+
+
+def row_size_bytes(ggml_type: GGMLType | str, n_per_row: int) -> int:
+    """Bytes of one row, ``ggml_row_size(type, n_per_row)``; raises when the row is not whole blocks."""
+    info = GGML_TYPES[GGMLType(ggml_type)]
+    if not is_valid_row_size(ggml_type, n_per_row):
+        raise BitplanError(
+            f"{ggml_type} stores rows in blocks of {info.block_size}; {n_per_row} inputs is not a multiple:"
+            f" pick another type for this tensor (llama_quantize_type() gives llama-quantize's fallback)"
+        )
+    return n_per_row // info.block_size * info.type_size
+
+
+def llama_quantize_type(ggml_type: GGMLType | str, n_per_row: int) -> GGMLType:
+    """The type llama-quantize actually writes when asked for ``ggml_type`` on rows of ``n_per_row``
+    (``tensor_type_fallback``): e.g. Q4_K on SmolLM2's 576-wide rows becomes Q5_0."""
+    ggml_type = GGMLType(ggml_type)
+    if is_valid_row_size(ggml_type, n_per_row):
+        return ggml_type
+    fallback = LLAMA_QUANTIZE_FALLBACK.get(ggml_type, ggml_type)
+    return fallback if is_valid_row_size(fallback, n_per_row) else GGMLType.F16
+
+
+def tensor_size_bytes(ggml_type: GGMLType | str, shape: tuple[int, ...] | torch.Size) -> int:
+    """Exact bytes of a tensor ``[..., in]`` of this type in a GGUF file (data only, no alignment padding)."""
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    return rows * row_size_bytes(ggml_type, int(shape[-1]))

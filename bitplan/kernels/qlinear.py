@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitplan.kernels import layout
-from bitplan.kernels.launch import NF4_CODEBOOK, KernelConfig, WeightFormat, check_weight, interpreting
+from bitplan.kernels.configs import KernelConfig, WeightFormat, check_weight, interpreting
+from bitplan.kernels.numerics import NF4_CODE_BOOK, fake_quant_activations, per_token_int
 from bitplan.kernels.reference import dequantize_codes, linear_reference
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,8 @@ def _triton_available() -> bool:
 
 def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin of :func:`bitplan.kernels.launch.quantize_per_token`: int8 ``[M, K]``, float32 ``[M]``."""
-    xf = x.to(torch.float32)
-    amax = xf.abs().amax(dim=-1)
-    inverse = torch.where(amax > 0, 127.0 / amax.clamp_min(1e-30), torch.zeros_like(amax))
-    q = torch.round(xf * inverse[:, None])  # half to even
-    return q.clamp(-128, 127).to(torch.int8), amax / 127.0
+    codes, scale = per_token_int(x, 8)
+    return codes.to(torch.int8), scale[..., 0]
 
 
 def w8a8_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -132,7 +130,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
         if self.fmt is WeightFormat.NF4:
-            table = codebook if codebook is not None else torch.tensor(NF4_CODEBOOK)
+            table = codebook if codebook is not None else torch.tensor(NF4_CODE_BOOK)
             self.register_buffer("codebook", table.to(torch.float32).reshape(16), persistent=codebook is not None)
         else:
             self.codebook = None
@@ -208,9 +206,9 @@ class QuantLinear(nn.Module):
 
     def tune(self, rows: tuple[int, ...] = (1, 16, 2048), dtype: torch.dtype = torch.float16,
              timer=None) -> dict[str, KernelConfig]:
-        """Time :data:`~bitplan.kernels.launch.CANDIDATES` for each path on this layer's device and
+        """Time :data:`~bitplan.kernels.configs.CANDIDATES` for each path on this layer's device and
         keep the fastest in ``kernel_configs``; returns them (``to_dict()`` each for a checkpoint)."""
-        from bitplan.kernels.launch import CANDIDATES, autotune, path_for
+        from bitplan.kernels.configs import CANDIDATES, autotune, path_for
 
         device = self.weight_packed.device
         for m in rows:
@@ -251,15 +249,13 @@ class QuantLinear(nn.Module):
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"input must be fp16, bf16 or fp32, got {x.dtype}")
         if self.input_fp8:
-            from bitplan.methods.fp8 import fake_quant_activations_fp8
-
-            x = fake_quant_activations_fp8(x)
+            x = fake_quant_activations(x, "fp8")
         if self.use_triton(x):
             return self._forward_triton(x)
         return self._forward_reference(x)
 
     def _config(self, x: torch.Tensor) -> KernelConfig | None:
-        from bitplan.kernels.launch import path_for
+        from bitplan.kernels.configs import path_for
 
         rows = x.numel() // self.in_features
         return self.kernel_configs.get(path_for(rows))

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bitplan.methods.rtn import grouped, quantize_rtn
+from bitplan.kernels.numerics import grouped
+from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.scheme import QuantizedWeight, Scheme
 
 N_GRID = 20

@@ -27,7 +27,7 @@ import torch
 from bitplan.errors import BitplanError
 from bitplan.methods.registry import SMOOTHING, quantize, quantize_smoothing_group
 from bitplan.methods.scheme import Method, QuantizedWeight, Scheme
-from bitplan.profiles.model_spec import LayerSpec
+from bitplan.models.spec import LayerSpec
 
 NO_CLIP_KINDS = ("q", "k")  # AWQ's reference does not clip q and k (attention scores amplify it)
 
@@ -128,14 +128,3 @@ def quantize_block(layers: list[LayerSpec], assignments: dict[str, Scheme], read
         if activation_format(scheme):
             result.activations[layer.name] = activation_format(scheme)
     return result
-
-
-def fake_quant_activations(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The input a W8A8 Linear effectively multiplies: per-token int8 or FP8, as the kernels do it."""
-    if fmt == "fp8":
-        from bitplan.methods.fp8 import fake_quant_activations_fp8
-
-        return fake_quant_activations_fp8(x)
-    from bitplan.methods.smoothquant import fake_quant_activations as int8
-
-    return int8(x, 8)

@@ -18,9 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 PLANNER_SAMPLES = 1024  # input rows the planner keeps per Linear (SmoothQuant's search, activation error)
 PLANNER_STRIDE = 8  # every 8th row of each batch, so 1024 rows span 16 windows of 512 tokens
+
+
+def weighted_gram(rows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_t w_t x_t x_tᵀ`` over the rows ``x_t`` of ``[t, in]`` (``w_t`` = 1 when no weights), in ``rows``' dtype."""
+    return (rows if weights is None else rows * weights.unsqueeze(1)).T @ rows
 
 
 def planner_stats(in_features: int) -> "InputStats":
@@ -57,7 +61,7 @@ class InputStats:
         """Accumulate a batch of inputs of any leading shape ``[..., in_features]``."""
         rows = x.detach().reshape(-1, self.in_features)
         rows32 = rows.to(torch.float32)
-        self.gram += (rows32.T @ rows32).to(torch.float64)  # float32 per batch, float64 across batches
+        self.gram += weighted_gram(rows32).to(torch.float64)  # float32 per batch, float64 across batches
         self.abs_sum += rows32.abs().sum(dim=0, dtype=torch.float64)
         self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(dim=0).to(torch.float32))
         self.count += rows.shape[0]

@@ -18,11 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bitplan.methods.rtn import grouped
-
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
-MIN_TOKEN_SCALE = 1.0 / (E4M3_MAX * 512.0)
+from bitplan.kernels.numerics import E4M3, E4M3_MAX, grouped, per_token_fp8, to_e4m3
 
 
 @dataclass(frozen=True)
@@ -38,11 +34,6 @@ class Fp8Weight:
         return (groups * self.scale.to(torch.float32).unsqueeze(-1)).reshape(self.values.shape).to(dtype)
 
 
-def to_e4m3(x: torch.Tensor) -> torch.Tensor:
-    """Saturating cast to E4M3 (the cast alone would turn |x| > 448 into NaN)."""
-    return x.to(torch.float32).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-
-
 def quantize_fp8(weight: torch.Tensor, group_size: int = 0, scale_dtype: torch.dtype = torch.float32) -> Fp8Weight:
     """E4M3 weight with one scale per output channel (``group_size`` 0) or per group of inputs."""
     if group_size and weight.shape[1] % group_size:
@@ -55,24 +46,11 @@ def quantize_fp8(weight: torch.Tensor, group_size: int = 0, scale_dtype: torch.d
     return Fp8Weight(values, scale, group_size)
 
 
-def quantize_activations_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token E4M3 as vLLM runs it: (values float8 ``[..., in]``, scale float32 ``[..., 1]``)."""
-    x32 = x.to(torch.float32)
-    scale = (x32.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_min(MIN_TOKEN_SCALE)
-    return to_e4m3(x32 / scale), scale
-
-
-def fake_quant_activations_fp8(x: torch.Tensor) -> torch.Tensor:
-    """What the Linear effectively sees after run-time per-token FP8 quantization."""
-    values, scale = quantize_activations_fp8(x)
-    return (values.to(torch.float32) * scale).to(x.dtype)
-
-
 def fp8_linear(x: torch.Tensor, weight: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8-FP8 Linear: E4M3 activations per token × E4M3 weights per channel, scaled after the GEMM."""
     if weight.group_size != 0:
         raise ValueError("W8A8-FP8 runs with per-channel weight scales; use weight-only FP8 for groups")
-    values, token_scale = quantize_activations_fp8(x)
+    values, token_scale = per_token_fp8(x)
     accumulated = values.to(torch.float64) @ weight.values.to(torch.float64).T
     out = accumulated.to(torch.float32) * token_scale * weight.scale.to(torch.float32).reshape(1, -1)
     if bias is not None:

@@ -21,7 +21,6 @@ rounding): with H = 2 X Xᵀ / n it is ‖(W − Q) X‖²_F / n, a free sensiti
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -31,25 +30,6 @@ from bitplan.methods.rtn import integer_range, quantize_params
 from bitplan.methods.scheme import QuantizedWeight, Scheme
 
 log = logging.getLogger(__name__)
-
-
-def make_hessian(in_features: int) -> tuple[torch.Tensor, int]:
-    """An empty running Hessian and its sample count, as the reference keeps them."""
-    return torch.zeros(in_features, in_features, dtype=torch.float32), 0
-
-
-def accumulate_hessian(hessian: torch.Tensor, count: int, inputs: torch.Tensor) -> int:
-    """Fold a batch of Linear inputs ``[..., in]`` into ``hessian`` = 2 X Xᵀ / n, in place.
-
-    Running average as in the reference: H ← H · n/(n+t) + 2/(n+t) · X Xᵀ. Returns the new n.
-    """
-    rows = inputs.detach().reshape(-1, hessian.shape[0]).to(torch.float32)
-    added = rows.shape[0]
-    total = count + added
-    hessian.mul_(count / total)
-    rows = rows * math.sqrt(2.0 / total)
-    hessian.add_(rows.T @ rows)
-    return total
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -214,7 +194,7 @@ def quantize_gptq(
 ) -> tuple[QuantizedWeight, float]:
     """GPTQ-quantize ``weight`` ``[out, in]`` given its input Hessian ``H`` ``[in, in]``.
 
-    ``H`` is 2 X Xᵀ / n (see :func:`accumulate_hessian` or ``InputStats.hessian``); ``damp``
+    ``H`` is 2 X Xᵀ / n (``InputStats.hessian``); ``damp``
     is the fraction of mean(diag H) added to the diagonal; ``block`` the lazy-update width;
     ``act_order`` processes columns by decreasing diag(H) with static groups. Returns the
     quantized weight on the same grid as RTN (emits as pack-quantized) and the loss

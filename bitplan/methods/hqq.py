@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bitplan.methods.rtn import codes_for, grouped, integer_range, quantize_params
+from bitplan.kernels.numerics import grouped
+from bitplan.methods.rtn import codes_for, integer_range, quantize_params
 from bitplan.methods.scheme import QuantizedWeight, Scheme
 
 

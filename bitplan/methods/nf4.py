@@ -2,7 +2,7 @@
 
 Each block of ``block_size`` consecutive inputs of a row is divided by its absmax and every
 value is replaced by the nearest of 16 NormalFloat levels (the table of the paper's appendix,
-:data:`NF4_CODE_BOOK`; :func:`normal_float_levels` rebuilds it from normal quantiles).
+:data:`bitplan.kernels.numerics.NF4_CODE_BOOK`; :func:`normal_float_levels` rebuilds it from normal quantiles).
 
 Double quantization (section 3 of the paper): the float32 absmax constants c₁ are centred by
 their mean and quantized to 8-bit floats in blocks of 256, each block with a float32 scale.
@@ -24,22 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bitplan.methods.fp8 import E4M3_MAX, to_e4m3
+from bitplan.kernels.numerics import E4M3_MAX, nf4_code_book, to_e4m3
 
-# The NF4 data type, QLoRA appendix E (identical to bitsandbytes' NF4 code).
-NF4_CODE_BOOK = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
 NF4_OFFSET = 0.9677083  # QLoRA: 1 − ½(1/30 + 1/32), the outermost quantile of the 15/16-level halves
 DOUBLE_QUANT_BLOCK = 256
-
-
-def code_book() -> torch.Tensor:
-    """The 16 NF4 levels as a float32 tensor, ascending."""
-    return torch.tensor(NF4_CODE_BOOK, dtype=torch.float32)
 
 
 def normal_float_levels(offset: float = NF4_OFFSET) -> torch.Tensor:
@@ -88,13 +76,13 @@ class Nf4Weight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out_features, in_features = self.codes.shape
-        levels = code_book()[self.codes.to(torch.int64)].reshape(out_features, -1, self.block_size)
+        levels = nf4_code_book()[self.codes.to(torch.int64)].reshape(out_features, -1, self.block_size)
         return (levels * self.block_absmax().unsqueeze(-1)).reshape(out_features, in_features).to(dtype)
 
 
 def nearest_level(normalised: torch.Tensor) -> torch.Tensor:
     """Index of the nearest NF4 level for values in [−1, 1] (ties go to the lower level), uint8."""
-    levels = code_book()
+    levels = nf4_code_book()
     midpoints = (levels[1:] + levels[:-1]) / 2
     return torch.bucketize(normalised.contiguous(), midpoints, right=False).to(torch.uint8)
 

@@ -65,7 +65,6 @@ CALIBRATED = frozenset({Method.GPTQ, *SMOOTHING})
 DEFAULT_METHODS = ("rtn", "gptq", "awq", "hqq", "nf4", "fp8", "smoothquant")
 COSTLY = frozenset({Method.GPTQ, Method.AWQ, Method.HQQ})  # seconds per layer and scheme to profile, not milliseconds
 COSTLY_DEFAULT_BITS = (2, 3, 4)  # where they beat RTN by most; above 4 bits RTN is close to lossless
-SMOOTHQUANT_SAMPLES = 1024  # calibration rows kept per input for SmoothQuant's search and activation error
 
 
 @dataclass(frozen=True)
@@ -100,16 +99,6 @@ def quantize_smoothing_group(weights: dict[str, torch.Tensor], scheme: Scheme, s
                                           alphas=smoothquant.ALPHA_GRID if foldable else (), scale_dtype=scale_dtype)
         return SmoothedGroup(result.scales, dict(zip(names, result.quantized)), result.alpha)
     raise ValueError(f"{scheme} is not a smoothing scheme")
-
-
-def register(method: Method) -> Callable[[Quantizer], Quantizer]:
-    """Decorator: ``@register(Method.GPTQ)`` makes a quantizer available to profile and emit."""
-
-    def wrap(function: Quantizer) -> Quantizer:
-        QUANTIZERS[method] = function
-        return function
-
-    return wrap
 
 
 def quantize(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict | None = None) -> QuantizedWeight:

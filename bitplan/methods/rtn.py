@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from bitplan.kernels.numerics import grouped
 from bitplan.methods.scheme import QuantizedWeight, Scheme
 
 
 def integer_range(bits: int) -> tuple[int, int]:
     """Signed code range stored by compressed-tensors for ``bits``-bit integers."""
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """View ``[out, in]`` as ``[out, groups, width]`` (group 0: one group per row)."""
-    out_features, in_features = weight.shape
-    width = in_features if group_size == 0 else group_size
-    return weight.reshape(out_features, in_features // width, width)
 
 
 def quantize_params(

@@ -10,6 +10,7 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.kernels import layout
+from bitplan.kernels.numerics import nf4_code_book
 from bitplan.kernels.reference import dequantize_codes
 
 
@@ -158,9 +159,7 @@ class QuantizedWeight:
     def code_values(self) -> torch.Tensor:
         """The unscaled values float32 ``[out, in]`` for NF4 and FP8 (code book or E4M3)."""
         if self.scheme.method == Method.NF4:
-            from bitplan.methods.nf4 import code_book
-
-            return code_book()[self.codes.to(torch.int64) + 8]
+            return nf4_code_book()[self.codes.to(torch.int64) + 8]
         return self.codes.view(torch.float8_e4m3fn).to(torch.float32)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bitplan.kernels.numerics import fake_quant_activations, per_token_int
 from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.scheme import Method, QuantizedWeight, Scheme
 
@@ -52,26 +53,6 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alph
     return scales.clamp_min(1e-5)
 
 
-def quantize_activations(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token symmetric integer quantization, as vLLM's kernel does it.
-
-    Returns (codes as float32 ``[..., in]`` holding integers, scale float32 ``[..., 1]``).
-    A token of all zeros gets scale 0 and codes 0.
-    """
-    qmax = float((1 << (bits - 1)) - 1)
-    x32 = x.to(torch.float32)
-    absmax = x32.abs().amax(dim=-1, keepdim=True)
-    inverse = torch.where(absmax > 0, qmax / absmax, torch.zeros_like(absmax))
-    codes = torch.round(x32 * inverse).clamp(-qmax - 1, qmax)
-    return codes, absmax / qmax
-
-
-def fake_quant_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """What the Linear effectively sees after run-time per-token quantization: codes · scale."""
-    codes, scale = quantize_activations(x, bits)
-    return (codes * scale).to(x.dtype)
-
-
 def w8a8_linear(x: torch.Tensor, quantized: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The W8A8 Linear as it runs: int8 activations per token × int8 weights per channel.
 
@@ -79,7 +60,7 @@ def w8a8_linear(x: torch.Tensor, quantized: QuantizedWeight, bias: torch.Tensor 
     token scale × channel scale in float32 and cast back to ``x``'s dtype.
     """
     assert quantized.zero is None and quantized.scheme.group_size == 0, "W8A8 weights are symmetric per channel"
-    codes, token_scale = quantize_activations(x, quantized.scheme.act_bits)
+    codes, token_scale = per_token_int(x, quantized.scheme.act_bits)
     accumulated = codes.to(torch.float64) @ quantized.codes.to(torch.float64).T
     out = accumulated.to(torch.float32) * token_scale * quantized.scale.to(torch.float32).reshape(1, -1)
     if bias is not None:
@@ -94,7 +75,7 @@ def _candidate_error(weights, samples, references, scales, scheme, scale_dtype) 
     float32 by the dequantized weights: the same products as :func:`w8a8_linear` up to float32
     rounding, which is far below the differences between candidates this ranks.
     """
-    smoothed_x = fake_quant_activations(samples / scales, scheme.act_bits).to(torch.float32)
+    smoothed_x = fake_quant_activations(samples / scales, "int8", scheme.act_bits).to(torch.float32)
     total, quantized = 0.0, []
     for weight, reference in zip(weights, references):
         q = quantize_rtn(weight * scales, scheme, scale_dtype)

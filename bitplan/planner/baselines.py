@@ -8,7 +8,7 @@ fallback a user of a uniform quantizer would have to choose.
 from __future__ import annotations
 
 from bitplan.methods.scheme import Scheme
-from bitplan.profiles.model_spec import ModelSpec
+from bitplan.models.spec import ModelSpec
 
 FALLBACK_GROUPS = (128, 64, 32)
 

@@ -5,133 +5,43 @@ marked ``prior-kl``) unless a measured table with the same layers is given.
 
 Per device: the deployment's budget is the device's usable memory; the runtime overhead is
 ``default_overhead_bytes(tensor_parallel)``; what remains after unquantized tensors, KV cache
-and workspace is the weight budget, spent by a multiple-choice knapsack over fused groups
-(Linears an engine fuses must share a scheme). When even the smallest plan does not fit, the
-result says how much memory that smallest plan needs.
-
-The allocator here is private and simple: per group, the lower convex hull of (bytes, cost);
-start at the cheapest point of every hull, take upgrades in order of cost saved per byte while
-they fit, then one pass of exact swaps for leftover bytes. Its gap to the optimum is at most
-one group's step. (The spine's ``planner.search`` did not exist when this was written.)
+and workspace is the weight budget, spent by the same exact allocation ``bitplan plan`` uses
+(``planner.search.allocate``, fused groups sharing one scheme, the objective's time term added
+as in ``planner.objective``). When even the smallest plan does not fit, the result says how much
+memory that smallest plan needs.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import Scheme
+from bitplan.models.moe import Routing
+from bitplan.models.spec import ModelSpec
 from bitplan.planner.deployment import (
-    DEFAULT_PREFILL_CHUNK_TOKENS, Deployment, MemoryBreakdown, default_overhead_bytes,
-    max_batch, memory_breakdown, weight_budget_bytes,
+    DEFAULT_PREFILL_CHUNK_TOKENS,
+    Deployment,
+    MemoryBreakdown,
+    default_overhead_bytes,
+    max_batch,
+    memory_breakdown,
+    weight_budget_bytes,
 )
-from bitplan.planner.objective import check_objective, cost_weights, reference_scales
+from bitplan.planner.objective import check_objective, decode_time_matrix, latency_cost
 from bitplan.planner.prior import PRIOR_METRIC, prior_table
-from bitplan.planner.speed import Efficiency, Roofline, estimate, linear_decode_time_s
+from bitplan.planner.search import allocate, build_units, smallest_allocation
+from bitplan.planner.speed import estimate
 from bitplan.profiles.hardware import HardwareProfile
-from bitplan.profiles.model_spec import ModelSpec
-from bitplan.profiles.moe import Routing
+from bitplan.profiles.tables import SensitivityTable
 
 DEFAULT_SCHEMES = (
     "none", "gptq-w8gcs", "gptq-w6g128s", "gptq-w5g128s", "gptq-w4g32s",
     "gptq-w4g128s", "gptq-w3g128s", "gptq-w2g64s",
 )
-
-
-@dataclass(frozen=True)
-class GroupOption:
-    """One scheme for a fused group: its total bytes, predicted loss and decode time."""
-
-    scheme_index: int
-    bytes: int
-    score: float
-    time_s: float
-
-
-@dataclass
-class Group:
-    key: str
-    layer_indices: list[int]
-    options: list[GroupOption]
-
-
-def fused_groups(spec: ModelSpec, table) -> list[Group]:
-    """Layers that must share a scheme, in model order (``table`` gives bytes and scores)."""
-    members: dict[str, list[int]] = defaultdict(list)
-    for index, layer in enumerate(spec.layers):
-        members[layer.fused_key].append(index)
-    groups = []
-    for key, indices in members.items():
-        options = []
-        for j in range(len(table.schemes)):
-            sizes = [int(table.bytes[i, j]) for i in indices]
-            if min(sizes) < 0:
-                continue
-            score = float(sum(float(table.scores[i, j]) for i in indices))
-            options.append(GroupOption(j, sum(sizes), score, 0.0))
-        if not options:
-            raise BitplanError(f"no candidate scheme can store layer group {key}: add a per-channel or dense scheme")
-        groups.append(Group(key, indices, options))
-    return groups
-
-
-def _hull(options: list[GroupOption], cost) -> list[GroupOption]:
-    """Lower convex hull of (bytes, cost), cheapest bytes first, dominated options dropped."""
-    ordered = sorted(options, key=lambda o: (o.bytes, cost(o)))
-    front: list[GroupOption] = []
-    for option in ordered:
-        if front and cost(option) >= cost(front[-1]):
-            continue
-        front.append(option)
-    hull: list[GroupOption] = []
-    for option in front:
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            slope_ab = (cost(b) - cost(a)) / max(1, b.bytes - a.bytes)
-            slope_ac = (cost(option) - cost(a)) / max(1, option.bytes - a.bytes)
-            if slope_ac <= slope_ab:
-                hull.pop()
-            else:
-                break
-        hull.append(option)
-    return hull
-
-
-def allocate(groups: list[Group], budget_bytes: int, cost) -> list[GroupOption] | None:
-    """Minimize the summed ``cost(option)`` with total bytes <= budget; None when infeasible."""
-    hulls = [_hull(g.options, cost) for g in groups]
-    chosen = [0] * len(groups)
-    used = sum(h[0].bytes for h in hulls)
-    if used > budget_bytes:
-        return None
-    steps = []
-    for g, hull in enumerate(hulls):
-        for k in range(1, len(hull)):
-            gain = (cost(hull[k]) - cost(hull[k - 1])) / max(1, hull[k].bytes - hull[k - 1].bytes)
-            steps.append((gain, g, k))
-    steps.sort()
-    for _, g, k in steps:
-        if chosen[g] != k - 1:
-            continue
-        extra = hulls[g][k].bytes - hulls[g][k - 1].bytes
-        if used + extra <= budget_bytes:
-            chosen[g], used = k, used + extra
-    picks = [hulls[g][k] for g, k in enumerate(chosen)]
-    return _fill_leftover(groups, picks, budget_bytes - used, cost)
-
-
-def _fill_leftover(groups: list[Group], picks: list[GroupOption], left_bytes: int, cost) -> list[GroupOption]:
-    """One pass of the best single-group swaps that still fit (off-hull options included)."""
-    for g, group in enumerate(groups):
-        current = picks[g]
-        better = [o for o in group.options if cost(o) < cost(current) and o.bytes - current.bytes <= left_bytes]
-        if better:
-            best = min(better, key=cost)
-            left_bytes -= best.bytes - current.bytes
-            picks[g] = best
-    return picks
 
 
 @dataclass
@@ -190,42 +100,6 @@ def parse_schemes(names: tuple[str, ...]) -> list[Scheme]:
     return schemes
 
 
-def _with_times(groups: list[Group], spec: ModelSpec, schemes: list[Scheme], roof: Roofline, deployment: Deployment,
-                routing: Routing | None) -> list[Group]:
-    cache: dict[tuple, float] = {}  # many Linears share a shape, kind and scheme
-
-    def time_s(index: int, scheme_index: int) -> float:
-        layer = spec.layers[index]
-        key = (layer.in_features, layer.out_features, layer.kind, scheme_index)
-        if key not in cache:
-            cache[key] = linear_decode_time_s(roof, spec, layer, schemes[scheme_index], deployment, routing)
-        return cache[key]
-
-    timed = []
-    for group in groups:
-        options = [
-            GroupOption(o.scheme_index, o.bytes, o.score, sum(time_s(i, o.scheme_index) for i in group.layer_indices))
-            for o in group.options
-        ]
-        timed.append(Group(group.key, group.layer_indices, options))
-    return timed
-
-
-def _cost_function(objective: str, groups: list[Group]):
-    """The objective's cost of one option (definitions and scales: ``planner.objective``)."""
-    weights = cost_weights(objective, *reference_scales(
-        ([o.score for o in g.options], [o.time_s for o in g.options]) for g in groups))
-    return lambda o: weights(o.score, o.time_s)
-
-
-def _smallest(groups: list[Group]) -> list[GroupOption]:
-    return [min(g.options, key=lambda o: (o.bytes, o.score)) for g in groups]
-
-
-def _plan(spec: ModelSpec, groups: list[Group], picks: list[GroupOption], schemes: list[Scheme]) -> dict[str, Scheme]:
-    return {spec.layers[i].name: schemes[p.scheme_index] for g, p in zip(groups, picks) for i in g.layer_indices}
-
-
 def _shares(spec: ModelSpec, plan: dict[str, Scheme]) -> dict[str, float]:
     total = spec.linear_weights
     shares: dict[str, float] = defaultdict(float)
@@ -234,29 +108,29 @@ def _shares(spec: ModelSpec, plan: dict[str, Scheme]) -> dict[str, float]:
     return dict(sorted(shares.items(), key=lambda item: -item[1]))
 
 
-def compare_device(spec: ModelSpec, routing: Routing | None, table, schemes: list[Scheme],
-                   device: HardwareProfile, settings: CompareSettings, base_groups: list[Group]) -> DeviceResult:
+def compare_device(spec: ModelSpec, routing: Routing | None, table: SensitivityTable, device: HardwareProfile,
+                   settings: CompareSettings) -> DeviceResult:
     """The best plan (or the smallest, when nothing fits) for one device, with its figures."""
     deployment = settings.deployment(device)
     experts = routing.experts_per_token if routing else 1
-    roof = Roofline(device, Efficiency.for_profile(device), spec.dtype)
-    groups = _with_times(base_groups, spec, schemes, roof, deployment, routing)
-    cost = _cost_function(settings.objective, groups)
     budget = weight_budget_bytes(spec, deployment, experts)
-    picks = allocate(groups, budget, cost)
-    fits = picks is not None
-    picks = picks if fits else _smallest(groups)
-    plan = _plan(spec, groups, picks, schemes)
-    weights = sum(p.bytes for p in picks)
-    memory = memory_breakdown(spec, weights, deployment, experts)
+    times = decode_time_matrix(spec, table.layers, table.schemes, table.bytes.numpy() >= 0, device, deployment, routing)
+    extra_cost = latency_cost(settings.objective, table, times)
+    try:
+        allocation, fits = allocate(table, spec, budget, tie_fused=True, extra_cost=extra_cost), True
+    except BitplanError:
+        allocation, fits = smallest_allocation(table, spec, tie_fused=True), False
+    plan = {name: Scheme.parse(scheme) for name, scheme in allocation.choice.items()}
+    weights = allocation.weight_bytes
     largest = max_batch(spec, weights, deployment, experts)
     speed = estimate(spec, plan, device, deployment, routing) if fits else None
     at_max = estimate(spec, plan, device, Deployment(**{**deployment.to_dict(), "batch": largest}), routing) if largest else None
     return DeviceResult(
         device=device.key, device_name=device.name, usable_memory_bytes=device.usable_memory_bytes, fits=fits,
         weight_budget_bytes=budget,
-        memory=memory, weights_bytes=weights, bits_per_weight=8.0 * weights / spec.linear_weights,
-        scheme_shares=_shares(spec, plan), predicted_loss=sum(p.score for p in picks),
+        memory=memory_breakdown(spec, weights, deployment, experts), weights_bytes=weights,
+        bits_per_weight=8.0 * weights / spec.linear_weights,
+        scheme_shares=_shares(spec, plan), predicted_loss=allocation.score,
         loss_metric=str(table.provenance.get("metric", PRIOR_METRIC)),
         decode_tokens_per_s=speed.decode_tokens_per_s / deployment.batch if speed else 0.0,
         prefill_tokens_per_s=speed.prefill_tokens_per_s if speed else 0.0,
@@ -280,17 +154,26 @@ class Comparison:
         }
 
 
-def quality_curve(groups: list[Group], points: int = 24) -> list[tuple[int, float]]:
-    """Best predicted loss at budgets from the smallest plan to the largest (for the plot)."""
-    low = sum(min(o.bytes for o in g.options) for g in groups)
-    high = sum(max(o.bytes for o in g.options) for g in groups)
-    curve = []
-    for k in range(points):
-        budget = int(low + (high - low) * k / max(1, points - 1))
-        picks = allocate(groups, budget, lambda o: o.score)
-        if picks is not None:
-            curve.append((sum(p.bytes for p in picks), sum(p.score for p in picks)))
-    return curve
+def quality_curve(table: SensitivityTable, spec: ModelSpec, points: int = 24) -> list[tuple[int, float]]:
+    """Best predicted loss against Linear bytes, for the plot: the plans that minimise
+    ``score + λ · bytes`` over a sweep of λ. Each is the exact optimum at its own size (a
+    Lagrangian point lies on the lower convex hull of the allocation's (bytes, score) front)."""
+    units = build_units(table, spec, tie_fused=True)
+    slopes = [abs(a[2] - b[2]) / (b[1] - a[1]) for unit in units for a, b in zip(unit.options, unit.options[1:]) if b[1] > a[1]]
+    slopes = [s for s in slopes if s > 0]
+    if not slopes:
+        return []
+    low, high = math.log(min(slopes)), math.log(max(slopes))
+    front = set()
+    for k in range(4 * points):
+        lam = math.exp(low + (high - low) * k / max(1, 4 * points - 1))
+        picks = [min(unit.options, key=lambda o: (o[2] + lam * o[1], o[1])) for unit in units]
+        front.add((sum(p[1] for p in picks), sum(p[2] for p in picks)))
+    front.add((sum(unit.options[0][1] for unit in units), sum(unit.options[0][2] for unit in units)))
+    front.add((sum(unit.options[-1][1] for unit in units), sum(unit.options[-1][2] for unit in units)))
+    ordered = sorted(front)
+    step = max(1, len(ordered) // points)
+    return [(int(b), float(s)) for b, s in ordered[::step]] + ([] if (len(ordered) - 1) % step == 0 else [(int(ordered[-1][0]), float(ordered[-1][1]))])
 
 
 def compare(spec: ModelSpec, routing: Routing | None, devices: list[HardwareProfile], settings: CompareSettings,
@@ -301,10 +184,9 @@ def compare(spec: ModelSpec, routing: Routing | None, devices: list[HardwareProf
         table = prior_table(spec, schemes, routing)
     elif list(table.layers) != [layer.name for layer in spec.layers]:
         raise BitplanError("the sensitivity table's layers do not match the model's config.json: profile this model")
-    groups = fused_groups(spec, table)
-    results = [compare_device(spec, routing, table, schemes, device, settings, groups) for device in devices]
+    results = [compare_device(spec, routing, table, device, settings) for device in devices]
     metric = str(table.provenance.get("metric", PRIOR_METRIC))
-    return Comparison(spec.model_type, settings, metric, results, quality_curve(groups))
+    return Comparison(spec.model_type, settings, metric, results, quality_curve(table, spec))
 
 
 def write_plot(comparison: Comparison, path: Path) -> None:

@@ -35,7 +35,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from bitplan.errors import BitplanError
-from bitplan.profiles.model_spec import ModelSpec
+from bitplan.models.spec import ModelSpec
 
 KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 DEFAULT_GPU_OVERHEAD_BYTES = 1 * 2**30  # CUDA context + allocator slack (see module notes)
@@ -72,6 +72,22 @@ def format_bytes(count: float) -> str:
         if abs(count) >= size:
             return f"{count / size:.2f} {unit}"
     return f"{int(count)} B"
+
+
+def deployment_for(budget: str | int | None, device, context: int = 2048, batch: int = 1, kv_dtype: str = "float16",
+                   tensor_parallel: int = 1, overhead: str | int | None = None) -> Deployment:
+    """A budget in bytes (or text such as '40GB'), or a target device whose usable memory is the budget.
+
+    The overhead defaults to ``default_overhead_bytes`` on a device, 0 for a bare budget."""
+    if budget is None and device is None:
+        raise BitplanError("give a memory budget (--budget 40GB) or a target device (--target h100-sxm)")
+    budget_bytes = (parse_size(budget) if isinstance(budget, str) else int(budget)) if budget is not None else device.usable_memory_bytes
+    if overhead is None:
+        overhead_bytes = default_overhead_bytes(tensor_parallel) if device else 0
+    else:
+        overhead_bytes = parse_size(overhead, allow_zero=True) if isinstance(overhead, str) else int(overhead)
+    return Deployment(budget_bytes=budget_bytes, context=context, batch=batch, kv_dtype=kv_dtype,
+                      tensor_parallel=tensor_parallel, overhead_bytes=overhead_bytes)
 
 
 def default_overhead_bytes(tensor_parallel: int = 1) -> int:
@@ -136,6 +152,14 @@ class MemoryBreakdown:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MemoryBreakdown":
+        terms = {k: int(v) for k, v in data.items() if k != "total_bytes"}
+        breakdown = cls(**terms)
+        if "total_bytes" in data and int(data["total_bytes"]) != breakdown.total_bytes:
+            raise ValueError(f"memory terms sum to {breakdown.total_bytes}, not the recorded total {data['total_bytes']}")
+        return breakdown
 
 
 def kv_heads_per_device(spec: ModelSpec, tensor_parallel: int) -> int:

@@ -58,20 +58,32 @@ import numpy as np
 
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import Scheme
+from bitplan.models.moe import Routing
+from bitplan.models.spec import ModelSpec
 from bitplan.planner.speed import Efficiency, Roofline, linear_decode_time_s
 from bitplan.profiles.hardware import HardwareProfile
-from bitplan.profiles.model_spec import ModelSpec
-from bitplan.profiles.moe import Routing
 
 OBJECTIVES = ("quality", "speed", "balanced")
 SPEED_SCORE_TIE = 1e-3  # weight of score / score_ref under ``speed`` (see the module notes)
 BALANCED_KL_SCALE = 0.1  # nats/token of predicted KL worth the whole time_ref under ``balanced``
 
 
-def check_objective(objective: str) -> str:
+def check_objective(objective: str, device: HardwareProfile | None = None, needs_device: bool = False) -> str:
+    """The objective, checked; with ``needs_device``, ``speed`` and ``balanced`` need a catalog device."""
     if objective not in OBJECTIVES:
         raise BitplanError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if needs_device and objective != "quality" and device is None:
+        raise BitplanError(f"--objective {objective} predicts decode time on a device: pass --target NAME (see `bitplan devices`)")
     return objective
+
+
+def objective_costs(objective: str, table, spec: ModelSpec, device: HardwareProfile | None, deployment) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(times, extra_cost)`` for a plan on ``device``: each cell's predicted decode seconds and the
+    objective's time term in score units; ``(None, None)`` without a device."""
+    if device is None:
+        return None, None
+    times = decode_time_matrix(spec, table.layers, table.schemes, table.bytes.numpy() >= 0, device, deployment)
+    return times, latency_cost(objective, table, times)
 
 
 def reference_scales(units: Iterable[tuple[Sequence[float], Sequence[float]]]) -> tuple[float, float]:

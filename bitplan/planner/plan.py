@@ -1,39 +1,165 @@
 """Plan: the product of the search, saved as plan.json.
 
-The file is canonical JSON (sorted keys, no timestamps), so the same inputs and seed give the
-same bytes. ``integrity`` is the sha256 of everything else: a plan edited by hand is refused
-by ``emit`` with a message saying so.
+Every part is a typed, frozen dataclass with ``to_dict``/``from_dict``. The file is canonical
+JSON (sorted keys, no timestamps, optional figures left out when absent), so the same inputs and
+seed give the same bytes. ``integrity`` is the sha256 of everything else: a plan edited by hand
+is refused by ``emit`` with a message saying so. A plan file of another schema version is
+refused with one line naming both versions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from bitplan.atomic import write_text_atomic
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import Scheme
+from bitplan.planner.deployment import Deployment, MemoryBreakdown
+from bitplan.profiles.calibration import CalibrationSettings
 
 SCHEMA_VERSION = 2  # 2: the engine the plan was made for (name, platform, rules enforced)
+
+
+def _compact(data: dict) -> dict:
+    """A dataclass's dict without the optional fields it does not hold."""
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def _build(cls, data: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model: the built-in name or the folder's absolute path, its type, its weights' hash."""
+
+    source: str
+    model_type: str
+    hash: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelRef":
+        return _build(cls, data)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the plan is expected to cost in quality (nats/token) and, with a target, in time."""
+
+    score_kl: float
+    metric: str | None = None
+    calibration_kl: float | None = None  # measured on held-in calibration tokens (refinement)
+    exact_calibration_kl: float | None = None  # the exact allocation's, on the same tokens
+    decode_step_ms: float | None = None
+    decode_tokens_per_s: float | None = None
+    decode_ms_per_token_batch1: float | None = None
+    linear_decode_ms: float | None = None
+    speed_model: str | None = None
+
+    def to_dict(self) -> dict:
+        return _compact(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Prediction":
+        return _build(cls, data)
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """How the assignment was found: the exact solver's outcome and the refinement's."""
+
+    solver: str
+    status: str
+    mip_gap: float
+    tie_fused: bool
+    weight_budget_bytes: int
+    objective: str
+    refine_trials: int | None = None
+    refine_distinct_plans: int | None = None
+    refine_tokens: int | None = None
+    knobs: dict | None = None
+
+    def to_dict(self) -> dict:
+        return _compact(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchRecord":
+        return _build(cls, data)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the plan came from: the model and calibration hashes, the code, the seed, the candidates."""
+
+    model_hash: str
+    calibration_hash: str
+    bitplan_version: str
+    seed: int
+    metric: str | None
+    metric_version: int | None
+    candidates: tuple[str, ...]
+    calibration: CalibrationSettings
+
+    def to_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "candidates": list(self.candidates),
+                "calibration": self.calibration.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Provenance":
+        return _build(cls, {**data, "candidates": tuple(data["candidates"]),
+                            "calibration": CalibrationSettings.from_dict(data["calibration"])})
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """The engine and platform the plan obeys, and its rules in words."""
+
+    name: str
+    platform: str
+    loader: str
+    rules: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rules": list(self.rules)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EngineRecord":
+        return _build(cls, {**data, "rules": tuple(data.get("rules", ()))})
+
+
+@dataclass(frozen=True)
+class FormatCount:
+    format: str
+    layers: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
 class Plan:
     """Every layer's scheme, what the deployment costs, and where the plan came from."""
 
-    model: dict  # source (built-in name or folder), hash, model_type
-    deployment: dict  # Deployment.to_dict()
-    target: str | None  # catalog device key, or None for a bare byte budget
+    model: ModelRef
+    deployment: Deployment
+    target: str | None  # catalog device or platform, or None for a bare byte budget
     assignments: dict[str, str]  # layer name -> scheme name
-    memory: dict  # MemoryBreakdown.to_dict()
-    predicted: dict  # predicted KL (summed score), measured calibration KL where refined
-    search: dict  # solver, status, refinement trials and knobs
-    provenance: dict  # model_hash, calibration_hash, bitplan_version, seed, metric, candidates
-    formats: dict = field(default_factory=dict)  # scheme -> checkpoint format and layer count
-    engine: dict = field(default_factory=dict)  # name, platform, loader, the rules the search enforced
+    memory: MemoryBreakdown
+    predicted: Prediction
+    search: SearchRecord
+    provenance: Provenance
+    engine: EngineRecord
+    formats: dict[str, FormatCount] = field(default_factory=dict)  # scheme -> checkpoint format, layers
     schema_version: int = SCHEMA_VERSION
     integrity: str = field(default="", compare=False)
 
@@ -41,9 +167,10 @@ class Plan:
         return {name: Scheme.parse(scheme).check() for name, scheme in self.assignments.items()}
 
     def body(self) -> dict:
-        data = asdict(self)
-        data.pop("integrity")
-        return data
+        return {"model": self.model.to_dict(), "deployment": self.deployment.to_dict(), "target": self.target,
+                "assignments": dict(self.assignments), "memory": self.memory.to_dict(), "predicted": self.predicted.to_dict(),
+                "search": self.search.to_dict(), "provenance": self.provenance.to_dict(), "engine": self.engine.to_dict(),
+                "formats": {name: count.to_dict() for name, count in self.formats.items()}, "schema_version": self.schema_version}
 
     def to_json(self) -> str:
         body = self.body()
@@ -53,17 +180,17 @@ class Plan:
     def save(self, path: Path) -> None:
         write_text_atomic(Path(path), self.to_json())
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    @classmethod
+    def from_dict(cls, data: dict, integrity: str = "") -> "Plan":
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown fields {', '.join(unknown)}")
+        return cls(model=ModelRef.from_dict(data["model"]), deployment=Deployment.from_dict(data["deployment"]),
+                   target=data["target"], assignments=dict(data["assignments"]), memory=MemoryBreakdown.from_dict(data["memory"]),
+                   predicted=Prediction.from_dict(data["predicted"]), search=SearchRecord.from_dict(data["search"]),
+                   provenance=Provenance.from_dict(data["provenance"]), engine=EngineRecord.from_dict(data["engine"]),
+                   formats={name: FormatCount(**count) for name, count in data.get("formats", {}).items()},
+                   schema_version=data["schema_version"], integrity=integrity)
 
 
 def load_plan(path: Path) -> Plan:
@@ -84,8 +211,8 @@ def load_plan(path: Path) -> Plan:
     if hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest() != stored:
         raise BitplanError(f"{path} was modified after bitplan wrote it (integrity hash mismatch): re-run `bitplan plan` rather than editing the plan")
     try:
-        plan = Plan(**data, integrity=stored)
+        plan = Plan.from_dict(data, integrity=stored)
         plan.schemes()
-    except TypeError as exc:
-        raise BitplanError(f"{path} has unexpected fields ({exc}): re-create it with `bitplan plan`") from exc
+    except (TypeError, KeyError, ValueError) as exc:
+        raise BitplanError(f"{path} has unexpected or missing fields ({exc}): re-create it with `bitplan plan`") from exc
     return plan

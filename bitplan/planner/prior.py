@@ -36,9 +36,9 @@ import math
 import torch
 
 from bitplan.methods.scheme import Method, Scheme
-from bitplan.profiles.model_spec import LayerSpec, ModelSpec
-from bitplan.profiles.sensitivity import SensitivityTable
-from bitplan.profiles.moe import EXPERT_KIND, Routing, expert_role
+from bitplan.models.moe import EXPERT_KIND, Routing, expert_role
+from bitplan.models.spec import LayerSpec, ModelSpec
+from bitplan.profiles.tables import SensitivityTable
 
 PRIOR_METRIC = "prior-kl"
 PRIOR_KL_AT_W4G128_RTN = 0.08  # nats/token, see the module notes

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitplan.methods.block import fake_quant_activations, quantize_block
+from bitplan.kernels.numerics import fake_quant_activations
+from bitplan.methods.block import quantize_block
 from bitplan.methods.scheme import DENSE, QuantizedWeight, Scheme
-from bitplan.profiles.model_spec import ModelSpec
-from bitplan.profiles.sensitivity import SCALE_DTYPES
+from bitplan.models.spec import SCALE_DTYPES, ModelSpec
 
 
 def load_dense_model(folder: Path) -> nn.Module:

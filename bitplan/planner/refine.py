@@ -22,14 +22,18 @@ import numpy as np
 import optuna
 import torch
 
+from bitplan.methods.registry import needs_calibration
 from bitplan.methods.scheme import Scheme
+from bitplan.models.source import ModelSource
+from bitplan.models.spec import ModelSpec
 from bitplan.planner.objective import assignment_sum
-from bitplan.planner.quality import QualityMeter
-from bitplan.planner.search import Allocation, allocate
-from bitplan.profiles.model_spec import ModelSpec
-from bitplan.profiles.sensitivity import SensitivityTable
+from bitplan.planner.quality import QualityMeter, load_dense_model
+from bitplan.planner.search import Allocation, SearchSettings, allocate
+from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
+from bitplan.profiles.tables import SensitivityTable
 
 log = logging.getLogger(__name__)
+REFINE_WINDOWS = 4  # held-in calibration windows each trial is measured on
 KNOB_RANGE = (0.25, 4.0)
 EDGE_KNOB = "edge_blocks"
 
@@ -96,3 +100,19 @@ def refine(
     knobs = {name: round(value, 6) for name, value in best.params.items()}
     allocation = allocate(table, spec, weight_budget_bytes, tie_fused, layer_weights(table, spec, best.params), extra_cost)
     return Refinement(allocation, best.user_attrs["kl"], exact_kl, knobs, len(study.trials), len(measured))
+
+
+def refine_measured(source: ModelSource, table: SensitivityTable, weight_budget_bytes: int, settings: SearchSettings,
+                    calibration: CalibrationSettings, progress: Callable[[str, int, int], None] | None = None,
+                    extra_cost: np.ndarray | None = None) -> tuple[Refinement, int]:
+    """Refine on held-in calibration windows (those after the profile's; the profile's own first
+    ``REFINE_WINDOWS`` when the text has no more). Returns the refinement and the tokens it measured on."""
+    windows = calibration_windows(source.folder, calibration, REFINE_WINDOWS)
+    held_in = windows[calibration.samples:] if len(windows) > calibration.samples else windows[:REFINE_WINDOWS]
+    meter = QualityMeter(load_dense_model(source.folder), source.spec)
+    schemes = [Scheme.parse(name) for name in table.schemes]
+    if needs_calibration(schemes):
+        meter.calibrate(windows[: calibration.samples])
+    refinement = refine(table, source.spec, weight_budget_bytes, settings.tie_fused, meter, held_in, settings.trials,
+                        settings.seed, progress, extra_cost)
+    return refinement, int(held_in.numel())

@@ -17,10 +17,9 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from bitplan.errors import BitplanError
+from bitplan.models.spec import ModelSpec
 from bitplan.planner.deployment import format_bytes
-from bitplan.profiles.model_spec import ModelSpec
-from bitplan.profiles.sensitivity import SensitivityTable
-
+from bitplan.profiles.tables import SensitivityTable
 
 Option = tuple[tuple[int, ...], int, float]  # (scheme column per row, total bytes, total score)
 
@@ -32,6 +31,17 @@ class Unit:
     key: str
     rows: tuple[int, ...]
     options: tuple[Option, ...]  # the Pareto frontier
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How to search: tie fused groups, Optuna trials measured after the exact allocation, the
+    seed, and the objective (``planner.objective``)."""
+
+    tie_fused: bool = False
+    trials: int = 16
+    seed: int = 0
+    objective: str = "quality"
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,27 @@ def check_feasible(spec: ModelSpec, schemes: list, weight_budget_bytes: int, bud
         )
 
 
+def smallest_allocation(table: SensitivityTable, spec: ModelSpec, tie_fused: bool = False) -> Allocation:
+    """The plan of fewest bytes (ties: lowest score), whatever the budget: what a device that fits
+    nothing would need."""
+    units = build_units(table, spec, tie_fused)
+    return _allocation(table, units, [min(range(len(u.options)), key=lambda o: (u.options[o][1], u.options[o][2])) for u in units],
+                       "smallest plan", 0.0)
+
+
+def _allocation(table: SensitivityTable, units: list[Unit], picks: list[int], status: str, gap: float) -> Allocation:
+    """The Allocation of one option per unit."""
+    choice, total_bytes, total_score = {}, 0, 0.0
+    for unit, option in zip(units, picks):
+        columns, unit_bytes, _ = unit.options[option]
+        for row, column in zip(unit.rows, columns):
+            choice[table.layers[row]] = table.schemes[column]
+            total_score += float(table.scores[row, column])
+        total_bytes += unit_bytes
+    order = {name: index for index, name in enumerate(table.layers)}
+    return Allocation(dict(sorted(choice.items(), key=lambda kv: order[kv[0]])), total_bytes, total_score, status, gap)
+
+
 def allocate(table: SensitivityTable, spec: ModelSpec, weight_budget_bytes: int, tie_fused: bool = False,
              weights: np.ndarray | None = None, extra_cost: np.ndarray | None = None) -> Allocation:
     """The minimum-cost assignment whose quantized-weight bytes fit ``weight_budget_bytes``.
@@ -176,15 +207,11 @@ def allocate(table: SensitivityTable, spec: ModelSpec, weight_budget_bytes: int,
     if result.x is None:
         raise BitplanError(f"the allocation found no plan within {format_bytes(weight_budget_bytes)}: {result.message}")
     chosen = np.round(result.x).astype(bool)
-    choice, total_bytes, total_score = {}, 0, 0.0
+    picks = [0] * len(units)
     for k in np.flatnonzero(chosen):
         u, o = index[k]
-        columns, unit_bytes, _ = units[u].options[o]
-        for row, column in zip(units[u].rows, columns):
-            choice[table.layers[row]] = table.schemes[column]
-            total_score += float(table.scores[row, column])
-        total_bytes += unit_bytes
-    assert total_bytes <= weight_budget_bytes and len(choice) == len(table.layers)
-    gap = float(getattr(result, "mip_gap", 0.0) or 0.0)
-    return Allocation(dict(sorted(choice.items(), key=lambda kv: table.layers.index(kv[0]))), total_bytes, total_score,
-                      "optimal" if result.status == 0 else result.message, gap)
+        picks[u] = o
+    allocation = _allocation(table, units, picks, "optimal" if result.status == 0 else result.message,
+                             float(getattr(result, "mip_gap", 0.0) or 0.0))
+    assert allocation.weight_bytes <= weight_budget_bytes and len(allocation.choice) == len(table.layers)
+    return allocation

@@ -45,10 +45,10 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import DENSE, Method, Scheme
+from bitplan.models.moe import EXPERT_KIND, Routing
+from bitplan.models.spec import LayerSpec, ModelSpec
 from bitplan.planner.deployment import Deployment, kv_cache_bytes
 from bitplan.profiles.hardware import HardwareProfile
-from bitplan.profiles.model_spec import LayerSpec, ModelSpec
-from bitplan.profiles.moe import EXPERT_KIND, Routing
 
 MEASURED_COMPUTE_FRACTION = 0.85  # achieved / spec peak that a probe's large matmul already shows
 _DTYPE_KEY = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -282,3 +282,13 @@ def estimate(spec: ModelSpec, plan: dict[str, Scheme], profile: HardwareProfile,
         prefill_tokens_per_s=deployment.batch * deployment.context / fill_s,
         path_by_scheme=paths,
     )
+
+
+def decode_prediction(spec: ModelSpec, choice: dict[str, str], device: HardwareProfile, deployment: Deployment) -> dict[str, float | str]:
+    """Roofline decode figures of an assignment on a device: one step at the deployment's batch and
+    context, and one token at batch 1 and the same context."""
+    schemes = {name: Scheme.parse(scheme) for name, scheme in choice.items()}
+    step_s = decode_step_s(spec, schemes, device, deployment)
+    single_s = decode_step_s(spec, schemes, device, replace(deployment, batch=1))
+    return {"decode_step_ms": 1e3 * step_s, "decode_tokens_per_s": deployment.batch / step_s,
+            "decode_ms_per_token_batch1": 1e3 * single_s, "speed_model": "roofline (bitplan.planner.speed)"}

@@ -12,9 +12,9 @@ import copy
 import torch
 from torch import nn
 
-from bitplan.profiles.architectures import Family
-from bitplan.profiles.model_source import WeightReader
-from bitplan.profiles.model_spec import family_for
+from bitplan.models.architectures import Family
+from bitplan.models.source import WeightReader
+from bitplan.models.spec import family_for
 
 
 def hf_config(config: dict):

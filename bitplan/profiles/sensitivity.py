@@ -18,96 +18,28 @@ Only one block's weights are held at a time.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bitplan.methods.block import activation_format, clip_flags, fake_quant_activations, previous_op
-from bitplan.methods.calibration_stats import planner_stats
+from bitplan.kernels.numerics import fake_quant_activations
+from bitplan.methods.block import activation_format, clip_flags, previous_op
+from bitplan.methods.calibration_stats import planner_stats, weighted_gram
 from bitplan.methods.registry import SMOOTHING, quantize, quantize_smoothing_group
 from bitplan.methods.scheme import Scheme
+from bitplan.models.source import ModelSource, WeightReader, cache_dir
+from bitplan.models.spec import SCALE_DTYPES, LayerSpec, ModelSpec
 from bitplan.profiles.blocks import BlockRunner, run_block
-from bitplan.profiles.model_source import WeightReader
-from bitplan.profiles.model_spec import LayerSpec, ModelSpec
+from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
+from bitplan.profiles.tables import METRIC, METRIC_VERSION, SensitivityTable, cached_table, table_key
+from bitplan.profiles.text import tokens_hash
 
 log = logging.getLogger(__name__)
 
-METRIC = "fisher-kl"
-METRIC_VERSION = 1  # scores of schemes scored before are unchanged by later methods, so cached tables stay valid
 Progress = Callable[[str, int, int], None]
-SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass
-class SensitivityTable:
-    """Score (predicted KL, nats/token) and exact bytes for every (layer, scheme).
-
-    ``scores[i, j]`` is NaN and ``bytes[i, j]`` is -1 where scheme ``j`` cannot store layer ``i``.
-    """
-
-    layers: list[str]
-    schemes: list[str]
-    scores: torch.Tensor  # float64 [layers, schemes]
-    bytes: torch.Tensor  # int64 [layers, schemes]
-    provenance: dict = field(default_factory=dict)
-
-    def scheme_index(self, name: str) -> int:
-        return self.schemes.index(name)
-
-    def subset(self, schemes: list[str]) -> "SensitivityTable":
-        """The same table with only ``schemes``' columns, in that order."""
-        columns = [self.schemes.index(name) for name in schemes]
-        return SensitivityTable(list(self.layers), list(schemes), self.scores[:, columns].clone(), self.bytes[:, columns].clone(),
-                                dict(self.provenance))
-
-    def save(self, path: Path) -> None:
-        """One safetensors file; names and provenance in its metadata. Written atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"layers": json.dumps(self.layers), "schemes": json.dumps(self.schemes), "provenance": json.dumps(self.provenance, sort_keys=True)}
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
-        save_file({"scores": self.scores.contiguous(), "bytes": self.bytes.contiguous()}, temporary, metadata=meta)
-        os.replace(temporary, path)
-
-    @classmethod
-    def load(cls, path: Path) -> "SensitivityTable":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata()
-        tensors = load_file(str(path))
-        return cls(json.loads(meta["layers"]), json.loads(meta["schemes"]), tensors["scores"], tensors["bytes"], json.loads(meta["provenance"]))
-
-
-def table_key(model_hash: str, tokens_hash: str, schemes: list[Scheme], seed: int) -> str:
-    """``<inputs>-<schemes>``: the first part names everything a score depends on but its scheme
-    (each scheme is scored on its own), so a cached table of a superset serves a subset."""
-    inputs = json.dumps([model_hash, tokens_hash, METRIC, METRIC_VERSION, seed])
-    names = json.dumps([s.name for s in schemes])
-    return f"{hashlib.sha256(inputs.encode()).hexdigest()[:24]}-{hashlib.sha256(names.encode()).hexdigest()[:12]}"
-
-
-def cached_table(folder: Path, key: str, schemes: list[Scheme]) -> "SensitivityTable | None":
-    """A cached table holding every scheme in ``schemes`` for the same inputs, narrowed to them."""
-    exact = folder / f"{key}.safetensors"
-    candidates = [exact] if exact.is_file() else []
-    candidates += sorted(p for p in folder.glob(f"{key.split('-')[0]}-*.safetensors") if p != exact)
-    wanted = [s.name for s in schemes]
-    for path in candidates:
-        table = SensitivityTable.load(path)
-        if set(wanted) <= set(table.schemes):
-            return table.subset(wanted)
-    return None
 
 
 class LayerStats:
@@ -129,7 +61,7 @@ class LayerStats:
         g2 = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64).pow(2)
         a = g2.sum(1)
         x = self.pending_input.to(torch.float64)
-        self.hessian += (x * a.unsqueeze(1)).T @ x
+        self.hessian += weighted_gram(x, a)
         self.grad_sq += g2.sum(0)
         self.token_weight += float(a.sum())
         self.pending_input = None
@@ -281,3 +213,21 @@ def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_
                 folded = group.quantized[member.name].dequantize()
                 activation = activation_score(folded, inputs.samples / group.scales, fmt, stats[member.name]) if fmt else 0.0
                 record(member, column, folded / group.scales, activation)
+
+
+def sensitivity_table(source: ModelSource, schemes: list[Scheme], calibration: CalibrationSettings, seed: int = 0,
+                      progress: Progress | None = None, use_cache: bool = True) -> SensitivityTable:
+    """The table of ``source`` for ``schemes``: from the cache when one holds them, else measured and cached."""
+    tokens = calibration_windows(source.folder, calibration)[: calibration.samples]
+    calibration_hash = tokens_hash(tokens)
+    key = table_key(source.hash, calibration_hash, schemes, seed)
+    folder = cache_dir() / "profiles"
+    cached = cached_table(folder, key, schemes) if use_cache else None
+    if cached is not None:
+        log.info("sensitivity table from the cache in %s", folder)
+        return cached
+    provenance = {"model_hash": source.hash, "calibration_hash": calibration_hash, "tokens": list(tokens.shape)}
+    table = profile_sensitivity(source.folder, source.config, source.spec, schemes, tokens, seed=seed, progress=progress,
+                                provenance=provenance)
+    table.save(folder / f"{key}.safetensors")
+    return table

@@ -14,11 +14,11 @@ from compressed_tensors.quantization import QuantizationConfig
 from safetensors.torch import save_file
 
 import bitplan
+from bitplan.api import CalibrationSettings, Candidates
 from bitplan.checkpoints.verify import transformers_agreement
 from bitplan.engines.formats import BITPLAN_MODEL_TYPE
 from bitplan.methods.scheme import DENSE, Scheme
-from bitplan.planner.api import CalibrationSettings, Candidates
-from bitplan.profiles.model_spec import spec_from_folder
+from bitplan.models.spec import spec_from_folder
 
 CALIBRATION = CalibrationSettings((), 2, 128)
 
@@ -28,7 +28,7 @@ def forced(plan, spec, pick):
     chosen = {layer.name: pick(layer) for layer in spec.layers}
     weight_bytes = sum(chosen[l.name].weight_bytes(l.out_features, l.in_features, spec.dtype_bytes) for l in spec.layers)
     return dataclasses.replace(plan, assignments={n: s.name for n, s in chosen.items()},
-                               memory=dict(plan.memory, quantized_weights_bytes=weight_bytes))
+                               memory=dataclasses.replace(plan.memory, quantized_weights_bytes=weight_bytes))
 
 
 def unmarked_copy(checkpoint, tmp_path):
@@ -66,7 +66,7 @@ def test_a_mixed_checkpoint_planned_for_transformers_loads_there_with_bitplans_l
     quantized = [s for s in schemes if not s.is_dense]
     assert len({s.bits for s in quantized}) >= 2 and len({s.group_size for s in quantized}) >= 2, "the plan should mix widths and groups"
     assert any(s.is_dense for s in schemes), "the plan should leave some layers dense"
-    assert transformers_plan.engine["name"] == "transformers"
+    assert transformers_plan.engine.name == "transformers"
     result = transformers_agreement(transformers_checkpoint)
     assert result.ok, result.detail
     assert result.max_logit_diff <= 1e-4 and result.top1_agreement == 1.0

@@ -17,15 +17,15 @@ import pytest
 import torch
 
 import bitplan
+from bitplan.api import CalibrationSettings, Candidates
+from bitplan.checkpoints.emit import quantization_config
 from bitplan.checkpoints.verify import run_judge, vllm_generation_agreement, vllm_kernel_agreement
 from bitplan.engines import get_rules
 from bitplan.engines.rules import restrict_table
 from bitplan.methods.scheme import Scheme
-from bitplan.planner.api import CalibrationSettings, Candidates
-from bitplan.planner.emit import quantization_config
+from bitplan.models.spec import spec_from_config
 from bitplan.planner.prior import prior_table
 from bitplan.planner.search import allocate
-from bitplan.profiles.model_spec import spec_from_config
 
 CONFIGS = Path(__file__).parents[1] / "data" / "configs"
 CALIBRATION = CalibrationSettings((), 2, 128)
@@ -121,7 +121,7 @@ def vllm_plan(private_cache):
 
 
 def test_a_plan_for_vllm_passes_vllms_selection_on_sm80_and_sm90(vllm_python, vllm_plan, smollm_folder, tmp_path):
-    assert vllm_plan.engine["name"] == "vllm" and vllm_plan.engine["platform"] == "cuda-sm80"
+    assert vllm_plan.engine.name == "vllm" and vllm_plan.engine.platform == "cuda-sm80"
     chosen = {name: Scheme.parse(s) for name, s in vllm_plan.assignments.items()}
     assert len({s.name for s in chosen.values()}) >= 3, "the plan should mix schemes"
     config = json.loads((smollm_folder / "config.json").read_text())
@@ -154,7 +154,7 @@ def test_a_checkpoint_planned_for_vllm_on_this_cpu_loads_generates_and_agrees(vl
     platform = cpu_platform()
     plan = bitplan.plan("smollm2-135m", budget="150MB", context=256, trials=0, calibration=CALIBRATION, target=platform,
                         candidates=Candidates(("rtn", "smoothquant"), (4, 8), (32, 64, 0)))
-    formats = {entry["format"] for entry in plan.formats.values()}
+    formats = {entry.format for entry in plan.formats.values()}
     assert "int-quantized" in formats and (platform == "cpu-avx2" or "pack-quantized" in formats), plan.formats
     checkpoint = bitplan.emit(plan, tmp_path / "cpu")
     selection = vllm_kernel_agreement(checkpoint, vllm_python, platform)

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from bitplan.api import Candidates
 from bitplan.engines import ENGINES, PLATFORMS, RULES, get_rules
 from bitplan.engines.rules import allowed, assignment_violations, partition_shape, restrict_table
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import Scheme
-from bitplan.planner.api import Candidates
+from bitplan.models.spec import spec_from_config
 from bitplan.planner.prior import prior_table
 from bitplan.planner.search import allocate, smallest_plan_bytes
-from bitplan.profiles.model_spec import spec_from_config
 
 CONFIGS = Path(__file__).parents[1] / "data" / "configs"
 

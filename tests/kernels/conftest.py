@@ -1,7 +1,7 @@
 """Kernel tests run on CUDA when there is a GPU, else in Triton's CPU interpreter.
 
 ``TRITON_INTERPRET`` must be set before any ``@triton.jit`` runs, so it is set here, at import,
-before the test modules import :mod:`bitplan.kernels.triton_kernels`.
+before the test modules import the Triton kernel modules (:mod:`bitplan.kernels.triton_generic`, :mod:`bitplan.kernels.triton_int`).
 """
 
 import os

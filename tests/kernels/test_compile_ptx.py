@@ -110,7 +110,7 @@ def compile_all(arch: int) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from bitplan.kernels import triton_kernels
+    from bitplan.kernels import triton_generic, triton_int
 
     records = []
     jobs = [_weight_only_job(v) for v in WEIGHT_ONLY_VARIANTS] + [_fast_job(v) for v in FAST_VARIANTS] + _other_jobs()
@@ -119,7 +119,7 @@ def compile_all(arch: int) -> list[dict]:
         start = time.perf_counter()
         record = {"kernel": name, "constexprs": const}
         try:
-            src = ASTSource(fn=getattr(triton_kernels, name), signature=full, constexprs=const, attrs=_aligned(full))
+            src = ASTSource(fn=getattr(triton_generic, name, None) or getattr(triton_int, name), signature=full, constexprs=const, attrs=_aligned(full))
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
             record.update(ok=True, ptx_chars=len(compiled.asm["ptx"]), cubin_bytes=len(compiled.asm["cubin"]))
         except Exception as error:  # reported to the parent test, which fails on it

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from bitplan.kernels import layout
-from bitplan.kernels.launch import NF4_CODEBOOK, KernelConfig, WeightFormat
+from bitplan.kernels.launch import KernelConfig, WeightFormat
+from bitplan.kernels.numerics import NF4_CODE_BOOK
 from bitplan.kernels.qlinear import QuantLinear, w8a8_reference
 from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.scheme import QuantizedWeight, Scheme
@@ -76,7 +77,7 @@ def w8a8_weight(n=32, k=128) -> QuantizedWeight:
 def test_nf4_fp8_w8a8_reference_values(seed):
     x = torch.randn(2, 128)
     nf4 = nf4_weight()
-    expected = torch.tensor(NF4_CODEBOOK)[nf4.codes.long() + 8] * nf4.scale.float().repeat_interleave(64, dim=1)
+    expected = torch.tensor(NF4_CODE_BOOK)[nf4.codes.long() + 8] * nf4.scale.float().repeat_interleave(64, dim=1)
     assert torch.allclose(QuantLinear.from_quantized(nf4)(x), x @ expected.T, rtol=1e-5, atol=1e-5)
     fp8 = fp8_weight()
     expected = fp8.codes.view(torch.float8_e4m3fn).float() * fp8.scale
@@ -175,11 +176,11 @@ def test_methods_nf4_and_fp8_outputs_are_accepted(seed):
 
 @pytest.mark.triton
 def test_tune_keeps_a_candidate_and_stays_correct(seed, device, rel_err, monkeypatch):
-    from bitplan.kernels import launch
+    from bitplan.kernels import configs
 
     small = {"gemv": [KernelConfig(1, 16, 64, 4, 1), KernelConfig(1, 32, 128, 4, 1)],
              "small": [KernelConfig(16, 32, 64, 4, 1)], "gemm": [KernelConfig(32, 32, 64, 4, 1)]}
-    monkeypatch.setattr(launch, "CANDIDATES", small)
+    monkeypatch.setattr(configs, "CANDIDATES", small)
     layer, _, _ = rtn_layer("rtn-w4g64a", n=32, k=128)
     layer = layer.to(device)
     layer.backend = "triton"

@@ -12,8 +12,9 @@ import secrets
 import pytest
 import torch
 
-from bitplan.kernels import launch, layout
+from bitplan.kernels import configs, launch, layout
 from bitplan.kernels.launch import KernelConfig, WeightFormat
+from bitplan.kernels.numerics import NF4_CODE_BOOK
 from bitplan.kernels.qlinear import quantize_per_token_reference, w8a8_reference
 from bitplan.kernels.reference import linear_reference
 from bitplan.methods.rtn import quantize_rtn
@@ -115,7 +116,7 @@ def test_swapped_operands(m, bits, split, seed, device, poisoned, rel_err):
 @pytest.mark.parametrize("in_place", [True, False])
 def test_w4_gemv_decodings(in_place, seed, device, poisoned, rel_err, monkeypatch):
     """The 4-bit GEMV decodes nibbles in place (four shifts per word) or with a shift per code."""
-    monkeypatch.setattr(launch, "GEMV_NIBBLES_IN_PLACE", in_place)
+    monkeypatch.setattr(configs, "GEMV_NIBBLES_IN_PLACE", in_place)
     for group, symmetric, dtype in ((128, True, torch.float16), (32, False, torch.bfloat16), (0, False, torch.float16)):
         out, ref = run_int(1, 40, 384, 4, group, symmetric, dtype, device, poisoned)
         err = rel_err(out, ref)
@@ -125,7 +126,7 @@ def test_w4_gemv_decodings(in_place, seed, device, poisoned, rel_err, monkeypatc
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 128, True), (8, 0, False), (2, 32, False)])
 def test_prefill_dequantize_then_matmul(bits, group, symmetric, seed, device, poisoned, rel_err, monkeypatch):
     """From ``PREFILL_DEQUANT_MIN_M`` rows the weight is dequantized (``int_dequant_kernel``), then matmul."""
-    monkeypatch.setattr(launch, "PREFILL_DEQUANT_MIN_M", 17)
+    monkeypatch.setattr(configs, "PREFILL_DEQUANT_MIN_M", 17)
     out, ref = run_int(17, 40, 384, bits, group, symmetric, torch.float16, device, poisoned)
     assert rel_err(out, ref) < FP16_BOUND, f"seed={seed}"
 
@@ -140,7 +141,7 @@ def test_gemv_handles_several_rows(seed, device, poisoned, rel_err):
 def nf4_case(n, k, group):
     codes = torch.randint(-8, 8, (n, k), dtype=torch.int8)
     scale = (torch.rand(n, k // group if group else 1) + 0.5).to(torch.float16)
-    table = torch.tensor(launch.NF4_CODEBOOK)
+    table = torch.tensor(NF4_CODE_BOOK)
     width = group or k
     weight = (table[codes.long() + 8].view(n, -1, width) * scale.float().unsqueeze(-1)).reshape(n, k)
     return layout.pack_codes(codes, 4), scale, weight

@@ -45,6 +45,7 @@ def real_layers():
 def load_real_layers(path: Path, calibration_sequences: int = 64, held_out_sequences: int = 16) -> dict:
     """Load the model and gather statistics of the Linears in ``NAMES`` (stops after ``BLOCK``)."""
     from pydoc_data.topics import topics
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bitplan.methods.calibration_stats import collect_input_stats

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from smollm2_layers import real_layers  # noqa: F401  (fixture)
 
 from bitplan.methods.awq import (
     awq_scales,
@@ -14,10 +15,9 @@ from bitplan.methods.awq import (
     scale_weight_inputs,
 )
 from bitplan.methods.calibration_stats import InputStats, relative_output_error
-from bitplan.methods.mappings import smoothing_groups
 from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.scheme import Scheme
-from smollm2_layers import real_layers  # noqa: F401  (fixture)
+from bitplan.models.smoothing import smoothing_groups
 
 SCHEME = Scheme("awq", 4, 64, False)
 

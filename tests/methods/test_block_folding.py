@@ -12,8 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bitplan.methods.block import quantize_block
 from bitplan.methods.scheme import QuantizedWeight, Scheme
+from bitplan.models.spec import spec_from_config
 from bitplan.planner.quality import QualityMeter
-from bitplan.profiles.model_spec import spec_from_config
 
 CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
               num_key_value_heads=4, vocab_size=97, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True,

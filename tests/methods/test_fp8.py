@@ -2,19 +2,11 @@
 
 import pytest
 import torch
+from smollm2_layers import real_layers  # noqa: F401  (fixture)
 
 from bitplan.kernels.layout import fp8_weight_bytes, int8_weight_bytes
-from bitplan.methods.fp8 import (
-    E4M3_MAX,
-    MIN_TOKEN_SCALE,
-    fake_quant_activations_fp8,
-    fp8_linear,
-    quantize_activations_fp8,
-    quantize_fp8,
-    representable_values,
-    to_e4m3,
-)
-from smollm2_layers import real_layers  # noqa: F401  (fixture)
+from bitplan.kernels.numerics import E4M3_MAX, MIN_TOKEN_SCALE, fake_quant_activations, per_token_fp8, to_e4m3
+from bitplan.methods.fp8 import fp8_linear, quantize_fp8, representable_values
 
 
 def test_representable_values():
@@ -48,18 +40,18 @@ def test_group_scales_and_saturation():
 
 def test_dynamic_token_scales_follow_vllm():
     x = torch.tensor([[1.0, -448.0 * 3, 2.0], [0.0, 0.0, 0.0]])
-    values, scale = quantize_activations_fp8(x)
+    values, scale = per_token_fp8(x)
     assert float(scale[0]) == pytest.approx(3.0) and float(scale[1]) == pytest.approx(MIN_TOKEN_SCALE)
     assert float(values[0, 1].to(torch.float32)) == -448.0
     assert torch.equal(values[1].to(torch.float32), torch.zeros(3))
-    torch.testing.assert_close(fake_quant_activations_fp8(x)[0], x[0], rtol=0.07, atol=0.0)
+    torch.testing.assert_close(fake_quant_activations(x, "fp8")[0], x[0], rtol=0.07, atol=0.0)
 
 
 def test_fp8_linear_matches_fake_quant_matmul():
     g = torch.Generator().manual_seed(2)
     x, weight = torch.randn(17, 256, generator=g), torch.randn(32, 256, generator=g)
     q = quantize_fp8(weight)
-    torch.testing.assert_close(fp8_linear(x, q), fake_quant_activations_fp8(x) @ q.dequantize().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fp8_linear(x, q), fake_quant_activations(x, "fp8") @ q.dequantize().T, rtol=1e-5, atol=1e-5)
     assert float((fp8_linear(x, q) - x @ weight.T).norm() / (x @ weight.T).norm()) < 0.06
     with pytest.raises(ValueError):
         fp8_linear(x, quantize_fp8(weight, group_size=128))

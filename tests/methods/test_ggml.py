@@ -2,7 +2,7 @@
 
 The gguf-py comparisons always run. The comparisons with ggml itself call
 ``ggml_quantize_chunk`` / the ``to_float`` type traits of a built ``libggml-base.so`` through
-ctypes: set ``BITPLAN_LLAMA_CPP`` to a llama.cpp build prefix (``bench/build_llama_cpp.sh``
+ctypes: set ``BITPLAN_LLAMA_CPP`` to a llama.cpp build prefix (``scripts/build_llama_cpp.sh``
 makes one), otherwise they skip.
 """
 
@@ -18,18 +18,9 @@ import pytest
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.methods.ggml import (
-    GGML_TYPES,
-    GGMLType,
-    dequantize_ggml,
-    is_valid_row_size,
-    llama_quantize_type,
-    quantize_ggml,
-    quantize_ggml_bytes,
-    row_size_bytes,
-    tensor_size_bytes,
-)
-from bitplan.profiles.model_source import WeightReader
+from bitplan.kernels.layout import GGML_TYPES, GGMLType, is_valid_row_size, llama_quantize_type, row_size_bytes, tensor_size_bytes
+from bitplan.methods.ggml import dequantize_ggml, quantize_ggml, quantize_ggml_bytes
+from bitplan.models.source import WeightReader
 
 LEGACY = [GGMLType.Q8_0, GGMLType.Q5_1, GGMLType.Q5_0, GGMLType.Q4_1, GGMLType.Q4_0]
 K_QUANTS = [GGMLType.Q6_K, GGMLType.Q5_K, GGMLType.Q4_K, GGMLType.Q3_K, GGMLType.Q2_K]
@@ -124,7 +115,7 @@ def ggml():
     path = find_libggml()
     if path is None:
         pytest.skip("no llama.cpp build: set BITPLAN_LLAMA_CPP to a prefix holding build/bin/libggml-base.so "
-                    "(bench/build_llama_cpp.sh) to compare with ggml_quantize_chunk")
+                    "(scripts/build_llama_cpp.sh) to compare with ggml_quantize_chunk")
     lib = ctypes.CDLL(str(path))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,

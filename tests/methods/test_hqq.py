@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from smollm2_layers import real_layers  # noqa: F401  (fixture)
 
+from bitplan.kernels.numerics import grouped
 from bitplan.methods.calibration_stats import relative_output_error
 from bitplan.methods.hqq import HqqOptions, hqq_params, lp_error, quantize_hqq, shrink_lp
-from bitplan.methods.rtn import grouped, integer_range, quantize_rtn
+from bitplan.methods.rtn import integer_range, quantize_rtn
 from bitplan.methods.scheme import Scheme
-from smollm2_layers import real_layers  # noqa: F401  (fixture)
 
 SCHEMES = [Scheme("hqq", 4, 64, False), Scheme("hqq", 3, 32, False), Scheme("hqq", 2, 64, False), Scheme("hqq", 4, 64, True)]
 

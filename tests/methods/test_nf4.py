@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from smollm2_layers import real_layers  # noqa: F401  (fixture)
 
 from bitplan.kernels.layout import nf4_weight_bytes
+from bitplan.kernels.numerics import NF4_CODE_BOOK, nf4_code_book
 from bitplan.methods.nf4 import (
-    NF4_CODE_BOOK,
-    code_book,
     double_quantize,
     nearest_level,
     normal_float_levels,
@@ -14,7 +14,6 @@ from bitplan.methods.nf4 import (
     quantize_nf4,
     unpack_nf4,
 )
-from smollm2_layers import real_layers  # noqa: F401  (fixture)
 
 # QLoRA appendix E, to the digits printed there.
 PAPER_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -25,15 +24,15 @@ PAPER_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814
 
 def test_code_book_is_the_papers_table():
     assert list(NF4_CODE_BOOK) == PAPER_TABLE
-    assert code_book().shape == (16,) and bool((code_book().diff() > 0).all())
+    assert nf4_code_book().shape == (16,) and bool((nf4_code_book().diff() > 0).all())
 
 
 def test_code_book_follows_from_normal_quantiles():
-    torch.testing.assert_close(normal_float_levels(), code_book(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(normal_float_levels(), nf4_code_book(), rtol=0, atol=1e-6)
 
 
 def test_nearest_level_and_exact_levels_round_trip():
-    levels = code_book()
+    levels = nf4_code_book()
     assert torch.equal(nearest_level(levels), torch.arange(16, dtype=torch.uint8))
     x = torch.rand(1000) * 2 - 1
     brute = (x.unsqueeze(1) - levels).abs().argmin(dim=1)

@@ -41,7 +41,7 @@ def test_gptq_needs_statistics_and_uses_them():
 
 
 def test_default_candidates_cover_every_method_with_costly_ones_at_low_bits():
-    from bitplan.planner.api import Candidates
+    from bitplan.api import Candidates
 
     schemes = Candidates().schemes()
     methods = {str(s.method) for s in schemes}
@@ -54,7 +54,7 @@ def test_default_candidates_cover_every_method_with_costly_ones_at_low_bits():
 
 
 def test_w8a8_candidates_follow_the_targets_native_formats():
-    from bitplan.planner.api import Candidates
+    from bitplan.api import Candidates
     from bitplan.profiles.hardware import get_device
 
     def names(device):

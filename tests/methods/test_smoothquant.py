@@ -2,18 +2,17 @@
 
 import pytest
 import torch
+from smollm2_layers import real_layers  # noqa: F401  (fixture)
 
+from bitplan.kernels.numerics import fake_quant_activations, per_token_int
 from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.smoothquant import (
     W8A8,
-    fake_quant_activations,
-    quantize_activations,
     quantize_smoothquant,
     search_alpha,
     smoothing_scales,
     w8a8_linear,
 )
-from smollm2_layers import real_layers  # noqa: F401  (fixture)
 
 
 def outlier_activations(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
@@ -48,22 +47,22 @@ def test_no_smoothing_candidate_leaves_weights_unchanged():
 
 def test_activation_quantization_matches_the_kernel_rules():
     x = torch.tensor([[0.5, -1.0, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0], [127.0, 63.5, -128.0, 1.0]])
-    codes, scale = quantize_activations(x)
+    codes, scale = per_token_int(x)
     assert torch.equal(codes[0], torch.tensor([64.0, -127.0, 32.0, 0.0]))  # 63.5 rounds half to even
     assert torch.equal(codes[1], torch.zeros(4)) and float(scale[1]) == 0.0
     assert torch.equal(codes[2], torch.tensor([126.0, 63.0, -127.0, 1.0]))
     torch.testing.assert_close(scale[:, 0], torch.tensor([1 / 127, 0.0, 128 / 127]))
-    assert torch.equal(fake_quant_activations(x), codes * scale)
+    assert torch.equal(fake_quant_activations(x, "int8"), codes * scale)
 
 
 def test_w8a8_linear_equals_integer_gemm():
     x = outlier_activations(33, 128, seed=3)
     weight = torch.randn(24, 128, generator=torch.Generator().manual_seed(4))
     q = quantize_rtn(weight, W8A8, scale_dtype=torch.float32)
-    codes, token_scale = quantize_activations(x)
+    codes, token_scale = per_token_int(x)
     exact = (codes.to(torch.int64) @ q.codes.to(torch.int64).T).to(torch.float32) * token_scale * q.scale.T
     assert torch.equal(w8a8_linear(x, q), exact)
-    torch.testing.assert_close(w8a8_linear(x, q), fake_quant_activations(x) @ q.dequantize().T, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(w8a8_linear(x, q), fake_quant_activations(x, "int8") @ q.dequantize().T, rtol=1e-4, atol=1e-3)
 
 
 def test_smoothing_lowers_w8a8_error_with_outliers():

@@ -19,12 +19,19 @@ import pytest
 
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import DENSE, Scheme
+from bitplan.models.moe import load_spec
 from bitplan.planner.deployment import (
-    Deployment, default_overhead_bytes, kv_bytes_per_token, kv_cache_bytes, max_batch,
-    memory_breakdown, parse_size, weight_budget_bytes, workspace_bytes,
+    Deployment,
+    default_overhead_bytes,
+    kv_bytes_per_token,
+    kv_cache_bytes,
+    max_batch,
+    memory_breakdown,
+    parse_size,
+    weight_budget_bytes,
+    workspace_bytes,
 )
 from bitplan.profiles.hardware import get_device
-from bitplan.profiles.moe import load_spec
 
 GIB = 2**30
 CONFIGS = Path(__file__).resolve().parents[1] / "data" / "configs"
@@ -216,7 +223,7 @@ def test_a_zero_overhead_is_allowed_but_not_a_zero_budget():
     assert parse_size("0", allow_zero=True) == 0 and parse_size("0MB", allow_zero=True) == 0
     with pytest.raises(BitplanError, match="not positive"):
         parse_size("0MB")
-    from bitplan.planner.api import make_deployment
+    from bitplan.planner.deployment import deployment_for
 
-    deployment = make_deployment(None, "2GB", get_device("rtx-4090"), 2048, 1, "float16", 1, "0")
+    deployment = deployment_for("2GB", get_device("rtx-4090"), 2048, 1, "float16", 1, "0")
     assert deployment.overhead_bytes == 0 and deployment.budget_bytes == 2_000_000_000

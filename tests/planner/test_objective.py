@@ -12,21 +12,27 @@ import numpy as np
 import pytest
 import torch
 
-import bitplan.planner.api as api
+import bitplan.api as api
+from bitplan.api import Candidates
+from bitplan.cli import main
 from bitplan.errors import BitplanError
-from bitplan.planner.api import Candidates
-from bitplan.planner.cli import main
+from bitplan.models.moe import load_spec
+from bitplan.models.spec import spec_from_config
 from bitplan.planner.compare import CompareSettings, compare
 from bitplan.planner.deployment import Deployment, memory_breakdown
 from bitplan.planner.objective import (
-    BALANCED_KL_SCALE, SPEED_SCORE_TIE, assignment_sum, cost_weights, decode_time_matrix, latency_cost, reference_scales,
+    BALANCED_KL_SCALE,
+    SPEED_SCORE_TIE,
+    assignment_sum,
+    cost_weights,
+    decode_time_matrix,
+    latency_cost,
+    reference_scales,
 )
 from bitplan.planner.refine import refine
 from bitplan.planner.search import allocate
 from bitplan.profiles.hardware import get_device, get_devices
-from bitplan.profiles.model_spec import spec_from_config
-from bitplan.profiles.moe import load_spec
-from bitplan.profiles.sensitivity import SensitivityTable
+from bitplan.profiles.tables import SensitivityTable
 
 CONFIG = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
@@ -162,7 +168,7 @@ def model_folder(tmp_path, spec, monkeypatch):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(CONFIG))
     (folder / "model.safetensors").write_bytes(b"")  # never read: the profile is the synthetic table
-    monkeypatch.setattr(api, "profile", lambda *args, **kwargs: synthetic_table(spec))
+    monkeypatch.setattr(api, "sensitivity_table", lambda *args, **kwargs: synthetic_table(spec))
     return folder
 
 
@@ -176,20 +182,20 @@ def plan_with(folder, spec, objective, target=DEVICE):
 
 def test_plan_records_objective_and_predicted_decode(model_folder, spec):
     quality, speed, balanced = (plan_with(model_folder, spec, o) for o in ("quality", "speed", "balanced"))
-    assert [p.search["objective"] for p in (quality, speed, balanced)] == ["quality", "speed", "balanced"]
-    ms = [p.predicted["decode_ms_per_token_batch1"] for p in (quality, balanced, speed)]
-    kl = [p.predicted["score_kl"] for p in (quality, balanced, speed)]
+    assert [p.search.objective for p in (quality, speed, balanced)] == ["quality", "speed", "balanced"]
+    ms = [p.predicted.decode_ms_per_token_batch1 for p in (quality, balanced, speed)]
+    kl = [p.predicted.score_kl for p in (quality, balanced, speed)]
     assert ms[0] > ms[1] > ms[2] and kl[0] < kl[1] < kl[2]
-    assert speed.predicted["decode_tokens_per_s"] == pytest.approx(1e3 / speed.predicted["decode_step_ms"])
-    assert 0 < speed.predicted["linear_decode_ms"] < speed.predicted["decode_step_ms"]
-    assert speed.memory["total_bytes"] <= speed.deployment["budget_bytes"]
+    assert speed.predicted.decode_tokens_per_s == pytest.approx(1e3 / speed.predicted.decode_step_ms)
+    assert 0 < speed.predicted.linear_decode_ms < speed.predicted.decode_step_ms
+    assert speed.memory.total_bytes <= speed.deployment.budget_bytes
     assert plan_with(model_folder, spec, "speed").to_json() == speed.to_json()  # deterministic
 
 
 def test_quality_plans_ignore_the_target(model_folder, spec):
     with_target, without = plan_with(model_folder, spec, "quality"), plan_with(model_folder, spec, "quality", target=None)
     assert with_target.assignments == without.assignments
-    assert "decode_step_ms" not in without.predicted and "decode_step_ms" in with_target.predicted
+    assert without.predicted.decode_step_ms is None and with_target.predicted.decode_step_ms is not None
 
 
 @pytest.mark.parametrize("objective", ["speed", "balanced"])

@@ -5,9 +5,9 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import Scheme
+from bitplan.models.spec import LayerSpec, ModelSpec
 from bitplan.planner.search import allocate, check_feasible, smallest_plan_bytes
-from bitplan.profiles.model_spec import LayerSpec, ModelSpec
-from bitplan.profiles.sensitivity import SensitivityTable
+from bitplan.profiles.tables import SensitivityTable
 
 
 def tiny_spec(kinds=("q", "k", "v", "down")) -> ModelSpec:

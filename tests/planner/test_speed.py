@@ -22,10 +22,10 @@ import pytest
 
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import DENSE, Scheme
+from bitplan.models.moe import load_spec
 from bitplan.planner.deployment import Deployment
 from bitplan.planner.speed import Efficiency, decode_step_s, estimate, kernel_path, prefill_s
 from bitplan.profiles.hardware import get_device
-from bitplan.profiles.moe import load_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "data" / "configs"
 LLAMA3_8B = json.loads((CONFIGS / "llama-3-8b.json").read_text())

@@ -6,10 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from bitplan.cli.hardware import add_commands
 from bitplan.errors import BitplanError
-from bitplan.planner.cli_hardware import add_commands
 from bitplan.profiles.hardware import (
-    GIB, get_device, get_devices, load_catalog, load_profile_file, match_catalog_device, nearest_device_names,
+    GIB,
+    get_device,
+    get_devices,
+    load_catalog,
+    load_profile_file,
+    match_catalog_device,
+    nearest_device_names,
 )
 
 SHARED_CATALOG = Path("/work/shared/reference/accelerators.toml")

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from bitplan.planner.cli_hardware import add_commands
+from bitplan.cli.hardware import add_commands
 from bitplan.profiles import probe as probe_module
 from bitplan.profiles.hardware import get_device
 from bitplan.profiles.probe import Measurements, native_formats_for, profile_key

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bitplan.methods.scheme import Scheme
-from bitplan.planner.api import CalibrationSettings, calibration_windows
-from bitplan.profiles.model_spec import read_config, spec_from_config
+from bitplan.models.spec import read_config, spec_from_config
+from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
 from bitplan.profiles.sensitivity import profile_sensitivity
 
 SCHEMES = [Scheme.parse(n) for n in ("rtn-w4g64s", "nf4-w4g64s", "fp8-w8gcs", "fp8-w8gcsa8", "smoothquant-w8gcsa8", "rtn-w8gcs", "none")]

@@ -12,14 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitplan.errors import BitplanError
 from bitplan.engines.formats import BITPLAN_MODEL_TYPE, Format
+from bitplan.errors import BitplanError
 from bitplan.kernels.launch import WeightFormat
 from bitplan.kernels.qlinear import QuantLinear
+from bitplan.models.source import WeightReader, safetensors_files
+from bitplan.models.spec import family_for, read_config
 from bitplan.profiles.blocks import skeleton_model
-from bitplan.profiles.model_source import WeightReader, safetensors_files
-from bitplan.profiles.model_spec import family_for, read_config
-
 
 FORMATS = {Format.PACKED: WeightFormat.INT, Format.INT: WeightFormat.W8A8, Format.FLOAT: WeightFormat.FP8,
            Format.NAIVE: WeightFormat.FP8, Format.NF4: WeightFormat.NF4}  # naive: bitplan writes it for weight-only FP8

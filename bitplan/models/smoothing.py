@@ -1,6 +1,6 @@
 """Smoothing pairs as data: which operation feeds which Linears, for AWQ and SmoothQuant folding.
 
-Derived from each template's ``norm`` field in :mod:`bitplan.profiles.architectures`, so a
+Derived from each template's ``norm`` field in :mod:`bitplan.models.architectures`, so a
 family added there gets its pairs here with no code. A pair is (previous op, Linears it feeds):
 
 - previous op is a norm (``input_layernorm`` → q/k/v): per-channel scales divide the norm weight;
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bitplan.profiles.architectures import FAMILIES, Family
+from bitplan.models.architectures import FAMILIES, Family
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from bitplan.errors import BitplanError
-from bitplan.profiles.model_spec import spec_from_config, spec_from_folder
+from bitplan.models.spec import spec_from_config, spec_from_folder
 
 CONFIGS = Path(__file__).parent.parent / "data" / "configs"
 

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from bitplan.atomic import staging_folder
 from bitplan.engines import get_rules
 from bitplan.engines.formats import BITPLAN_MODEL_TYPE, Format, checkpoint_format
 from bitplan.engines.rules import assignment_violations
@@ -44,24 +44,15 @@ from bitplan.kernels import layout
 from bitplan.methods.block import quantize_block
 from bitplan.methods.registry import needs_calibration
 from bitplan.methods.scheme import Method, QuantizedWeight, Scheme
+from bitplan.models.source import TOKENIZER_FILES, WeightReader, folder_hash, resolve_model
+from bitplan.models.spec import SCALE_DTYPES, ModelSpec, family_for, read_config, spec_from_config
 from bitplan.planner.plan import Plan, load_plan
 from bitplan.profiles.blocks import BlockRunner, block_input_stats
+from bitplan.profiles.calibration import calibration_windows
 from bitplan.profiles.text import tokens_hash
-from bitplan.profiles.model_source import TOKENIZER_FILES, WeightReader, folder_hash, resolve_model
-from bitplan.profiles.model_spec import ModelSpec, family_for, read_config, spec_from_config
-from bitplan.profiles.sensitivity import SCALE_DTYPES
 
 log = logging.getLogger(__name__)
 SHARD_BYTES = 2 * 10**9
-
-
-def formats(assignments: dict[str, Scheme]) -> dict[str, dict]:
-    """For plan.json: each scheme in the plan, its checkpoint format and its number of layers."""
-    table: dict[str, dict] = {}
-    for scheme in assignments.values():
-        entry = table.setdefault(scheme.name, {"format": str(checkpoint_format(scheme)), "layers": 0})
-        entry["layers"] += 1
-    return dict(sorted(table.items()))
 
 
 def linear_tensors(quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -210,33 +201,24 @@ def emit(plan: Plan | str | os.PathLike, out: str | os.PathLike, progress: Calla
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BitplanError(f"{out} already exists and is not empty: choose another --out or remove it")
-    folder = resolve_model(plan.model["source"])
-    if folder_hash(folder) != plan.model["hash"]:
+    folder = resolve_model(plan.model.source)
+    if folder_hash(folder) != plan.model.hash:
         raise BitplanError(f"the weights in {folder} differ from those the plan was made for: re-run `bitplan plan` on this model")
     config = read_config(folder)
     spec = spec_from_config(config)
     assignments = check_plan_against_model(plan, spec)
     check_engine_rules(plan, spec, assignments)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staging_folder(out) as staging:
         written = write_checkpoint(folder, config, spec, assignments, plan, staging, progress)
-        expected = plan.memory["quantized_weights_bytes"] * plan.deployment.get("tensor_parallel", 1)
+        expected = plan.memory.quantized_weights_bytes * plan.deployment.tensor_parallel
         if written != expected:
             raise AssertionError(f"emitted {written} bytes of Linear weights, the plan predicted {expected}")
-        make_readable(staging)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
 def engine_rules_of(plan: Plan):
     """The rules of the engine a plan was made for (its name and platform, as plan.json records them)."""
-    return get_rules(plan.engine["name"], plan.engine["platform"] if plan.engine["platform"] != "any" else None)
+    return get_rules(plan.engine.name, plan.engine.platform if plan.engine.platform != "any" else None)
 
 
 def check_engine_rules(plan: Plan, spec: ModelSpec, assignments: dict[str, Scheme]) -> None:
@@ -244,18 +226,11 @@ def check_engine_rules(plan: Plan, spec: ModelSpec, assignments: dict[str, Schem
     from bitplan.engines.rules import model_refusal
 
     rules = engine_rules_of(plan)
-    tp = plan.deployment.get("tensor_parallel", 1)
+    tp = plan.deployment.tensor_parallel
     problems = ([model_refusal(spec, rules, tp)] if model_refusal(spec, rules, tp) else []) + assignment_violations(rules, spec, assignments, tp)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise BitplanError(f"the plan breaks the rules of {rules.key}: {problems[0]}{more}: re-run `bitplan plan --engine {rules.engine}`")
-
-
-def make_readable(folder: Path) -> None:
-    """A temporary folder is private (0700); the checkpoint gets ordinary permissions."""
-    folder.chmod(0o755)
-    for path in folder.iterdir():
-        path.chmod(0o644)
 
 
 def write_checkpoint(folder: Path, config: dict, spec: ModelSpec, assignments: dict[str, Scheme], plan: Plan,
@@ -328,11 +303,9 @@ class CalibrationPass:
     """Re-runs the plan's calibration tokens block by block to give calibrated methods their statistics."""
 
     def __init__(self, folder: Path, config: dict, plan: Plan, reader: WeightReader):
-        from bitplan.planner.api import calibration_settings_from_plan, calibration_windows
-
-        settings = calibration_settings_from_plan(plan)
+        settings = plan.provenance.calibration
         tokens = calibration_windows(folder, settings)[: settings.samples]
-        if tokens_hash(tokens) != plan.provenance["calibration_hash"]:
+        if tokens_hash(tokens) != plan.provenance.calibration_hash:
             raise BitplanError("the calibration text differs from the one the plan was made with: restore it, or re-run `bitplan plan`")
         self.runner = BlockRunner(config, reader)
         self.hidden = self.runner.embed(tokens)

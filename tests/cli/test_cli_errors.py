@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bitplan.planner.cli import main
+from bitplan.cli import main
 
 
 def run_cli(capsys, *argv):
@@ -68,12 +68,10 @@ def test_bad_input_gets_one_line_and_status_2(case, folders, capsys, private_cac
 
 
 def test_tampered_plan_is_refused_and_nothing_is_emitted(tmp_path, capsys):
-    from bitplan.planner.plan import Plan
+    from sample_plans import sample_plan
 
     path = tmp_path / "plan.json"
-    Plan(model={"source": "smollm2-135m", "hash": "ab"}, deployment={}, target=None,
-         assignments={"model.layers.0.self_attn.q_proj": "rtn-w4g64s"}, memory={}, predicted={}, search={},
-         provenance={}).save(path)
+    sample_plan({"model.layers.0.self_attn.q_proj": "rtn-w4g64s"}).save(path)
     path.write_text(path.read_text().replace("rtn-w4g64s", "rtn-w8g64s"))
     code, lines = run_cli(capsys, "emit", str(path), "--out", str(tmp_path / "ckpt"))
     assert code == 2 and "modified after bitplan wrote it" in lines[0]
@@ -83,18 +81,17 @@ def test_tampered_plan_is_refused_and_nothing_is_emitted(tmp_path, capsys):
 def test_a_hand_made_plan_that_breaks_its_engines_rules_is_refused(tmp_path, capsys, private_cache, smollm_folder):
     """A plan written through the API (so its integrity hash is valid) that splits a fused group for vLLM."""
     from bitplan.methods.scheme import Scheme
-    from bitplan.planner.plan import Plan
-    from bitplan.profiles.model_source import folder_hash
-    from bitplan.profiles.model_spec import spec_from_folder
+    from bitplan.models.source import folder_hash
+    from bitplan.models.spec import spec_from_folder
 
     spec = spec_from_folder(smollm_folder)
     chosen = {layer.name: "rtn-w4g64s" for layer in spec.layers}
     chosen["model.layers.7.self_attn.v_proj"] = "rtn-w8g64s"
     weight_bytes = sum(Scheme.parse(chosen[l.name]).weight_bytes(l.out_features, l.in_features, spec.dtype_bytes) for l in spec.layers)
     path = tmp_path / "plan.json"
-    Plan(model={"source": "smollm2-135m", "hash": folder_hash(smollm_folder), "model_type": "llama"},
-         deployment={"tensor_parallel": 1}, target=None, assignments=chosen, memory={"quantized_weights_bytes": weight_bytes},
-         predicted={}, search={}, provenance={}, engine={"name": "vllm", "platform": "cuda-sm80"}).save(path)
+    from sample_plans import sample_plan
+
+    sample_plan(chosen, folder_hash(smollm_folder), weight_bytes, "vllm", "cuda-sm80").save(path)
     code, lines = run_cli(capsys, "emit", str(path), "--out", str(tmp_path / "ckpt"))
     assert code == 2 and len(lines) == 1, lines
     assert "breaks the rules of vllm@cuda-sm80: block 7 qkv: vllm runs qkv as one fused Linear" in lines[0]

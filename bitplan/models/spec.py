@@ -7,10 +7,13 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
 from bitplan.errors import BitplanError
-from bitplan.profiles.architectures import FAMILIES, Family
+from bitplan.models.architectures import FAMILIES, Family
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # scales stored in the checkpoint dtype
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
         "kv": num_kv_heads * head_dim,
         "intermediate": intermediate,
     }
-    from bitplan.methods.mappings import smoothing_groups
+    from bitplan.models.smoothing import smoothing_groups
 
     foldable = {linear: group.previous for group in smoothing_groups(family, num_heads, num_kv_heads) for linear in group.linears}
     layers = [

@@ -14,12 +14,12 @@ from rich.console import Console
 from rich.table import Table
 
 from bitplan.errors import BitplanError
+from bitplan.models.moe import load_spec
+from bitplan.models.spec import read_config, read_config_file
 from bitplan.planner.compare import DEFAULT_SCHEMES, CompareSettings, Comparison, compare, write_plot
 from bitplan.planner.deployment import DEFAULT_PREFILL_CHUNK_TOKENS, KV_DTYPE_BYTES
 from bitplan.planner.objective import OBJECTIVES
 from bitplan.profiles.hardware import get_devices, load_catalog
-from bitplan.profiles.model_spec import read_config, read_config_file
-from bitplan.profiles.moe import load_spec
 
 DEFAULT_TARGETS = "h100-sxm,a100-pcie-40gb,l40s,rtx-4090"
 TABLE_WIDTH = 200
@@ -94,7 +94,7 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def _read_model_config(model: str) -> dict:
-    from bitplan.profiles.model_source import BUILTIN_MODELS, resolve_model
+    from bitplan.models.source import BUILTIN_MODELS, resolve_model
 
     if model in BUILTIN_MODELS:
         return read_config(resolve_model(model))
@@ -108,7 +108,7 @@ def _read_model_config(model: str) -> dict:
 
 def _load_table(path: str):
     try:
-        from bitplan.profiles.sensitivity import SensitivityTable
+        from bitplan.profiles.tables import SensitivityTable
     except ImportError as exc:
         raise BitplanError(f"measured sensitivity tables are not available in this build ({exc})") from exc
     if not Path(path).is_file():

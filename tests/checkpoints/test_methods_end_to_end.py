@@ -16,13 +16,14 @@ from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizatio
 from compressed_tensors.quantization import QuantizationScheme
 
 import bitplan
+from bitplan.api import CalibrationSettings, Candidates
 from bitplan.kernels.qlinear import QuantLinear
 from bitplan.methods.block import quantize_block
 from bitplan.methods.scheme import Scheme
-from bitplan.planner.api import CalibrationSettings, Candidates, calibration_windows
+from bitplan.models.source import WeightReader, resolve_model
+from bitplan.models.spec import spec_from_folder
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.profiles.model_source import WeightReader, resolve_model
-from bitplan.profiles.model_spec import spec_from_folder
+from bitplan.profiles.calibration import calibration_windows
 
 CALIBRATION = CalibrationSettings((), 2, 128)
 BLOCK_SCHEMES = {
@@ -48,7 +49,7 @@ def mixed_plan(private_cache, smollm_folder):
     spec = spec_from_folder(smollm_folder)
     chosen = assignments_for(spec)
     weight_bytes = sum(chosen[l.name].weight_bytes(l.out_features, l.in_features, spec.dtype_bytes) for l in spec.layers)
-    memory = dict(base.memory, quantized_weights_bytes=weight_bytes)
+    memory = dataclasses.replace(base.memory, quantized_weights_bytes=weight_bytes)
     return dataclasses.replace(base, assignments={n: s.name for n, s in chosen.items()}, memory=memory)
 
 

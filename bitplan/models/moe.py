@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from bitplan.errors import BitplanError
-from bitplan.profiles.model_spec import LayerSpec, ModelSpec, spec_from_config
+from bitplan.models.spec import LayerSpec, ModelSpec, spec_from_config
 
 EXPERT_KIND = "expert"
 EXPERT_GROUP = "experts"

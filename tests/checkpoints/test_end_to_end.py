@@ -13,12 +13,12 @@ from compressed_tensors.quantization import QuantizationScheme
 from safetensors import safe_open
 
 import bitplan
-from bitplan.methods.registry import quantize
-from bitplan.profiles.model_source import WeightReader, resolve_model
+from bitplan.api import CalibrationSettings, Candidates
 from bitplan.kernels.qlinear import QuantLinear
-from bitplan.planner.api import CalibrationSettings, Candidates
+from bitplan.methods.registry import quantize
+from bitplan.models.source import WeightReader, resolve_model
+from bitplan.models.spec import spec_from_folder
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.profiles.model_spec import spec_from_folder
 
 SMALL = dict(budget="170MB", context=2048, candidates=Candidates(("rtn",), (3, 4, 8), (64, 0)),
              calibration=CalibrationSettings((), 2, 128), trials=2, seed=3)
@@ -35,10 +35,10 @@ def checkpoint(planned, tmp_path_factory):
 
 
 def test_plan_fits_the_budget_and_mixes_schemes(planned):
-    assert planned.memory["total_bytes"] <= planned.deployment["budget_bytes"] == 170_000_000
-    assert planned.memory["kv_cache_bytes"] == 30 * 2 * 3 * 64 * 2048 * 2
+    assert planned.memory.total_bytes <= planned.deployment.budget_bytes == 170_000_000
+    assert planned.memory.kv_cache_bytes == 30 * 2 * 3 * 64 * 2048 * 2
     assert len(planned.assignments) == 210 and len(set(planned.assignments.values())) > 1
-    assert planned.predicted["calibration_kl"] <= planned.predicted["exact_calibration_kl"]
+    assert planned.predicted.calibration_kl <= planned.predicted.exact_calibration_kl
 
 
 def test_same_inputs_and_seed_give_the_same_plan_bytes(planned):
@@ -53,7 +53,7 @@ def test_emitted_quantized_bytes_equal_the_prediction(planned, checkpoint):
             if module in planned.assignments:
                 tensor = handle.get_tensor(name)
                 quantized += tensor.numel() * tensor.element_size()
-    assert quantized == planned.memory["quantized_weights_bytes"]
+    assert quantized == planned.memory.quantized_weights_bytes
     assert json.loads((checkpoint / "plan.json").read_text())["integrity"] == json.loads(planned.to_json())["integrity"]
 
 

@@ -10,11 +10,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bitplan.checkpoints.load import load
 from bitplan.errors import BitplanError
-from bitplan.planner.load import load
+from bitplan.models.source import resolve_model
 from bitplan.planner.plan import load_plan
 from bitplan.planner.quality import Quality, load_dense_model, measure_pair
-from bitplan.profiles.model_source import resolve_model
 from bitplan.profiles.text import builtin_slices, tokenize_windows, user_slices
 
 
@@ -39,11 +39,11 @@ def evaluate(checkpoint: str | os.PathLike, texts: list[Path] | None = None, sam
     if not (checkpoint / "plan.json").is_file():
         raise BitplanError(f"{checkpoint} has no plan.json: pass a folder written by `bitplan emit`")
     plan = load_plan(checkpoint / "plan.json")
-    reference_folder = resolve_model(plan.model["source"])
+    reference_folder = resolve_model(plan.model.source)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint if (checkpoint / "tokenizer.json").is_file() else reference_folder)
     windows = {s.name: tokenize_windows(tokenizer, s.text, seq_len, samples) for s in heldout_slices(texts) if s.text.strip()}
     reference = load_dense_model(reference_folder)
     candidate = load(checkpoint)
-    return Evaluation(str(checkpoint), plan.model["source"], {name: measure_pair(reference, candidate, w) for name, w in windows.items()})
+    return Evaluation(str(checkpoint), plan.model.source, {name: measure_pair(reference, candidate, w) for name, w in windows.items()})

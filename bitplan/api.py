@@ -1,0 +1,119 @@
+"""The Python API: ``plan``, ``profile``, ``emit``, ``load``, ``evaluate``.
+
+Each is a short pipeline of the stage functions that live in the rooms below (``models``,
+``profiles``, ``engines``, ``planner``, ``checkpoints``); the CLI is a thin layer over these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bitplan import __version__
+from bitplan.checkpoints.emit import emit
+from bitplan.checkpoints.evaluate import evaluate
+from bitplan.checkpoints.load import load
+from bitplan.engines import DEFAULT_ENGINE, Target, resolve_target
+from bitplan.engines.formats import format_counts
+from bitplan.engines.rules import EngineRules, allowed, check_tensor_parallel, restrict_table
+from bitplan.methods.scheme import Scheme
+from bitplan.models.source import ModelSource, open_model
+from bitplan.planner.candidates import Candidates
+from bitplan.planner.deployment import Deployment, deployment_for, memory_breakdown, weight_budget_bytes
+from bitplan.planner.objective import assignment_sum, check_objective, objective_costs
+from bitplan.planner.plan import EngineRecord, FormatCount, ModelRef, Plan, Prediction, Provenance, SearchRecord
+from bitplan.planner.refine import Refinement, refine_measured
+from bitplan.planner.search import Allocation, SearchSettings, allocate, check_feasible
+from bitplan.planner.speed import decode_prediction
+from bitplan.profiles.calibration import CalibrationSettings
+from bitplan.profiles.sensitivity import sensitivity_table
+from bitplan.profiles.tables import SensitivityTable
+
+__all__ = ["CalibrationSettings", "Candidates", "emit", "evaluate", "load", "plan", "profile"]
+Progress = Callable[[str, int, int], None]
+EXACT_SOLVER = "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack"
+
+
+def profile(model: str, candidates: Candidates = Candidates(), calibration: CalibrationSettings = CalibrationSettings(),
+            seed: int = 0, progress: Progress | None = None, use_cache: bool = True,
+            rules: EngineRules | None = None) -> SensitivityTable:
+    """Measure (or read from the cache) the sensitivity table of ``model`` for the candidates
+    (those ``rules``' engine runs, when given)."""
+    return sensitivity_table(open_model(model), candidates.schemes(rules), calibration, seed, progress, use_cache)
+
+
+def plan(
+    model: str,
+    budget: str | int | None = None,
+    target: str | None = None,
+    context: int = 2048,
+    batch: int = 1,
+    kv_dtype: str = "float16",
+    tensor_parallel: int = 1,
+    overhead: str | int | None = None,
+    candidates: Candidates = Candidates(),
+    calibration: CalibrationSettings = CalibrationSettings(),
+    tie_fused: bool = False,
+    trials: int = 16,
+    seed: int = 0,
+    progress: Progress | None = None,
+    objective: str = "quality",
+    engine: str = DEFAULT_ENGINE,
+) -> Plan:
+    """Profile (or reuse the cached profile), allocate exactly under the engine's rules, refine, return the Plan.
+
+    ``engine`` names what will serve the checkpoint (``bitplan.engines``); its rules on the
+    ``target``'s hardware constrain the search. ``objective`` (``planner.objective``):
+    ``quality`` minimises predicted KL; ``speed`` and ``balanced`` add the predicted decode time
+    on ``target``, which they therefore need.
+    """
+    goal = resolve_target(engine, target)
+    settings = SearchSettings(tie_fused or goal.rules.fused_share_scheme, trials, seed,
+                              check_objective(objective, goal.device, needs_device=True))
+    source = open_model(model)
+    check_tensor_parallel(source.spec, goal.rules, tensor_parallel)
+    deployment = deployment_for(budget, goal.device, context, batch, kv_dtype, tensor_parallel, overhead)
+    weight_budget = weight_budget_bytes(source.spec, deployment)
+    schemes = candidates.for_device(goal.device).schemes(goal.rules)
+    check_feasible(source.spec, schemes, weight_budget, deployment.budget_bytes, settings.tie_fused,
+                   allowed(goal.rules, source.spec, tensor_parallel))
+    table = restrict_table(sensitivity_table(source, schemes, calibration, seed, progress), source.spec, goal.rules, tensor_parallel)
+    times, extra_cost = objective_costs(settings.objective, table, source.spec, goal.device, deployment)
+    allocation = allocate(table, source.spec, weight_budget, settings.tie_fused, extra_cost=extra_cost)
+    refinement = None
+    if trials > 0:
+        refinement = refine_measured(source, table, weight_budget, settings, calibration, progress, extra_cost)
+        allocation = refinement[0].allocation
+    return assemble_plan(source, deployment, goal, table, allocation, refinement, times, calibration, settings)
+
+
+def assemble_plan(source: ModelSource, deployment: Deployment, goal: Target, table: SensitivityTable, allocation: Allocation,
+                  refinement: tuple[Refinement, int] | None, times, calibration: CalibrationSettings,
+                  settings: SearchSettings) -> Plan:
+    """The Plan product of the stages' results."""
+    search = SearchRecord(EXACT_SOLVER, allocation.status, allocation.mip_gap, settings.tie_fused,
+                          weight_budget_bytes(source.spec, deployment), settings.objective)
+    predicted = {"score_kl": allocation.score, "metric": table.provenance.get("metric")}
+    if refinement is not None:
+        found, tokens = refinement
+        search = SearchRecord(**{**search.to_dict(), "refine_trials": found.trials, "refine_distinct_plans": found.distinct_plans,
+                                 "knobs": found.knobs, "refine_tokens": tokens})
+        predicted.update(calibration_kl=found.measured_kl, exact_calibration_kl=found.exact_kl)
+    if goal.device is not None:
+        predicted.update(decode_prediction(source.spec, allocation.choice, goal.device, deployment))
+        predicted["linear_decode_ms"] = 1e3 * assignment_sum(table, allocation.choice, times)
+    schemes = {name: Scheme.parse(s) for name, s in allocation.choice.items()}
+    provenance = Provenance(table.provenance["model_hash"], table.provenance["calibration_hash"], __version__, settings.seed,
+                            table.provenance.get("metric"), table.provenance.get("metric_version"), tuple(table.schemes), calibration)
+    rules = goal.rules
+    return Plan(
+        model=ModelRef(source.name, source.spec.model_type, table.provenance["model_hash"]),
+        deployment=deployment,
+        target=goal.name,
+        assignments=allocation.choice,
+        memory=memory_breakdown(source.spec, allocation.weight_bytes, deployment),
+        predicted=Prediction(**predicted),
+        search=search,
+        provenance=provenance,
+        engine=EngineRecord(rules.engine, rules.platform, rules.loader, tuple(rules.summary())),
+        formats={name: FormatCount(fmt, layers) for name, (fmt, layers) in format_counts(schemes).items()},
+    )

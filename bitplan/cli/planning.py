@@ -1,0 +1,140 @@
+"""``bitplan plan`` and ``bitplan profile``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bitplan.cli.common import group_list, int_list, positive_int, progress_bars
+from bitplan.errors import BitplanError
+from bitplan.planner.deployment import KV_DTYPE_BYTES, format_bytes
+from bitplan.planner.objective import OBJECTIVES
+
+
+def add_commands(commands) -> None:
+    """Register ``plan`` and ``profile``."""
+    plan = commands.add_parser("plan", help="profile the model and choose a scheme per layer")
+    plan.add_argument("model", help="Hugging Face folder (config.json + safetensors) or built-in name: smollm2-135m")
+    plan.add_argument("--budget", help="memory budget, e.g. 150MB, 40GB, 40GiB (default: the target's usable memory)")
+    plan.add_argument("--context", type=positive_int, default=2048, help="tokens per sequence the KV cache must hold")
+    plan.add_argument("--batch", type=positive_int, default=1, help="concurrent sequences")
+    plan.add_argument("--kv-dtype", default="float16", choices=sorted(KV_DTYPE_BYTES), help="KV cache dtype")
+    plan.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel devices")
+    plan.add_argument("--overhead", help="runtime overhead to reserve, e.g. 1GiB (default: 1 GiB with --target, else 0)")
+    plan.add_argument("--tie-fused", action="store_true", help="q/k/v and gate/up share one scheme (engines fuse them)")
+    plan.add_argument("--objective", default="quality", choices=OBJECTIVES,
+                      help="quality: least predicted KL; speed: least predicted decode time (needs --target); "
+                           "balanced: KL/KL_ref + time/time_ref (see bitplan/planner/objective.py)")
+    plan.add_argument("--trials", type=int, default=16, help="Optuna refinement trials measured on held-in text (0: exact allocation only)")
+    plan.add_argument("--out", type=Path, default=Path("plan.json"), help="where to write plan.json")
+    add_calibration_args(plan)
+    plan.set_defaults(func=run_plan)
+
+    profile = commands.add_parser("profile", help="measure and cache the sensitivity table only")
+    profile.add_argument("model")
+    profile.add_argument("--out", type=Path, help="also save the table here (.safetensors)")
+    add_calibration_args(profile)
+    profile.set_defaults(func=run_profile)
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text", action="append", type=Path, default=[], help="calibration text: .txt or .jsonl (repeatable); default: Python's documentation")
+    parser.add_argument("--samples", type=positive_int, default=16, help="calibration windows")
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration window")
+    parser.add_argument("--methods", default=None,
+                        help="candidate methods, comma-separated, each on the whole grid (default: rtn,gptq,awq,hqq,nf4,fp8,smoothquant "
+                             "with GPTQ/AWQ/HQQ at 2-4 bits symmetric; see the README)")
+    parser.add_argument("--bits", type=int_list, default=(2, 3, 4, 5, 6, 8), help="candidate bit widths, e.g. 3,4,6")
+    parser.add_argument("--groups", type=group_list, default=(32, 64, 128, 0), help="group sizes; c = per channel")
+    parser.add_argument("--symmetric-only", action="store_true", help="drop asymmetric (zero-point) candidates")
+    parser.add_argument("--engine", default="vllm",
+                        help="the engine that will serve the checkpoint: vllm (default), transformers or bitplan; its rules on "
+                             "the --target hardware constrain the plan (see `bitplan engines`)")
+    parser.add_argument("--target", help="device from `bitplan devices`, a profile .toml, or a platform: cuda-sm80, cuda-sm90, "
+                                         "cpu-avx2, cpu-avx512 (default for vllm: cuda-sm80)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling and search (same seed, same plan)")
+
+
+def candidates_from(args):
+    from bitplan.api import Candidates
+
+    symmetric = (True,) if args.symmetric_only else (True, False)
+    if args.methods is None:
+        return Candidates(bits=args.bits, group_sizes=args.groups, symmetric=symmetric)
+    return Candidates(tuple(m.strip() for m in args.methods.split(",")), args.bits, args.groups, symmetric, costly_bits=None)
+
+
+def calibration_from(args):
+    from bitplan.api import CalibrationSettings
+
+    for path in args.text:
+        from bitplan.profiles.text import read_text_file
+
+        read_text_file(path)
+    return CalibrationSettings(tuple(args.text), args.samples, args.seq_len)
+
+
+def run_plan(args) -> int:
+    from bitplan.api import plan
+
+    if args.trials < 0:
+        raise BitplanError(f"--trials must be 0 or more, got {args.trials}")
+    console = Console(stderr=True)
+    with progress_bars(console) as report:
+        result = plan(args.model, args.budget, args.target, args.context, args.batch, args.kv_dtype, args.tp, args.overhead,
+                      candidates_from(args), calibration_from(args), args.tie_fused, args.trials, args.seed, report,
+                      objective=args.objective, engine=args.engine)
+    result.save(args.out)
+    print_plan(result, Console())
+    Console().print(f"plan written to {args.out}")
+    return 0
+
+
+def print_plan(result, console: Console) -> None:
+    memory = Table(title="deployment memory (per device)")
+    memory.add_column("term")
+    memory.add_column("bytes", justify="right")
+    for key in ("quantized_weights_bytes", "unquantized_bytes", "kv_cache_bytes", "workspace_bytes", "overhead_bytes", "total_bytes"):
+        memory.add_row(key.removesuffix("_bytes").replace("_", " "), format_bytes(getattr(result.memory, key)))
+    memory.add_row("budget", format_bytes(result.deployment.budget_bytes))
+    console.print(memory)
+    counts: dict[str, int] = {}
+    for scheme in result.assignments.values():
+        counts[scheme] = counts.get(scheme, 0) + 1
+    schemes = Table(title="schemes chosen")
+    schemes.add_column("scheme")
+    schemes.add_column("layers", justify="right")
+    schemes.add_column("checkpoint format")
+    for name, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        schemes.add_row(name, str(count), result.formats[name].format if name in result.formats else "")
+    console.print(schemes)
+    rules = result.engine.rules
+    console.print(f"[bold]{rules[0]}[/bold]; the search enforced:")
+    for line in rules[1:]:
+        console.print(f"  - {line}")
+    predicted = result.predicted
+    line = f"predicted KL (sum of scores): {predicted.score_kl:.4f} nats/token"
+    if predicted.calibration_kl is not None:
+        line += f"; measured on held-in text: {predicted.calibration_kl:.4f} (exact allocation: {predicted.exact_calibration_kl:.4f})"
+    console.print(line)
+    if predicted.decode_tokens_per_s is not None:
+        batch, context = result.deployment.batch, result.deployment.context
+        console.print(f"predicted decode on {result.target} ({result.search.objective} objective, roofline): "
+                      f"{predicted.decode_tokens_per_s / batch:.1f} tokens/s per sequence at batch {batch}, context {context} "
+                      f"({predicted.decode_tokens_per_s:.1f} tokens/s in all); {predicted.decode_ms_per_token_batch1:.3f} ms/token at batch 1")
+
+
+def run_profile(args) -> int:
+    from bitplan.api import profile
+    from bitplan.engines import resolve_target
+
+    rules = resolve_target(args.engine, args.target).rules
+    with progress_bars(Console(stderr=True)) as report:
+        table = profile(args.model, candidates_from(args), calibration_from(args), args.seed, report, rules=rules)
+    if args.out:
+        table.save(args.out)
+    Console().print(f"{len(table.layers)} layers x {len(table.schemes)} schemes profiled ({table.provenance.get('metric')})")
+    return 0

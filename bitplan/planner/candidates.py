@@ -1,0 +1,43 @@
+"""The candidate set: which schemes the profile scores and the search may choose from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from bitplan.engines.rules import EngineRules
+from bitplan.errors import BitplanError
+from bitplan.methods.registry import COSTLY_DEFAULT_BITS, DEFAULT_METHODS, candidate_schemes
+from bitplan.methods.scheme import GROUP_SIZES, INTEGER_BITS, Scheme
+from bitplan.profiles.hardware import HardwareProfile
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The schemes to profile. The default is every method (``DEFAULT_METHODS``) on the whole
+    grid, except GPTQ, AWQ and HQQ, which are offered at 2-4 bits, symmetric (``costly_bits``;
+    None gives them the whole grid). ``act_formats``: W8A8 activation formats the target runs
+    natively (``for_device`` narrows it to a device's)."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    bits: tuple[int, ...] = INTEGER_BITS
+    group_sizes: tuple[int, ...] = GROUP_SIZES
+    symmetric: tuple[bool, ...] = (True, False)
+    act_formats: tuple[str, ...] = ("int8", "fp8")
+    costly_bits: tuple[int, ...] | None = COSTLY_DEFAULT_BITS
+
+    def schemes(self, rules: EngineRules | None = None) -> list[Scheme]:
+        """The candidate schemes; with ``rules``, only those some kernel of that engine runs."""
+        schemes = candidate_schemes(self.methods, self.bits, self.group_sizes, self.symmetric,
+                                    act_formats=self.act_formats, costly_bits=self.costly_bits)
+        if rules is not None:
+            schemes = [s for s in schemes if rules.takes(s)]
+            if all(s.is_dense for s in schemes):
+                raise BitplanError(f"no candidate scheme is left for {rules.key}: it runs "
+                                   f"{'; '.join(rules.summary()[1:1 + len(rules.kernels)])}. Widen --methods/--bits/--groups, or pick another --engine")
+        return schemes
+
+    def for_device(self, device: HardwareProfile | None) -> "Candidates":
+        """Only the W8A8 formats ``device`` runs natively (int8 or fp8 tensor cores); all without a device."""
+        if device is None:
+            return self
+        return replace(self, act_formats=tuple(f for f in self.act_formats if device.supports(f)))

@@ -1,0 +1,82 @@
+"""The sensitivity table: its type and file, and the cache that serves it.
+
+A table is keyed by everything a score depends on (the model's weights, the calibration tokens,
+the metric and its version, the seed) plus its scheme set; each scheme is scored on its own, so
+a cached table of a superset serves any subset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bitplan.atomic import write_atomic
+from bitplan.methods.scheme import Scheme
+
+METRIC = "fisher-kl"
+METRIC_VERSION = 1  # scores of schemes scored before are unchanged by later methods, so cached tables stay valid
+
+
+@dataclass
+class SensitivityTable:
+    """Score (predicted KL, nats/token) and exact bytes for every (layer, scheme).
+
+    ``scores[i, j]`` is NaN and ``bytes[i, j]`` is -1 where scheme ``j`` cannot store layer ``i``.
+    """
+
+    layers: list[str]
+    schemes: list[str]
+    scores: torch.Tensor  # float64 [layers, schemes]
+    bytes: torch.Tensor  # int64 [layers, schemes]
+    provenance: dict = field(default_factory=dict)
+
+    def scheme_index(self, name: str) -> int:
+        return self.schemes.index(name)
+
+    def subset(self, schemes: list[str]) -> "SensitivityTable":
+        """The same table with only ``schemes``' columns, in that order."""
+        columns = [self.schemes.index(name) for name in schemes]
+        return SensitivityTable(list(self.layers), list(schemes), self.scores[:, columns].clone(), self.bytes[:, columns].clone(),
+                                dict(self.provenance))
+
+    def save(self, path: Path) -> None:
+        """One safetensors file; names and provenance in its metadata. Written atomically."""
+        meta = {"layers": json.dumps(self.layers), "schemes": json.dumps(self.schemes), "provenance": json.dumps(self.provenance, sort_keys=True)}
+        tensors = {"scores": self.scores.contiguous(), "bytes": self.bytes.contiguous()}
+        write_atomic(Path(path), lambda temporary: save_file(tensors, str(temporary), metadata=meta))
+
+    @classmethod
+    def load(cls, path: Path) -> "SensitivityTable":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata()
+        tensors = load_file(str(path))
+        return cls(json.loads(meta["layers"]), json.loads(meta["schemes"]), tensors["scores"], tensors["bytes"], json.loads(meta["provenance"]))
+
+
+def table_key(model_hash: str, tokens_hash: str, schemes: list[Scheme], seed: int) -> str:
+    """``<inputs>-<schemes>``: the first part names everything a score depends on but its scheme
+    (each scheme is scored on its own), so a cached table of a superset serves a subset."""
+    inputs = json.dumps([model_hash, tokens_hash, METRIC, METRIC_VERSION, seed])
+    names = json.dumps([s.name for s in schemes])
+    return f"{hashlib.sha256(inputs.encode()).hexdigest()[:24]}-{hashlib.sha256(names.encode()).hexdigest()[:12]}"
+
+
+def cached_table(folder: Path, key: str, schemes: list[Scheme]) -> "SensitivityTable | None":
+    """A cached table holding every scheme in ``schemes`` for the same inputs, narrowed to them."""
+    exact = folder / f"{key}.safetensors"
+    candidates = [exact] if exact.is_file() else []
+    candidates += sorted(p for p in folder.glob(f"{key.split('-')[0]}-*.safetensors") if p != exact)
+    wanted = [s.name for s in schemes]
+    for path in candidates:
+        table = SensitivityTable.load(path)
+        if set(wanted) <= set(table.schemes):
+            return table.subset(wanted)
+    return None
+
