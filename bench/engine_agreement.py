@@ -3,7 +3,7 @@
     .venv/bin/python bench/engine_agreement.py [--vllm-python .venv-vllm/bin/python]
 
 Plans SmolLM2-135M for each engine (RTN, GPTQ and SmoothQuant candidates at 4 and 8 bits on a
-170 MB budget, 2048-token KV cache, 8 x 512 calibration tokens), emits, and asks the engine:
+170 MB budget without runtime overhead, 2048-token KV cache, 8 x 512 calibration tokens), emits, and asks the engine:
 transformers' ``AutoModelForCausalLM`` (logits against ``bitplan.load`` on 2 x 128 held-out
 tokens), vLLM's scheme and kernel selection for sm_80 and sm_90 (vLLM's own code under a
 stand-in CUDA platform: no GPU here, so selection only), and ``vllm.LLM`` on this CPU (3 prompts
@@ -37,7 +37,8 @@ def cpu_platform() -> str:
 
 
 def planned(engine: str, target: str | None, out: Path):
-    plan = bitplan.plan("smollm2-135m", budget=BUDGET, context=2048, engine=engine, target=target, trials=0,
+    # no runtime overhead: a GPU target would add its CUDA context (about 1 GB); this compares formats, not fit
+    plan = bitplan.plan("smollm2-135m", budget=BUDGET, context=2048, engine=engine, target=target, trials=0, overhead=0,
                         calibration=CALIBRATION, candidates=CANDIDATES)
     counts = Counter(plan.assignments.values())
     return bitplan.emit(plan, out), ", ".join(f"{name} x{n}" for name, n in counts.most_common())

@@ -18,16 +18,20 @@ def quantize_params(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min/max scale and zero point per group, with the scale rounded to its storage dtype.
 
-    Symmetric: ``scale = absmax / qmax`` and no zero point. Asymmetric: ``scale = (max - min) /
-    (2**bits - 1)`` and an integer zero point ``qmin - round(min / scale)``, as compressed-tensors
-    stores it. Scales are rounded to ``scale_dtype`` first so codes match the stored scale.
+    Symmetric: ``scale = absmax / ((2**bits - 1) / 2)`` and no zero point, as compressed-tensors'
+    ``calculate_qparams`` computes it: the range spreads over all 2**bits codes, so the step is
+    ``2·absmax / (2**bits - 1)`` and no weight is more than half a step from a level (+absmax is
+    clamped to qmax, half a step below it); ``absmax / qmax`` would leave qmin unused and a 2-bit
+    group with three levels, not four. Asymmetric: ``scale = (max - min) / (2**bits - 1)`` and an
+    integer zero point ``qmin - round(min / scale)``, as compressed-tensors stores it. Scales are
+    rounded to ``scale_dtype`` first so codes match the stored scale.
     """
     qmin, qmax = integer_range(scheme.bits)
     groups = grouped(weight.to(torch.float32), scheme.group_size)
     tiny = torch.finfo(torch.float32).tiny
     if scheme.symmetric:
         absmax = groups.abs().amax(dim=-1)
-        scale = (absmax / qmax).clamp_min(tiny).to(scale_dtype)
+        scale = (absmax / ((qmax - qmin) / 2)).clamp_min(tiny).to(scale_dtype)
         scale = torch.where(scale.to(torch.float32) == 0, torch.ones_like(scale), scale)
         return scale, None
     low = groups.amin(dim=-1).clamp_max(0.0)

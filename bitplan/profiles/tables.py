@@ -19,7 +19,7 @@ from bitplan.atomic import write_atomic
 from bitplan.methods.scheme import Scheme
 
 METRIC = "fisher-kl"
-METRIC_VERSION = 1  # scores of schemes scored before are unchanged by later methods, so cached tables stay valid
+METRIC_VERSION = 2  # 2: symmetric integer grids use all 2**bits codes (methods/rtn.py); a change that moves any score bumps it
 
 
 @dataclass

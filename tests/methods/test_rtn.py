@@ -1,19 +1,36 @@
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs
-from compressed_tensors.quantization.lifecycle.forward import dequantize
+from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+from compressed_tensors.quantization.utils import calculate_qparams
 
 from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.scheme import DENSE, Scheme
 
 
-def test_weights_on_the_grid_come_back_exactly():
-    scale = torch.tensor([[0.5], [0.25]])
-    codes = torch.tensor([[-7, -3, 0, 7], [7, 1, -2, -7]], dtype=torch.float32)
-    weight = codes * scale
-    q = quantize_rtn(weight, Scheme("rtn", 4, 0, True), scale_dtype=torch.float32)
-    assert torch.equal(q.dequantize(), weight)
-    assert torch.equal(q.codes.float(), codes)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_scales_and_codes_are_compressed_tensors_own(bits):
+    # calculate_qparams spreads absmax over all 2**bits codes; the checkpoint decodes the same in engines
+    weight = torch.randn(16, 128)
+    q = quantize_rtn(weight, Scheme("rtn", bits, 64, True), scale_dtype=torch.float32)
+    args = QuantizationArgs(num_bits=bits, symmetric=True, strategy="group", group_size=64)
+    groups = weight.reshape(16, 2, 64)
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    assert torch.allclose(q.scale, scale, rtol=1e-6)
+    codes = quantize(weight, scale, zero, args=args, dtype=torch.int8)
+    assert torch.equal(q.codes, codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_symmetric_step_spreads_the_range_over_every_code(bits):
+    # step 2·absmax/(2**bits - 1): a 2-bit group has four levels, so no weight is further than absmax/3
+    # from one (with absmax/qmax, three levels, it would be absmax/2)
+    weight = torch.linspace(-1.0, 1.0, 4096).reshape(1, 4096)
+    q = quantize_rtn(weight, Scheme("rtn", bits, 0, True), scale_dtype=torch.float32)
+    step = 2.0 / ((1 << bits) - 1)
+    assert float(q.scale) == pytest.approx(step)
+    assert float((q.dequantize() - weight).abs().max()) <= step / 2 + 1e-6
+    assert int(q.codes.min()) >= -(1 << (bits - 1)) and int(q.codes.max()) == (1 << (bits - 1)) - 1
 
 
 def test_asymmetric_grid_reaches_both_ends():
