@@ -132,10 +132,18 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
         num_blocks = int(config["num_hidden_layers"])
         num_heads = int(config["num_attention_heads"])
         vocab = int(config["vocab_size"])
+        num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
+        head_dim = int(config.get("head_dim") or hidden // max(num_heads, 1))
     except (KeyError, TypeError, ValueError) as exc:
         raise BitplanError(f"config.json lacks a usable {exc} field: is this a complete Hugging Face config?") from exc
-    num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
-    head_dim = int(config.get("head_dim") or hidden // num_heads)
+    sizes = {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": num_blocks, "num_attention_heads": num_heads,
+             "num_key_value_heads": num_kv_heads, "head_dim": head_dim, "vocab_size": vocab}
+    for field, value in sizes.items():
+        if value < 1:
+            raise BitplanError(f"config.json gives {field} = {value}, which must be at least 1: restore the model's config.json")
+    if num_heads % num_kv_heads:
+        raise BitplanError(f"config.json gives {num_heads} attention heads and {num_kv_heads} KV heads, which do not divide them: "
+                           f"restore the model's config.json")
     tied = bool(config.get("tie_word_embeddings", False))
     dtype = dtype or config_dtype(config)
     dims = {
@@ -192,9 +200,12 @@ def read_config(folder: Path) -> dict:
 def read_config_file(path: Path) -> dict:
     """A config.json file's contents; invalid JSON is a user error."""
     try:
-        return json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BitplanError(f"{path} is not valid JSON ({exc}): restore the model's config.json") from exc
+    if not isinstance(config, dict):
+        raise BitplanError(f"{path} holds a JSON {type(config).__name__}, not an object: restore the model's config.json")
+    return config
 
 
 def spec_from_folder(folder: Path, dtype: str | None = None) -> ModelSpec:
