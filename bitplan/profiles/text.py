@@ -74,6 +74,8 @@ def builtin_slices(part: str) -> list[TextSlice]:
 
 def read_text_file(path: Path) -> str:
     path = Path(path)
+    if path.is_dir():
+        raise BitplanError(f"text file {path} is a folder: pass a .txt or .jsonl file")
     if not path.is_file():
         raise BitplanError(f"text file {path} does not exist: pass a .txt or .jsonl file")
     data = path.read_bytes()
@@ -101,7 +103,12 @@ def user_slices(paths: list[Path]) -> list[TextSlice]:
                     text = row["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
                     raise BitplanError(f"{path}:{number} is not a JSON object with a \"text\" field: fix that line") from exc
-                grouped.setdefault(str(row.get("slice", Path(path).stem)), []).append(str(text))
+                name = row.get("slice", Path(path).stem)
+                if not isinstance(text, str) or not isinstance(name, str):
+                    field, value = ("text", text) if not isinstance(text, str) else ("slice", name)
+                    raise BitplanError(f"{path}:{number} has a {type(value).__name__} as its \"{field}\" field, not a string: "
+                                       f"write it as a JSON string")
+                grouped.setdefault(name, []).append(text)
         else:
             grouped.setdefault(Path(path).stem, []).append(content)
     slices = [TextSlice(name, "\n\n".join(texts)) for name, texts in grouped.items()]
