@@ -33,9 +33,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from bitplan.atomic import staging_folder
+from bitplan.atomic import save_safetensors, staging_folder
 from bitplan.engines import get_rules
 from bitplan.engines.formats import BITPLAN_MODEL_TYPE, Format, checkpoint_format
 from bitplan.engines.rules import assignment_violations
@@ -182,7 +181,7 @@ class ShardWriter:
     def flush(self) -> None:
         if self.pending:
             filename = f"model-{len(self.files) + 1:05d}.safetensors"
-            save_file(self.pending, self.folder / filename, metadata={"format": "pt"})
+            save_safetensors(self.pending, self.folder / filename, metadata={"format": "pt"})
             self.files.append((filename, sorted(self.pending)))
             self.pending, self.pending_bytes = {}, 0
 
