@@ -123,24 +123,26 @@ def config_dtype(config: dict) -> str:
     return dtype if dtype in DTYPE_BYTES else "bfloat16"
 
 
+def config_size(config: dict, name: str, default: int | None = None) -> int:
+    """A positive integer field of config.json (``default`` when absent or null)."""
+    value = config.get(name)
+    if value is None and default is not None:
+        return default
+    if value is None:
+        raise BitplanError(f"config.json lacks the {name} field: is this a complete Hugging Face config?")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BitplanError(f"config.json gives {name} = {json.dumps(value)}, which must be a whole number of at least 1: "
+                           f"restore the model's config.json")
+    return value
+
+
 def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
     """Build the ModelSpec of a Hugging Face config (a dict read from config.json)."""
     family = family_for(config)
-    try:
-        hidden = int(config["hidden_size"])
-        intermediate = int(config["intermediate_size"])
-        num_blocks = int(config["num_hidden_layers"])
-        num_heads = int(config["num_attention_heads"])
-        vocab = int(config["vocab_size"])
-        num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
-        head_dim = int(config.get("head_dim") or hidden // max(num_heads, 1))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BitplanError(f"config.json lacks a usable {exc} field: is this a complete Hugging Face config?") from exc
-    sizes = {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": num_blocks, "num_attention_heads": num_heads,
-             "num_key_value_heads": num_kv_heads, "head_dim": head_dim, "vocab_size": vocab}
-    for field, value in sizes.items():
-        if value < 1:
-            raise BitplanError(f"config.json gives {field} = {value}, which must be at least 1: restore the model's config.json")
+    hidden, intermediate, num_blocks, num_heads, vocab = (config_size(config, name) for name in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"))
+    num_kv_heads = config_size(config, "num_key_value_heads", num_heads)
+    head_dim = config_size(config, "head_dim", hidden // num_heads)
     if num_heads % num_kv_heads:
         raise BitplanError(f"config.json gives {num_heads} attention heads and {num_kv_heads} KV heads, which do not divide them: "
                            f"restore the model's config.json")

@@ -89,6 +89,12 @@ def read_text_file(path: Path) -> str:
         raise BitplanError(f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start}): convert it to UTF-8") from exc
 
 
+def json_kind(value) -> str:
+    """How JSON names a parsed value's type, for messages."""
+    kinds = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object", type(None): "null"}
+    return kinds.get(type(value), "a string")
+
+
 def user_slices(paths: list[Path]) -> list[TextSlice]:
     """Text files become one slice each (named by file stem); JSONL rows group by their "slice"."""
     grouped: dict[str, list[str]] = {}
@@ -106,7 +112,7 @@ def user_slices(paths: list[Path]) -> list[TextSlice]:
                 name = row.get("slice", Path(path).stem)
                 if not isinstance(text, str) or not isinstance(name, str):
                     field, value = ("text", text) if not isinstance(text, str) else ("slice", name)
-                    raise BitplanError(f"{path}:{number} has a {type(value).__name__} as its \"{field}\" field, not a string: "
+                    raise BitplanError(f"{path}:{number} has {json_kind(value)} as its \"{field}\" field, not a string: "
                                        f"write it as a JSON string")
                 grouped.setdefault(name, []).append(text)
         else:
