@@ -46,7 +46,9 @@ def _hqq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: 
 def _gptq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
     if "input" not in stats:
         raise BitplanError("GPTQ needs calibration statistics for this layer: quantize it through bitplan.plan/emit")
-    return quantize_gptq(weight, stats["input"].hessian(), scheme, scale_dtype=scale_dtype)[0]
+    from bitplan.methods import gptq
+
+    return quantize_gptq(weight, stats["input"].hessian(), scheme, gptq.BLOCK, gptq.DAMP, gptq.ACT_ORDER, scale_dtype=scale_dtype)[0]
 
 
 def _nf4(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:

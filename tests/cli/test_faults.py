@@ -22,11 +22,6 @@ from bitplan.cli.common import STAGES
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, smollm_folder):
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", smollm_folder)
-
-
-@pytest.fixture(scope="session")
 def tiny_plan(tmp_path_factory, tiny_model, private_cache):
     path = tmp_path_factory.mktemp("tiny-plan") / "plan.json"
     assert main(["plan", str(tiny_model), *TINY_PLAN, "--out", str(path)]) == 0
