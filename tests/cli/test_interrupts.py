@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from faults_support import REPO, TINY_PLAN, bitplan_process, cli_env, error_lines, run_bitplan, snapshot
+from faults_support import REPO, TINY_PLAN, bitplan_process, cli_env, error_lines, run_bitplan
 from tiny_models import write_tiny_model
 
 DRIVER = Path(__file__).with_name("kill_driver.py")
