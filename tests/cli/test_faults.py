@@ -148,6 +148,8 @@ CASES = {
                                  "bitplan@any runs on one device: use --tp 1, or --engine vllm for tensor parallelism"),
     "--tp 9 splits heads but not the MLP": (nothing, SMOLLM + ["--tp", "9"], "--tp 9 does not divide the MLP width 1536"),
     "--tp 0": (nothing, SMOLLM + ["--tp", "0"], "argument --tp: must be at least 1, got 0"),
+    "--tp 5 in compare on 32 heads": (nothing, ["compare", "{configs}/llama-3-8b.json", "--targets", "l40s", "--tp", "5"],
+                                      "--tp 5 does not divide the model's 32 attention heads: choose a divisor of 32"),
     "negative trials": (nothing, PLAN + ["--trials", "-1"], "--trials must be 0 or more, got -1"),
     "zero samples": (nothing, PLAN + ["--samples", "0"], "argument --samples: must be at least 1, got 0"),
     "misspelt option": (nothing, PLAN + ["--budgett", "2GB"], "unrecognized arguments: --budgett 2GB (see `bitplan --help`)"),
@@ -172,7 +174,7 @@ def test_fault_gets_one_line_status_2_and_changes_nothing(case, tmp_path, tiny_m
     if case == "emit into a non-empty folder":
         (tmp_path / "out" / "weights.safetensors").write_text("someone else's")
     damage(tmp_path)
-    fields = {"model": tmp_path / "model", "root": tmp_path, "plan": tiny_plan}
+    fields = {"model": tmp_path / "model", "root": tmp_path, "plan": tiny_plan, "configs": Path(__file__).parents[1] / "data" / "configs"}
     before = snapshot(tmp_path, private_cache, tiny_plan.parent)
     code = main([a.format(**fields) for a in argv]) if not case.startswith(("group size not", "bit width not", "--tp 0", "zero", "misspelt", "unknown KV")) \
         else argparse_exit(argv, fields)
