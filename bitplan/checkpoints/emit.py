@@ -24,6 +24,7 @@ half-written.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -207,11 +208,17 @@ def emit(plan: Plan | str | os.PathLike, out: str | os.PathLike, progress: Calla
     spec = spec_from_config(config)
     assignments = check_plan_against_model(plan, spec)
     check_engine_rules(plan, spec, assignments)
-    with staging_folder(out) as staging:
-        written = write_checkpoint(folder, config, spec, assignments, plan, staging, progress)
-        expected = plan.memory.quantized_weights_bytes * plan.deployment.tensor_parallel
-        if written != expected:
-            raise AssertionError(f"emitted {written} bytes of Linear weights, the plan predicted {expected}")
+    try:
+        with staging_folder(out) as staging:
+            written = write_checkpoint(folder, config, spec, assignments, plan, staging, progress)
+            expected = plan.memory.quantized_weights_bytes * plan.deployment.tensor_parallel
+            if written != expected:
+                raise AssertionError(f"emitted {written} bytes of Linear weights, the plan predicted {expected}")
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR) and out.exists():
+            raise BitplanError(f"{out} was created by another run while this one wrote the checkpoint (this copy was dropped): "
+                               f"choose another --out or remove it") from exc
+        raise
     return out
 
 

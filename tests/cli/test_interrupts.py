@@ -139,6 +139,20 @@ def test_two_plans_at_once_on_one_cache(world, tmp_path):
     assert len(list((cache / "profiles").glob("*.safetensors"))) == 1 and hidden(cache) == []
 
 
+def test_two_emits_into_one_folder_at_once(world, tmp_path):
+    """One wins; the other refuses in one line (at the start, or when it finds the folder taken at the end)."""
+    out = tmp_path / "ckpt"
+    processes = [bitplan_process(["emit", world["plan"], "--out", out], tmp_path / "cache") for _ in range(2)]
+    stderrs = [process.communicate(timeout=300)[1] for process in processes]
+    results = sorted((process.returncode, error_lines(stderr)) for process, stderr in zip(processes, stderrs))
+    assert [code for code, _ in results] == [0, 2]
+    [line] = results[1][1]
+    assert line in (f"bitplan: error: {out} already exists and is not empty: choose another --out or remove it",
+                    f"bitplan: error: {out} was created by another run while this one wrote the checkpoint (this copy was dropped): "
+                    f"choose another --out or remove it")
+    assert files(out) == files(world["ckpt"]) and hidden(tmp_path) == []
+
+
 def test_a_damaged_cached_table_is_ignored_and_replaced(world, tmp_path, monkeypatch, capsys):
     from bitplan.cli import main
 
