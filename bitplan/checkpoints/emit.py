@@ -200,7 +200,7 @@ def emit(plan: Plan | str | os.PathLike, out: str | os.PathLike, progress: Calla
     plan = plan if isinstance(plan, Plan) else load_plan(Path(plan))
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BitplanError(f"{out} already exists and is not empty: choose another --out or remove it")
+        raise BitplanError(f"{out} already exists and is not an empty folder: choose another --out or remove it")
     folder = resolve_model(plan.model.source)
     if folder_hash(folder) != plan.model.hash:
         raise BitplanError(f"the weights in {folder} differ from those the plan was made for: re-run `bitplan plan` on this model")

@@ -160,9 +160,9 @@ CASES = {
     "plan.json a JSON array": (write_text("plan.json", "[]"), ["emit", "{root}/plan.json", "--out", "{root}/ckpt"],
                                "plan.json is not a bitplan plan (no schema_version): re-create it with `bitplan plan`"),
     "emit into a non-empty folder": (write_text("ckpt", ""), ["emit", "{plan}", "--out", "{root}/out"],
-                                     "{root}/out already exists and is not empty: choose another --out or remove it"),
+                                     "{root}/out already exists and is not an empty folder: choose another --out or remove it"),
     "emit onto a file": (write_text("ckpt", "keep me"), ["emit", "{plan}", "--out", "{root}/ckpt"],
-                         "{root}/ckpt already exists and is not empty: choose another --out or remove it"),
+                         "{root}/ckpt already exists and is not an empty folder: choose another --out or remove it"),
 }
 
 

@@ -147,7 +147,7 @@ def test_two_emits_into_one_folder_at_once(world, tmp_path):
     results = sorted((process.returncode, error_lines(stderr)) for process, stderr in zip(processes, stderrs))
     assert [code for code, _ in results] == [0, 2]
     [line] = results[1][1]
-    assert line in (f"bitplan: error: {out} already exists and is not empty: choose another --out or remove it",
+    assert line in (f"bitplan: error: {out} already exists and is not an empty folder: choose another --out or remove it",
                     f"bitplan: error: {out} was created by another run while this one wrote the checkpoint (this copy was dropped): "
                     f"choose another --out or remove it")
     assert files(out) == files(world["ckpt"]) and hidden(tmp_path) == []
