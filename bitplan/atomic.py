@@ -1,9 +1,15 @@
 """Atomic writes: everything bitplan writes goes to a temporary name beside its target, then is
-renamed into place, so an interrupted run leaves either the old state or the new one."""
+renamed into place, so an interrupted run leaves either the old state or the new one.
+
+Temporary names carry the writer's process id (``.<target>-<pid>-<random>``). A run killed
+outright (``kill -9``, a power cut) cannot remove its own; the next write beside the same
+target removes those whose process is gone, and readers never look at them.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -11,11 +17,57 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def temporary_prefix(target: Path) -> str:
+    return f".{target.name}-{os.getpid()}-"
+
+
+TEMPORARY_NAME = re.compile(r"^\..+-(\d+)-[a-z0-9_]{8}(\.tmp)?$")  # .<target>-<pid>-<tempfile's 8 random characters>
+
+
+def visible_path(path: Path) -> Path:
+    """``path`` up to its first temporary component: what a user knows (a temporary name is gone by the time they read it)."""
+    parts = Path(path).parts
+    for index, part in enumerate(parts):
+        if TEMPORARY_NAME.match(part):
+            return Path(*parts[:index]) if index else Path(".")
+    return Path(path)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_abandoned(target: Path) -> list[Path]:
+    """Remove the temporary files and folders that dead processes left beside ``target``; returns them."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}-(\d+)-[a-z0-9_]{{8}}(\.tmp)?$")  # tempfile's 8 random characters
+    removed = []
+    for item in target.parent.glob(f".{glob_escape(target.name)}-*"):
+        match = pattern.match(item.name)
+        if match and not process_alive(int(match[1])):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
+            removed.append(item)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(temporary_path)``, then rename the result onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    remove_abandoned(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     os.close(handle)
     try:
         write(Path(temporary))
@@ -23,6 +75,21 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, whose I/O failures (a full disk) surface as the ``OSError``
+    they are, with their errno and file name, rather than as the library's own error type."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from exc
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -37,7 +104,8 @@ def staging_folder(target: Path, keep_existing: bool = False) -> Iterator[Path]:
     staged copy dropped."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    remove_abandoned(target)
+    staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(target), dir=target.parent))
     try:
         yield staging
         staging.chmod(0o755)

@@ -16,6 +16,14 @@ def smollm_folder():
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smollm_folder):
+    """A tiny random-weight Llama folder (``tiny_models.py``) with the real tokenizer: for tests that need a model on disk, fast."""
+    from tiny_models import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", smollm_folder)
+
+
+@pytest.fixture(scope="session")
 def private_cache(tmp_path_factory, smollm_folder):
     """A fresh BITPLAN_CACHE (no stale profiles) that still sees the converted model."""
     root = tmp_path_factory.mktemp("bitplan-cache")

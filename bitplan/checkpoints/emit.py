@@ -24,6 +24,7 @@ half-written.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -33,9 +34,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from bitplan.atomic import staging_folder
+from bitplan.atomic import save_safetensors, staging_folder
 from bitplan.engines import get_rules
 from bitplan.engines.formats import BITPLAN_MODEL_TYPE, Format, checkpoint_format
 from bitplan.engines.rules import assignment_violations
@@ -182,7 +182,7 @@ class ShardWriter:
     def flush(self) -> None:
         if self.pending:
             filename = f"model-{len(self.files) + 1:05d}.safetensors"
-            save_file(self.pending, self.folder / filename, metadata={"format": "pt"})
+            save_safetensors(self.pending, self.folder / filename, metadata={"format": "pt"})
             self.files.append((filename, sorted(self.pending)))
             self.pending, self.pending_bytes = {}, 0
 
@@ -200,7 +200,7 @@ def emit(plan: Plan | str | os.PathLike, out: str | os.PathLike, progress: Calla
     plan = plan if isinstance(plan, Plan) else load_plan(Path(plan))
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BitplanError(f"{out} already exists and is not empty: choose another --out or remove it")
+        raise BitplanError(f"{out} already exists and is not an empty folder: choose another --out or remove it")
     folder = resolve_model(plan.model.source)
     if folder_hash(folder) != plan.model.hash:
         raise BitplanError(f"the weights in {folder} differ from those the plan was made for: re-run `bitplan plan` on this model")
@@ -208,11 +208,17 @@ def emit(plan: Plan | str | os.PathLike, out: str | os.PathLike, progress: Calla
     spec = spec_from_config(config)
     assignments = check_plan_against_model(plan, spec)
     check_engine_rules(plan, spec, assignments)
-    with staging_folder(out) as staging:
-        written = write_checkpoint(folder, config, spec, assignments, plan, staging, progress)
-        expected = plan.memory.quantized_weights_bytes * plan.deployment.tensor_parallel
-        if written != expected:
-            raise AssertionError(f"emitted {written} bytes of Linear weights, the plan predicted {expected}")
+    try:
+        with staging_folder(out) as staging:
+            written = write_checkpoint(folder, config, spec, assignments, plan, staging, progress)
+            expected = plan.memory.quantized_weights_bytes * plan.deployment.tensor_parallel
+            if written != expected:
+                raise AssertionError(f"emitted {written} bytes of Linear weights, the plan predicted {expected}")
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR) and out.exists():
+            raise BitplanError(f"{out} was created by another run while this one wrote the checkpoint (this copy was dropped): "
+                               f"choose another --out or remove it") from exc
+        raise
     return out
 
 

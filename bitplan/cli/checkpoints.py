@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bitplan.atomic import write_text_atomic
 from bitplan.cli.common import positive_int, progress_bars
 from bitplan.errors import BitplanError
 
@@ -59,7 +60,7 @@ def run_eval(args) -> int:
         table.add_row(name, str(quality.tokens), f"{quality.kl:.4f}", f"{quality.perplexity:.3f}", f"{quality.reference_perplexity:.3f}")
     Console().print(table)
     if args.json_out:
-        args.json_out.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+        write_text_atomic(args.json_out, json.dumps(result.to_dict(), indent=2, sort_keys=True))
     return 0
 
 
@@ -72,7 +73,7 @@ def run_check(args) -> int:
         mark = "[green]ok[/green]" if result.ok else "[red]FAILED[/red]"
         console.print(f"{mark} {result.engine}: {result.detail} ({result.loaded_by})")
     if args.json_out:
-        args.json_out.write_text(json.dumps([r.to_dict() for r in results], indent=2, sort_keys=True))
+        write_text_atomic(args.json_out, json.dumps([r.to_dict() for r in results], indent=2, sort_keys=True))
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -19,7 +19,10 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def group_list(text: str) -> tuple[int, ...]:
-    return tuple(0 if v.strip() in ("c", "channel", "0") else int(v) for v in text.split(","))
+    try:
+        return tuple(0 if v.strip() in ("c", "channel", "0") else int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated group sizes (c = per channel), got {text!r}") from None
 
 
 def positive_int(text: str) -> int:

@@ -13,6 +13,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bitplan.atomic import write_text_atomic
+from bitplan.engines import get_rules
+from bitplan.engines.rules import check_tensor_parallel
 from bitplan.errors import BitplanError
 from bitplan.models.moe import load_spec
 from bitplan.models.spec import read_config, read_config_file
@@ -119,6 +122,7 @@ def _load_table(path: str):
 def run_compare(args: argparse.Namespace) -> int:
     config = _read_model_config(args.model)
     spec, routing = load_spec(config)
+    check_tensor_parallel(spec, get_rules("vllm"), args.tp)  # the engine that shards; its rules are the model's heads and widths
     devices = get_devices(args.targets)
     settings = CompareSettings(
         context=args.context, batch=args.batch, kv_dtype=args.kv_dtype, tensor_parallel=args.tp,
@@ -129,7 +133,7 @@ def run_compare(args: argparse.Namespace) -> int:
     comparison = compare(spec, routing, devices, settings, table)
     Console(width=TABLE_WIDTH).print(render_table(comparison))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(comparison.to_dict(), indent=1))
+        write_text_atomic(Path(args.json_out), json.dumps(comparison.to_dict(), indent=1))
     if args.plot:
         write_plot(comparison, Path(args.plot))
     return 0

@@ -148,6 +148,8 @@ def model_refusal(spec: ModelSpec, rules: EngineRules, tp: int) -> str | None:
     """Why the model cannot be sharded over ``tp`` devices by this engine, or None."""
     if tp == 1:
         return None
+    if tp < 1:
+        return f"--tp must be at least 1, got {tp}"
     if not rules.tensor_parallel:
         return f"{rules.key} runs on one device: use --tp 1, or --engine vllm for tensor parallelism"
     if spec.num_heads % tp:

@@ -32,6 +32,10 @@ from bitplan.methods.scheme import QuantizedWeight, Scheme
 log = logging.getLogger(__name__)
 
 
+BLOCK = 128  # lazy-update width
+DAMP = 0.01  # fraction of mean(diag H) added to the diagonal
+ACT_ORDER = False  # columns in their own order (static groups either way)
+
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H).
 
@@ -187,9 +191,9 @@ def quantize_gptq(
     weight: torch.Tensor,
     H: torch.Tensor,
     scheme: Scheme,
-    block: int = 128,
-    damp: float = 0.01,
-    act_order: bool = False,
+    block: int = BLOCK,
+    damp: float = DAMP,
+    act_order: bool = ACT_ORDER,
     scale_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[QuantizedWeight, float]:
     """GPTQ-quantize ``weight`` ``[out, in]`` given its input Hessian ``H`` ``[in, in]``.

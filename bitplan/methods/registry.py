@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -31,7 +31,7 @@ from bitplan.methods.gptq import quantize_gptq
 from bitplan.methods.hqq import quantize_hqq
 from bitplan.methods.nf4 import quantize_nf4
 from bitplan.methods.rtn import quantize_rtn
-from bitplan.methods.scheme import DENSE, GROUP_SIZES, INTEGER_BITS, Method, QuantizedWeight, Scheme
+from bitplan.methods.scheme import DENSE, GROUP_SIZES, INTEGER_BITS, Method, QuantizedWeight, Scheme, group_label
 
 Quantizer = Callable[[torch.Tensor, Scheme, torch.dtype, dict], QuantizedWeight]
 
@@ -46,7 +46,9 @@ def _hqq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: 
 def _gptq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
     if "input" not in stats:
         raise BitplanError("GPTQ needs calibration statistics for this layer: quantize it through bitplan.plan/emit")
-    return quantize_gptq(weight, stats["input"].hessian(), scheme, scale_dtype=scale_dtype)[0]
+    from bitplan.methods import gptq
+
+    return quantize_gptq(weight, stats["input"].hessian(), scheme, gptq.BLOCK, gptq.DAMP, gptq.ACT_ORDER, scale_dtype=scale_dtype)[0]
 
 
 def _nf4(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
@@ -57,6 +59,25 @@ def _nf4(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: 
 def _fp8(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
     result = quantize_fp8(weight, scheme.group_size, scale_dtype=torch.float32)
     return QuantizedWeight(result.values.view(torch.int8), result.scale, None, scheme)
+
+
+def implementations() -> dict[str, dict]:
+    """What made each method's numbers: its implementation's ``version`` (bump it when the method's
+    code changes what it returns) and its settings. Profile caches fold this into their key
+    (``profiles.tables.table_key``), so a change here is never served old scores."""
+    from bitplan.methods import awq, gptq, smoothquant
+    from bitplan.methods.hqq import HqqOptions
+    from bitplan.methods.nf4 import NF4_OFFSET
+
+    return {
+        "rtn": {"version": 1},
+        "gptq": {"version": 1, "block": gptq.BLOCK, "damp": gptq.DAMP, "act_order": gptq.ACT_ORDER},
+        "awq": {"version": 1, "n_grid": awq.N_GRID, "max_shrink": awq.MAX_SHRINK},
+        "hqq": {"version": 1, **asdict(HqqOptions())},
+        "nf4": {"version": 1, "offset": NF4_OFFSET},
+        "fp8": {"version": 1},
+        "smoothquant": {"version": 1, "alphas": list(smoothquant.ALPHA_GRID)},
+    }
 
 
 QUANTIZERS: dict[Method, Quantizer] = {Method.RTN: _rtn, Method.HQQ: _hqq, Method.GPTQ: _gptq, Method.NF4: _nf4, Method.FP8: _fp8}
@@ -169,6 +190,10 @@ def candidate_schemes(
     bad_bits = [b for b in bits if b not in INTEGER_BITS]
     if bad_bits:
         raise BitplanError(f"unsupported bit widths {bad_bits}: choose from {', '.join(map(str, INTEGER_BITS))}")
+    bad_groups = [g for g in group_sizes if g not in GROUP_SIZES]
+    if bad_groups:
+        raise BitplanError(f"unsupported group sizes {', '.join(map(group_label, bad_groups))}: no bitplan kernel or engine stores them; "
+                           f"choose from {', '.join(map(group_label, GROUP_SIZES))} (c = per channel)")
     schemes = set()
     for method in chosen:
         if costly_bits is not None and method in COSTLY:

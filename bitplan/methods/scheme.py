@@ -31,6 +31,11 @@ DENSE_NAME = "none"
 INTEGER_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128, 0)  # 0 = one group per output channel
 
+def group_label(group_size: int) -> str:
+    """How a group size is written in scheme names and on the command line: "c" for per channel."""
+    return "c" if group_size == 0 else str(group_size)
+
+
 _NAME = re.compile(r"^(?P<method>[a-z0-9]+)-w(?P<bits>\d+)g(?P<group>\d+|c)(?P<sym>[sa])(?:a(?P<act>\d+))?$")
 
 
@@ -58,7 +63,7 @@ class Scheme:
     def name(self) -> str:
         if self.is_dense:
             return DENSE_NAME
-        group = "c" if self.group_size == 0 else str(self.group_size)
+        group = group_label(self.group_size)
         act = "" if self.act_bits == 16 else f"a{self.act_bits}"
         return f"{self.method}-w{self.bits}g{group}{'s' if self.symmetric else 'a'}{act}"
 

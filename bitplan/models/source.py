@@ -11,15 +11,15 @@ import importlib.util
 import json
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from bitplan.atomic import staging_folder
+from bitplan.atomic import save_safetensors, staging_folder
 from bitplan.errors import BitplanError
 from bitplan.models.spec import ModelSpec, family_for, read_config, spec_from_config
 
@@ -78,7 +78,9 @@ def open_model(name_or_path: str | os.PathLike) -> ModelSource:
     folder = resolve_model(name_or_path)
     config = read_config(folder)
     name = str(name_or_path) if str(name_or_path) in BUILTIN_MODELS else str(Path(name_or_path).resolve())
-    return ModelSource(name, folder, config, spec_from_config(config))
+    spec = spec_from_config(config)
+    check_shapes(folder, config, spec)
+    return ModelSource(name, folder, config, spec)
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -120,21 +122,52 @@ def convert_gguf(source: Path, filename: str, target: Path) -> None:
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     with staging_folder(target, keep_existing=True) as staging:
-        save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(state, staging / "model.safetensors", metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tokenizer.save_pretrained(staging)
 
 
+def read_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's tensor table (name -> dtype, shape, data_offsets), checked against the
+    file's size: a file cut short (a download that stopped) or not safetensors at all is refused
+    here, in one line, before any tensor is read."""
+    path = Path(path)
+    size = path.stat().st_size
+    refetch = "download or copy it again"
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if length is None or length > min(size - 8, 100 << 20):
+            raise BitplanError(f"{path} is cut short or not a safetensors file ({size} bytes, no complete header): {refetch}")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BitplanError(f"{path} has a corrupt safetensors header: {refetch}") from None
+    if not isinstance(header, dict):
+        raise BitplanError(f"{path} has a corrupt safetensors header: {refetch}")
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    try:
+        expected = 8 + length + max((int(entry["data_offsets"][1]) for entry in tensors.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise BitplanError(f"{path} has a corrupt safetensors header: {refetch}") from None
+    if size < expected:
+        raise BitplanError(f"{path} is cut short ({size} of {expected} bytes; a download or copy that stopped): {refetch}")
+    return tensors
+
+
 class WeightReader:
-    """Reads named tensors from a folder's safetensors files, one at a time, as float32."""
+    """Reads named tensors from a folder's safetensors files, one at a time, as float32.
+
+    Every file's header is checked on opening; every tensor read is checked for NaN and Inf."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.location: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for path in safetensors_files(self.folder):
-            with safe_open(path, framework="pt") as handle:
-                for key in handle.keys():
-                    self.location[key] = path
+            for key, entry in read_header(path).items():
+                self.location[key] = path
+                self.shapes[key] = tuple(entry.get("shape", ()))
 
     def has(self, name: str) -> bool:
         return name in self.location
@@ -144,11 +177,30 @@ class WeightReader:
             raise BitplanError(f"{self.folder} lacks the tensor {name}: the safetensors files do not match config.json")
         with safe_open(self.location[name], framework="pt") as handle:
             value = handle.get_tensor(name)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise BitplanError(f"{name} in {self.location[name]} holds NaN or Inf values: the weights are corrupt; "
+                               f"download the model again or repair that tensor")
         return value if dtype is None else value.to(dtype)
 
     def tensors(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with ``prefix``, keyed by the rest of the name."""
         return {name[len(prefix):]: self.tensor(name, dtype) for name in sorted(self.location) if name.startswith(prefix)}
+
+
+def check_shapes(folder: Path, config: dict, spec: ModelSpec) -> None:
+    """Every Linear and the embedding hold the shape config.json implies, before any work starts."""
+    reader = WeightReader(folder)
+    family = family_for(config)
+    expected = {f"{layer.name}.weight": (layer.out_features, layer.in_features) for layer in spec.layers}
+    expected[f"{family.embedding}.weight"] = (spec.vocab_size, spec.hidden_size)
+    for name, shape in expected.items():
+        if name not in reader.shapes:
+            raise BitplanError(f"{folder} lacks the tensor {name} that config.json implies: config.json and the safetensors files "
+                               f"come from different models; restore the matching config.json")
+        if reader.shapes[name] != shape:
+            raise BitplanError(f"config.json implies {name} is {list(shape)} but {reader.location[name].name} holds "
+                               f"{list(reader.shapes[name])}: config.json and the weights come from different models; "
+                               f"restore the matching config.json")
 
 
 def folder_hash(folder: Path) -> str:

@@ -123,19 +123,29 @@ def config_dtype(config: dict) -> str:
     return dtype if dtype in DTYPE_BYTES else "bfloat16"
 
 
+def config_size(config: dict, name: str, default: int | None = None) -> int:
+    """A positive integer field of config.json (``default`` when absent or null)."""
+    value = config.get(name)
+    if value is None and default is not None:
+        return default
+    if value is None:
+        raise BitplanError(f"config.json lacks the {name} field: is this a complete Hugging Face config?")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BitplanError(f"config.json gives {name} = {json.dumps(value)}, which must be a whole number of at least 1: "
+                           f"restore the model's config.json")
+    return value
+
+
 def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
     """Build the ModelSpec of a Hugging Face config (a dict read from config.json)."""
     family = family_for(config)
-    try:
-        hidden = int(config["hidden_size"])
-        intermediate = int(config["intermediate_size"])
-        num_blocks = int(config["num_hidden_layers"])
-        num_heads = int(config["num_attention_heads"])
-        vocab = int(config["vocab_size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BitplanError(f"config.json lacks a usable {exc} field: is this a complete Hugging Face config?") from exc
-    num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
-    head_dim = int(config.get("head_dim") or hidden // num_heads)
+    hidden, intermediate, num_blocks, num_heads, vocab = (config_size(config, name) for name in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"))
+    num_kv_heads = config_size(config, "num_key_value_heads", num_heads)
+    head_dim = config_size(config, "head_dim", hidden // num_heads)
+    if num_heads % num_kv_heads:
+        raise BitplanError(f"config.json gives {num_heads} attention heads and {num_kv_heads} KV heads, which do not divide them: "
+                           f"restore the model's config.json")
     tied = bool(config.get("tie_word_embeddings", False))
     dtype = dtype or config_dtype(config)
     dims = {
@@ -192,9 +202,12 @@ def read_config(folder: Path) -> dict:
 def read_config_file(path: Path) -> dict:
     """A config.json file's contents; invalid JSON is a user error."""
     try:
-        return json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BitplanError(f"{path} is not valid JSON ({exc}): restore the model's config.json") from exc
+    if not isinstance(config, dict):
+        raise BitplanError(f"{path} holds a JSON {type(config).__name__}, not an object: restore the model's config.json")
+    return config
 
 
 def spec_from_folder(folder: Path, dtype: str | None = None) -> ModelSpec:

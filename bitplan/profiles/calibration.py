@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from bitplan.errors import BitplanError
 from bitplan.profiles.text import builtin_slices, interleaved_windows, user_slices
 
 BUILTIN_TEXT = "builtin:pydoc_data.topics"
@@ -30,10 +31,21 @@ class CalibrationSettings:
         return cls(texts, int(recorded["samples"]), int(recorded["seq_len"]))
 
 
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a folder holding none has no tokenizer
+
+
 def load_tokenizer(folder: Path):
+    """The model folder's own tokenizer; a missing or unreadable one is a user error, found before any profiling."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_MARKERS):
+        raise BitplanError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_MARKERS)}): copy the model's tokenizer files into the folder")
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as exc:  # transformers and tokenizers raise many types for an unreadable file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BitplanError(f"the tokenizer in {folder} cannot be read ({reason}): copy the model's tokenizer files again") from exc
 
 
 def calibration_windows(folder: Path, settings: CalibrationSettings, extra: int = 0) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The sensitivity table: its type and file, and the cache that serves it.
 
 A table is keyed by everything a score depends on (the model's weights, the calibration tokens,
-the metric and its version, the seed) plus its scheme set; each scheme is scored on its own, so
+the metric and its version, each method's implementation version and settings, the seed) plus
+its scheme set; files are written once under their key by atomic rename, so concurrent runs
+sharing a cache at worst both compute the same table; each scheme is scored on its own, so
 a cached table of a superset serves any subset.
 """
 
@@ -9,14 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from bitplan.atomic import write_atomic
+from bitplan.atomic import save_safetensors, write_atomic
+from bitplan.methods.registry import implementations
 from bitplan.methods.scheme import Scheme
+
+log = logging.getLogger(__name__)
 
 METRIC = "fisher-kl"
 METRIC_VERSION = 2  # 2: symmetric integer grids use all 2**bits codes (methods/rtn.py); a change that moves any score bumps it
@@ -48,7 +54,7 @@ class SensitivityTable:
         """One safetensors file; names and provenance in its metadata. Written atomically."""
         meta = {"layers": json.dumps(self.layers), "schemes": json.dumps(self.schemes), "provenance": json.dumps(self.provenance, sort_keys=True)}
         tensors = {"scores": self.scores.contiguous(), "bytes": self.bytes.contiguous()}
-        write_atomic(Path(path), lambda temporary: save_file(tensors, str(temporary), metadata=meta))
+        write_atomic(Path(path), lambda temporary: save_safetensors(tensors, temporary, metadata=meta))
 
     @classmethod
     def load(cls, path: Path) -> "SensitivityTable":
@@ -62,8 +68,10 @@ class SensitivityTable:
 
 def table_key(model_hash: str, tokens_hash: str, schemes: list[Scheme], seed: int) -> str:
     """``<inputs>-<schemes>``: the first part names everything a score depends on but its scheme
-    (each scheme is scored on its own), so a cached table of a superset serves a subset."""
-    inputs = json.dumps([model_hash, tokens_hash, METRIC, METRIC_VERSION, seed])
+    (each scheme is scored on its own), so a cached table of a superset serves a subset. The
+    inputs include every method's implementation version and settings
+    (``methods.registry.implementations``): changing GPTQ's damping or AWQ's grid re-profiles."""
+    inputs = json.dumps([model_hash, tokens_hash, METRIC, METRIC_VERSION, seed, implementations()], sort_keys=True)
     names = json.dumps([s.name for s in schemes])
     return f"{hashlib.sha256(inputs.encode()).hexdigest()[:24]}-{hashlib.sha256(names.encode()).hexdigest()[:12]}"
 
@@ -75,7 +83,11 @@ def cached_table(folder: Path, key: str, schemes: list[Scheme]) -> "SensitivityT
     candidates += sorted(p for p in folder.glob(f"{key.split('-')[0]}-*.safetensors") if p != exact)
     wanted = [s.name for s in schemes]
     for path in candidates:
-        table = SensitivityTable.load(path)
+        try:
+            table = SensitivityTable.load(path)
+        except Exception as exc:  # a damaged file (bitplan writes atomically, so not by bitplan): ignore it, it is rewritten
+            log.warning("ignoring the unreadable cached table %s (%s)", path, exc)
+            continue
         if set(wanted) <= set(table.schemes):
             return table.subset(wanted)
     return None

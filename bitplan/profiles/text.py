@@ -74,6 +74,8 @@ def builtin_slices(part: str) -> list[TextSlice]:
 
 def read_text_file(path: Path) -> str:
     path = Path(path)
+    if path.is_dir():
+        raise BitplanError(f"text file {path} is a folder: pass a .txt or .jsonl file")
     if not path.is_file():
         raise BitplanError(f"text file {path} does not exist: pass a .txt or .jsonl file")
     data = path.read_bytes()
@@ -85,6 +87,12 @@ def read_text_file(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BitplanError(f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start}): convert it to UTF-8") from exc
+
+
+def json_kind(value) -> str:
+    """How JSON names a parsed value's type, for messages."""
+    kinds = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object", type(None): "null"}
+    return kinds.get(type(value), "a string")
 
 
 def user_slices(paths: list[Path]) -> list[TextSlice]:
@@ -101,7 +109,12 @@ def user_slices(paths: list[Path]) -> list[TextSlice]:
                     text = row["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
                     raise BitplanError(f"{path}:{number} is not a JSON object with a \"text\" field: fix that line") from exc
-                grouped.setdefault(str(row.get("slice", Path(path).stem)), []).append(str(text))
+                name = row.get("slice", Path(path).stem)
+                if not isinstance(text, str) or not isinstance(name, str):
+                    field, value = ("text", text) if not isinstance(text, str) else ("slice", name)
+                    raise BitplanError(f"{path}:{number} has {json_kind(value)} as its \"{field}\" field, not a string: "
+                                       f"write it as a JSON string")
+                grouped.setdefault(name, []).append(text)
         else:
             grouped.setdefault(Path(path).stem, []).append(content)
     slices = [TextSlice(name, "\n\n".join(texts)) for name, texts in grouped.items()]

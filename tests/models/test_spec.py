@@ -37,5 +37,5 @@ def test_unsupported_architecture_names_the_supported_ones():
 
 
 def test_incomplete_config_is_refused():
-    with pytest.raises(BitplanError, match="lacks a usable"):
+    with pytest.raises(BitplanError, match="lacks the intermediate_size field"):
         spec_from_config({"model_type": "llama", "hidden_size": 8})

@@ -1,0 +1,7 @@
+"""``python -m bitplan``: the same as the ``bitplan`` command."""
+
+import sys
+
+from bitplan.cli import main
+
+sys.exit(main())
