@@ -69,14 +69,15 @@ def implementations() -> dict[str, dict]:
     from bitplan.methods.hqq import HqqOptions
     from bitplan.methods.nf4 import NF4_OFFSET
 
+    # version 2 of rtn, gptq, awq, hqq, smoothquant: symmetric grids spread over all 2**bits codes (methods/rtn.py)
     return {
-        "rtn": {"version": 1},
-        "gptq": {"version": 1, "block": gptq.BLOCK, "damp": gptq.DAMP, "act_order": gptq.ACT_ORDER},
-        "awq": {"version": 1, "n_grid": awq.N_GRID, "max_shrink": awq.MAX_SHRINK},
-        "hqq": {"version": 1, **asdict(HqqOptions())},
+        "rtn": {"version": 2},
+        "gptq": {"version": 2, "block": gptq.BLOCK, "damp": gptq.DAMP, "act_order": gptq.ACT_ORDER},
+        "awq": {"version": 2, "n_grid": awq.N_GRID, "max_shrink": awq.MAX_SHRINK},
+        "hqq": {"version": 2, **asdict(HqqOptions())},
         "nf4": {"version": 1, "offset": NF4_OFFSET},
         "fp8": {"version": 1},
-        "smoothquant": {"version": 1, "alphas": list(smoothquant.ALPHA_GRID)},
+        "smoothquant": {"version": 2, "alphas": list(smoothquant.ALPHA_GRID)},
     }
 
 

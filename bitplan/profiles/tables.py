@@ -25,7 +25,7 @@ from bitplan.methods.scheme import Scheme
 log = logging.getLogger(__name__)
 
 METRIC = "fisher-kl"
-METRIC_VERSION = 2  # 2: symmetric integer grids use all 2**bits codes (methods/rtn.py); a change that moves any score bumps it
+METRIC_VERSION = 1  # the score's formula; the methods' own versions are in methods.registry.implementations()
 
 
 @dataclass
