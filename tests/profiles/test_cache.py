@@ -30,7 +30,7 @@ def test_a_method_version_is_part_of_the_key(monkeypatch):
     from bitplan.methods import registry
 
     before = table_key("model", "tokens", SCHEMES, 0)
-    bumped = {**registry.implementations(), "rtn": {"version": 2}}
+    bumped = {**registry.implementations(), "rtn": {"version": registry.implementations()["rtn"]["version"] + 1}}
     monkeypatch.setattr(registry, "implementations", lambda: bumped)
     monkeypatch.setattr("bitplan.profiles.tables.implementations", lambda: bumped)
     assert table_key("model", "tokens", SCHEMES, 0) != before
