@@ -7,12 +7,13 @@ Each is a short pipeline of the stage functions that live in the rooms below (``
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from bitplan import __version__
 from bitplan.checkpoints.emit import emit
 from bitplan.checkpoints.evaluate import evaluate
 from bitplan.checkpoints.load import load
-from bitplan.engines import DEFAULT_ENGINE, Target, resolve_target
+from bitplan.engines import DEFAULT_ENGINE, Target, deployed_spec, resolve_target
 from bitplan.engines.formats import format_counts
 from bitplan.engines.rules import EngineRules, allowed, check_tensor_parallel, restrict_table
 from bitplan.methods.scheme import Scheme
@@ -38,7 +39,8 @@ def profile(model: str, candidates: Candidates = Candidates(), calibration: Cali
             rules: EngineRules | None = None) -> SensitivityTable:
     """Measure (or read from the cache) the sensitivity table of ``model`` for the candidates
     (those ``rules``' engine runs, when given)."""
-    return sensitivity_table(open_model(model), candidates.schemes(rules), calibration, seed, progress, use_cache)
+    schemes = (candidates.for_engine(rules) if rules else candidates).schemes(rules)
+    return sensitivity_table(open_model(model), schemes, calibration, seed, progress, use_cache)
 
 
 def plan(
@@ -70,10 +72,11 @@ def plan(
     settings = SearchSettings(tie_fused or goal.rules.fused_share_scheme, trials, seed,
                               check_objective(objective, goal.device, needs_device=True))
     source = open_model(model)
+    source = replace(source, spec=deployed_spec(source.spec, goal.rules))
     check_tensor_parallel(source.spec, goal.rules, tensor_parallel)
     deployment = deployment_for(budget, goal.device, context, batch, kv_dtype, tensor_parallel, overhead)
     weight_budget = weight_budget_bytes(source.spec, deployment)
-    schemes = candidates.for_device(goal.device).schemes(goal.rules)
+    schemes = candidates.for_engine(goal.rules).for_device(goal.device).schemes(goal.rules)
     check_feasible(source.spec, schemes, weight_budget, deployment.budget_bytes, settings.tie_fused,
                    allowed(goal.rules, source.spec, tensor_parallel))
     table = restrict_table(sensitivity_table(source, schemes, calibration, seed, progress), source.spec, goal.rules, tensor_parallel)

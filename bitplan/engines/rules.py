@@ -79,6 +79,7 @@ class EngineRules:
     quantized_lm_head: bool
     tensor_parallel: bool
     sources: dict[str, str] = field(default_factory=dict)  # model-wide rule -> where it comes from
+    methods: tuple[str, ...] = ()  # when set, the only methods whose formats it loads: its default candidates
 
     @property
     def key(self) -> str:

@@ -36,6 +36,12 @@ class Candidates:
                                    f"{'; '.join(rules.summary()[1:1 + len(rules.kernels)])}. Widen --methods/--bits/--groups, or pick another --engine")
         return schemes
 
+    def for_engine(self, rules: EngineRules) -> "Candidates":
+        """The engine's own methods (``rules.methods``: ggml for llama.cpp) when the methods are the default set."""
+        if rules.methods and self.methods == DEFAULT_METHODS:
+            return replace(self, methods=rules.methods)
+        return self
+
     def for_device(self, device: HardwareProfile | None) -> "Candidates":
         """Only the W8A8 formats ``device`` runs natively (int8 or fp8 tensor cores); all without a device."""
         if device is None:
