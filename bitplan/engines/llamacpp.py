@@ -36,7 +36,8 @@ from bitplan.models.spec import ModelSpec
 
 TYPE_TRAITS = "ggml/src/ggml.c type_traits[] (blck_size, type_size); src/llama-quant.cpp tensor_type_fallback"
 TOKEN_EMBD_TYPE = GGMLType.Q8_0
-TOKEN_EMBD_SOURCE = "src/llama-quant.cpp llama_tensor_get_type: tied token_embd takes the output type, Q6_K, or Q8_0 when ne[0] % 256"
+TOKEN_EMBD_SOURCE = ("written Q8_0, as llama.cpp's *_K_M presets write a tied one on rows that are not multiples of 256 "
+                     "(src/llama-quant.cpp llama_tensor_get_type)")
 
 RULES = EngineRules(
     engine="llama.cpp",

@@ -1,7 +1,7 @@
 """llama.cpp as a deployment target: GGUF types as schemes, the llama.cpp engine's rules, and
 ``bitplan emit --format gguf|recipe`` judged by llama.cpp itself.
 
-The fast tests need nothing built. The end-to-end ones plan SmolLM2 for ``--engine llama.cpp``
+The fast tests need nothing built. The end-to-end ones (``slow``: profiling takes minutes here) plan SmolLM2 for ``--engine llama.cpp``
 (2 windows of 128 calibration tokens, no refinement), emit the GGUF, and check that every tensor
 holds the type and bytes the plan predicts, that the weights in the file are those bitplan's
 dequantized evaluation of the plan runs with, and that llama.cpp's logits on the file agree with
@@ -126,12 +126,14 @@ def build():
 
 
 CALIBRATION = CalibrationSettings((), 2, 128)
+TYPES = ("Q8_0", "Q6_K", "Q5_0", "Q4_K", "Q4_0")  # fewer types to profile; k-quants on ffn_down, legacy types elsewhere
 
 
 @pytest.fixture(scope="module")
 def planned(private_cache, build):
     # a budget between all-Q4 and all-Q8 so the plan mixes types, k-quants on ffn_down included
-    return bitplan.plan("smollm2-135m", budget="112MB", context=16, calibration=CALIBRATION, trials=0, seed=1, engine="llama.cpp")
+    return bitplan.plan("smollm2-135m", budget="112MB", context=16, calibration=CALIBRATION, trials=0, seed=1, engine="llama.cpp",
+                        candidates=Candidates(ggml_types=TYPES))
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +147,7 @@ def emitted(planned, tmp_path_factory):
     (folder / "smollm2.gguf").unlink(missing_ok=True)
 
 
+@pytest.mark.slow
 def test_plan_mixes_gguf_types_within_the_rules(planned):
     types = set(planned.assignments.values())
     assert len(types) >= 2 and all(t == "none" or t.startswith("ggml-") for t in types), types
@@ -154,6 +157,7 @@ def test_plan_mixes_gguf_types_within_the_rules(planned):
             assert name.endswith("down_proj"), (name, scheme)
 
 
+@pytest.mark.slow
 def test_every_tensor_in_the_gguf_has_the_planned_type_and_bytes(planned, emitted):
     from bitplan.checkpoints.gguf_file import read_gguf
     from bitplan.checkpoints.llamacpp import gguf_tensor_names
@@ -188,6 +192,7 @@ def meter(planned, smollm_folder):
     return meter
 
 
+@pytest.mark.slow
 def test_the_gguf_holds_the_weights_bitplan_evaluates(planned, emitted, meter, smollm_folder):
     from bitplan.checkpoints.gguf import dequantized_hf_weights
 
@@ -198,6 +203,7 @@ def test_the_gguf_holds_the_weights_bitplan_evaluates(planned, emitted, meter, s
     assert sum(equal) >= 0.95 * len(equal), f"{len(equal) - sum(equal)} of {len(equal)} weights differ"
 
 
+@pytest.mark.slow
 def test_llama_cpp_logits_agree_with_bitplans_evaluation(build, emitted, meter, smollm_folder):
     """Same tolerance as tests/checkpoints/test_gguf.py (measured there): llama.cpp rounds matmul
     inputs to 8 bits (Q8_0/Q8_1/Q8_K), so the agreement is KL < 0.01, top-1 >= 92 %, and 5x closer
@@ -221,6 +227,7 @@ def test_llama_cpp_logits_agree_with_bitplans_evaluation(build, emitted, meter, 
     assert 5 * kl < kl_quantization, (kl, kl_quantization)
 
 
+@pytest.mark.slow
 def test_recipe_lists_every_planned_tensor(planned, emitted, tmp_path):
     folder, _ = emitted
     result = cli("emit", folder / "plan.json", "--format", "recipe", "--out", tmp_path / "recipe")
@@ -233,6 +240,7 @@ def test_recipe_lists_every_planned_tensor(planned, emitted, tmp_path):
     assert "llama-imatrix" in script and (tmp_path / "recipe" / "calibration.txt").stat().st_size > 100_000
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(planned, emitted, tmp_path, smollm_folder):
     folder, _ = emitted
     again = cli("emit", folder / "plan.json", "--format", "gguf", "--out", folder / "smollm2.gguf")
