@@ -10,11 +10,15 @@
 4. ``llama-perplexity --kl-divergence`` of every file against the F32 GGUF on held-out text
    (topics the planner never saw: ``builtin_text("heldout")``), ``--kl-chunks`` chunks of 512.
 
-SmolLM2's weights were published as Q4_1 (bitplan's built-in folder is converted from that GGUF),
-so a Q4_1 candidate reproduces them exactly and would win for free: the main rows plan WITHOUT
-Q4_1 (``--ggml-types`` all but Q4_1); ``--with-q4-1`` adds rows that allow it, for the record only.
+SmolLM2's weights were published as Q4_1 (bitplan's built-in folder is converted from that GGUF):
+every 32-block of every Linear lies on a 16-level affine grid. Q4_1 reproduces it, and so does
+Q5_1 (its scale search finds half the Q4_1 step: the profile scores both ~1e-7, against 5e-5 for
+Q5_0 and 2e-6 for Q8_0). A plan may use them and win for free, so the main rows plan WITHOUT Q4_1
+and Q5_1 (``--ggml-types``); ``--with-grid`` adds rows with every type allowed, for the record
+only. Q4_K/Q5_K (affine sub-blocks of 32 with 6-bit scales) sit partly on the grid too; the
+presets use them as well.
 
-    BITPLAN_LLAMA_CPP=/work/tools/llama.cpp-11434.0.0 python bench/gguf_presets.py [--trials N] [--threads 1]
+    BITPLAN_LLAMA_CPP=/work/tools/llama.cpp-11434.0.0 python bench/gguf_presets.py [--with-grid] [--trials N] [--threads 1]
 
 Writes bench/results/gguf_presets.json.
 """
@@ -22,6 +26,7 @@ Writes bench/results/gguf_presets.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -41,7 +46,7 @@ from bitplan.planner.deployment import deployment_for, weight_budget_bytes
 from bitplan.profiles.calibration import CalibrationSettings
 
 PRESETS = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
-NO_Q4_1 = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+OFF_GRID = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0")  # all but Q4_1 and Q5_1
 CONTEXT = 16  # plan's KV cache context: only to size the deployment; the budget is then set so the Linears get the target bytes
 
 
@@ -67,7 +72,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--imatrix-chunks", type=int, default=16)
     parser.add_argument("--kl-chunks", type=int, default=8)
-    parser.add_argument("--with-q4-1", action="store_true", help="also plan with Q4_1 allowed (SmolLM2's own grid: not a fair row)")
+    parser.add_argument("--with-grid", action="store_true", help="also plan with Q4_1/Q5_1 allowed (SmolLM2's own grid: not a fair row)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the GGUF files (default: a temporary one)")
     args = parser.parse_args()
 
@@ -87,13 +92,18 @@ def main() -> None:
     base_kld = work / "base.kld"
 
     def kl(path: Path) -> dict:
-        return llamacpp.kl_divergence(source, path, heldout_text, ctx=512, chunks=args.kl_chunks, threads=args.threads,
-                                      base_logprobs=base_kld, build=build).to_dict()
+        saved = path.with_suffix(f".kl{args.kl_chunks}.json")  # reused while the file is unchanged
+        if saved.is_file() and saved.stat().st_mtime > path.stat().st_mtime:
+            return json.loads(saved.read_text())
+        result = llamacpp.kl_divergence(source, path, heldout_text, ctx=512, chunks=args.kl_chunks, threads=args.threads,
+                                        base_logprobs=base_kld, build=build).to_dict()
+        saved.write_text(json.dumps(result))
+        return result
 
     calibration = CalibrationSettings()
-    variants = {"bitplan (no Q4_1)": NO_Q4_1}
-    if args.with_q4_1:
-        variants["bitplan (Q4_1 allowed: SmolLM2's own grid)"] = None
+    variants = {"bitplan (no Q4_1/Q5_1)": OFF_GRID}
+    if args.with_grid:
+        variants["bitplan (every type: Q4_1/Q5_1 sit on SmolLM2's own grid)"] = None
     rows = []
     for preset in PRESETS:
         preset_path = work / f"llama-{preset}.gguf"
@@ -108,7 +118,7 @@ def main() -> None:
             start = time.perf_counter()
             plan = bitplan.plan(model, budget=budget_for(model, preset_linear), context=CONTEXT, overhead=0, engine="llama.cpp",
                                 candidates=Candidates(ggml_types=types), calibration=calibration, trials=args.trials)
-            tag = "no-q4_1" if types else "q4_1"
+            tag = "off-grid" if types else "every-type"
             plan.save(work / f"bitplan-{preset}-{tag}.json")
             out = work / f"bitplan-{preset}-{tag}.gguf"
             out.unlink(missing_ok=True)

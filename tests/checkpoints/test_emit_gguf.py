@@ -131,8 +131,9 @@ TYPES = ("Q8_0", "Q6_K", "Q5_0", "Q4_K", "Q4_0")  # fewer types to profile; k-qu
 
 @pytest.fixture(scope="module")
 def planned(private_cache, build):
-    # a budget between all-Q4 and all-Q8 so the plan mixes types, k-quants on ffn_down included
-    return bitplan.plan("smollm2-135m", budget="112MB", context=16, calibration=CALIBRATION, trials=0, seed=1, engine="llama.cpp",
+    # a tight budget (all-Q4_0 Linears take 90 MB in all), so the plan mixes types and quantization
+    # moves the logits well beyond llama.cpp's own rounding (the agreement test needs that contrast)
+    return bitplan.plan("smollm2-135m", budget="95MB", context=16, calibration=CALIBRATION, trials=0, seed=1, engine="llama.cpp",
                         candidates=Candidates(ggml_types=TYPES))
 
 
@@ -207,7 +208,8 @@ def test_the_gguf_holds_the_weights_bitplan_evaluates(planned, emitted, meter, s
 def test_llama_cpp_logits_agree_with_bitplans_evaluation(build, emitted, meter, smollm_folder):
     """Same tolerance as tests/checkpoints/test_gguf.py (measured there): llama.cpp rounds matmul
     inputs to 8 bits (Q8_0/Q8_1/Q8_K), so the agreement is KL < 0.01, top-1 >= 92 %, and 5x closer
-    than the quantization's own effect."""
+    than the quantization's own effect. (At a 112 MB budget the plan moved the logits by only KL
+    0.0095 while llama.cpp's rounding gave 0.0066: too little contrast, hence the 95 MB plan.)"""
     from bitplan.checkpoints.llamacpp_logits import llama_logits
     from bitplan.checkpoints.verify import heldout_tokens
 
@@ -236,7 +238,7 @@ def test_recipe_lists_every_planned_tensor(planned, emitted, tmp_path):
     quantized = sum(s != "none" for s in planned.assignments.values())
     assert len(lines) == quantized + 1 and r"^token_embd\.weight$=Q8_0" in lines
     script = (tmp_path / "recipe" / "quantize.sh").read_text()
-    assert "llama-quantize --pure --tensor-type-file tensor-types.txt --imatrix imatrix.gguf" in script
+    assert 'llama-quantize" --pure --tensor-type-file tensor-types.txt --imatrix imatrix.gguf' in script
     assert "llama-imatrix" in script and (tmp_path / "recipe" / "calibration.txt").stat().st_size > 100_000
 
 
