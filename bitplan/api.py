@@ -39,8 +39,7 @@ def profile(model: str, candidates: Candidates = Candidates(), calibration: Cali
             rules: EngineRules | None = None) -> SensitivityTable:
     """Measure (or read from the cache) the sensitivity table of ``model`` for the candidates
     (those ``rules``' engine runs, when given)."""
-    schemes = (candidates.for_engine(rules) if rules else candidates).schemes(rules)
-    return sensitivity_table(open_model(model), schemes, calibration, seed, progress, use_cache)
+    return sensitivity_table(open_model(model), candidates.schemes(rules), calibration, seed, progress, use_cache)
 
 
 def plan(
@@ -76,7 +75,7 @@ def plan(
     check_tensor_parallel(source.spec, goal.rules, tensor_parallel)
     deployment = deployment_for(budget, goal.device, context, batch, kv_dtype, tensor_parallel, overhead)
     weight_budget = weight_budget_bytes(source.spec, deployment)
-    schemes = candidates.for_engine(goal.rules).for_device(goal.device).schemes(goal.rules)
+    schemes = candidates.for_device(goal.device).schemes(goal.rules)
     check_feasible(source.spec, schemes, weight_budget, deployment.budget_bytes, settings.tie_fused,
                    allowed(goal.rules, source.spec, tensor_parallel))
     table = restrict_table(sensitivity_table(source, schemes, calibration, seed, progress), source.spec, goal.rules, tensor_parallel)

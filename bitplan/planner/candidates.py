@@ -27,7 +27,10 @@ class Candidates:
     ggml_types: tuple[str, ...] | None = None  # the GGUF types ggml schemes may take (None: every one)
 
     def schemes(self, rules: EngineRules | None = None) -> list[Scheme]:
-        """The candidate schemes; with ``rules``, only those some kernel of that engine runs."""
+        """The candidate schemes; with ``rules``, only those some kernel of that engine runs (the
+        default methods become the engine's own, :meth:`for_engine`)."""
+        if rules is not None and rules.methods and self.methods == DEFAULT_METHODS:
+            return self.for_engine(rules).schemes(rules)
         schemes = candidate_schemes(self.methods, self.bits, self.group_sizes, self.symmetric,
                                     act_formats=self.act_formats, costly_bits=self.costly_bits)
         if self.ggml_types is not None:
