@@ -46,6 +46,7 @@ from bitplan.planner.deployment import deployment_for, weight_budget_bytes
 from bitplan.profiles.calibration import CalibrationSettings
 
 PRESETS = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
+NO_Q4_1 = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 OFF_GRID = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0")  # all but Q4_1 and Q5_1
 CONTEXT = 16  # plan's KV cache context: only to size the deployment; the budget is then set so the Linears get the target bytes
 
@@ -73,6 +74,9 @@ def main() -> None:
     parser.add_argument("--imatrix-chunks", type=int, default=16)
     parser.add_argument("--kl-chunks", type=int, default=8)
     parser.add_argument("--with-grid", action="store_true", help="also plan with Q4_1/Q5_1 allowed (SmolLM2's own grid: not a fair row)")
+    parser.add_argument("--no-q4-1", action="store_true", help="plan only with every type but Q4_1 (Q5_1 allowed, as the Q5_K_M preset "
+                                                               "uses it through llama-quantize's fallback); results in gguf_presets-no-q4_1.json")
+    parser.add_argument("--presets", type=lambda text: tuple(text.split(",")), default=PRESETS)
     parser.add_argument("--work", type=Path, default=None, help="folder for the GGUF files (default: a temporary one)")
     args = parser.parse_args()
 
@@ -102,10 +106,12 @@ def main() -> None:
 
     calibration = CalibrationSettings()
     variants = {"bitplan (no Q4_1/Q5_1)": OFF_GRID}
+    if args.no_q4_1:
+        variants = {"bitplan (no Q4_1; Q5_1 allowed, as the preset's fallback uses it)": NO_Q4_1}
     if args.with_grid:
         variants["bitplan (every type: Q4_1/Q5_1 sit on SmolLM2's own grid)"] = None
     rows = []
-    for preset in PRESETS:
+    for preset in args.presets:
         preset_path = work / f"llama-{preset}.gguf"
         if not preset_path.is_file():
             llamacpp.run_tool([build.tool("llama-quantize"), "--imatrix", work / "imatrix.gguf", source, preset_path, preset, args.threads],
@@ -118,7 +124,7 @@ def main() -> None:
             start = time.perf_counter()
             plan = bitplan.plan(model, budget=budget_for(model, preset_linear), context=CONTEXT, overhead=0, engine="llama.cpp",
                                 candidates=Candidates(ggml_types=types), calibration=calibration, trials=args.trials)
-            tag = "off-grid" if types else "every-type"
+            tag = {OFF_GRID: "off-grid", NO_Q4_1: "no-q4_1", None: "every-type"}[types]
             plan.save(work / f"bitplan-{preset}-{tag}.json")
             out = work / f"bitplan-{preset}-{tag}.gguf"
             out.unlink(missing_ok=True)
@@ -132,7 +138,7 @@ def main() -> None:
                          "predicted_quantized_bytes": plan.memory.quantized_weights_bytes, "preset_linear_bytes": preset_linear,
                          "predicted": plan.predicted.to_dict()})
             print(rows[-1]["file"], rows[-1]["file_bytes"], rows[-1]["kl"]["mean_kld"], counts, flush=True)
-    path = save("gguf_presets", {"model": model, "llama_cpp": llamacpp.LLAMA_CPP_VERSION, "threads": args.threads,
+    path = save("gguf_presets-no-q4_1" if args.no_q4_1 else "gguf_presets", {"model": model, "llama_cpp": llamacpp.LLAMA_CPP_VERSION, "threads": args.threads,
                                  "imatrix_chunks": args.imatrix_chunks, "kl_chunks": args.kl_chunks, "trials": args.trials,
                                  "calibration": calibration.to_dict(), "timings": timings, "rows": rows,
                                  "load_average": os.getloadavg()})
