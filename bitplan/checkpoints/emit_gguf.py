@@ -9,7 +9,8 @@ as converted (checkpoint dtype, F32). Each tensor's bytes are checked against th
 
 ``--format recipe`` (:func:`emit_recipe`): a folder for users who quantize with llama.cpp
 themselves: ``tensor-types.txt`` (``--tensor-type-file``: one anchored ``^name$=TYPE`` per
-tensor), ``calibration.txt`` (the plan's calibration text) and ``quantize.sh`` (convert to F32,
+tensor), ``calibration.txt`` (the plan's calibration text) and ``quantize.sh`` (convert to F32 with
+llama.cpp's ``convert_hf_to_gguf.py`` through :func:`~bitplan.checkpoints.llamacpp.convert_to_gguf`,
 ``llama-imatrix`` on that text, ``llama-quantize --pure --tensor-type-file``). llama-imatrix
 averages over its own chunks of the text rather than the plan's windows, so this file's rounding
 may differ slightly from ``--format gguf``'s; the types and bytes are the same.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,7 +137,10 @@ def emit_recipe(plan: Plan | str | os.PathLike, out: str | os.PathLike) -> Path:
         "set -e",
         f"LLAMA_CPP=${{LLAMA_CPP:-{shlex.quote(str(_default_prefix()))}}}",
         f"MODEL=${{MODEL:-{shlex.quote(str(folder))}}}",
-        'python "$LLAMA_CPP/src/convert_hf_to_gguf.py" "$MODEL" --outtype f32 --outfile model-f32.gguf',
+        "# convert_hf_to_gguf.py --outtype f32, through bitplan (it stages folders whose config.json names no architecture",
+        "# and runs without sentencepiece for tokenizer.json models; see bitplan.checkpoints.llamacpp.convert_to_gguf)",
+        f'BITPLAN_LLAMA_CPP="$LLAMA_CPP" {shlex.quote(sys.executable)} -c "import sys; from bitplan.checkpoints.llamacpp import '
+        'convert_to_gguf; convert_to_gguf(sys.argv[1], \'model-f32.gguf\', \'f32\')" "$MODEL"',
         f'"$LLAMA_CPP/build/bin/llama-imatrix" -m model-f32.gguf -f calibration.txt -o imatrix.gguf -c 512 --chunks {chunks}',
         f'"$LLAMA_CPP/build/bin/llama-quantize" --pure --tensor-type-file tensor-types.txt --imatrix imatrix.gguf model-f32.gguf model.gguf {base}',
         "",
