@@ -7,12 +7,13 @@ Each is a short pipeline of the stage functions that live in the rooms below (``
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from bitplan import __version__
 from bitplan.checkpoints.emit import emit
 from bitplan.checkpoints.evaluate import evaluate
 from bitplan.checkpoints.load import load
-from bitplan.engines import DEFAULT_ENGINE, Target, resolve_target
+from bitplan.engines import DEFAULT_ENGINE, Target, deployed_spec, resolve_target
 from bitplan.engines.formats import format_counts
 from bitplan.engines.rules import EngineRules, allowed, check_tensor_parallel, restrict_table
 from bitplan.methods.scheme import Scheme
@@ -70,6 +71,7 @@ def plan(
     settings = SearchSettings(tie_fused or goal.rules.fused_share_scheme, trials, seed,
                               check_objective(objective, goal.device, needs_device=True))
     source = open_model(model)
+    source = replace(source, spec=deployed_spec(source.spec, goal.rules))
     check_tensor_parallel(source.spec, goal.rules, tensor_parallel)
     deployment = deployment_for(budget, goal.device, context, batch, kv_dtype, tensor_parallel, overhead)
     weight_budget = weight_budget_bytes(source.spec, deployment)

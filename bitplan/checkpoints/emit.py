@@ -160,7 +160,11 @@ def check_plan_against_model(plan: Plan, spec: ModelSpec) -> dict[str, Scheme]:
         raise BitplanError(f"the plan does not match the model ({len(unknown)} unknown, {len(missing)} missing layers): re-run `bitplan plan`")
     for layer in spec.layers:
         if not assignments[layer.name].fits(layer.in_features):
-            raise BitplanError(f"the plan gives {layer.name} the scheme {assignments[layer.name]}, whose group does not divide {layer.in_features}: re-run `bitplan plan`")
+            scheme = assignments[layer.name]
+            why = (f"whose blocks of {scheme.group_size} do not divide its {layer.in_features} inputs"
+                   f" (llama-quantize would silently write {layout.llama_quantize_type(scheme.ggml_type, layer.in_features)} instead)"
+                   if scheme.method == Method.GGML else f"whose group does not divide {layer.in_features}")
+            raise BitplanError(f"the plan gives {layer.name} the scheme {scheme}, {why}: re-run `bitplan plan`")
     return assignments
 
 
@@ -201,13 +205,10 @@ def emit(plan: Plan | str | os.PathLike, out: str | os.PathLike, progress: Calla
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BitplanError(f"{out} already exists and is not an empty folder: choose another --out or remove it")
-    folder = resolve_model(plan.model.source)
-    if folder_hash(folder) != plan.model.hash:
-        raise BitplanError(f"the weights in {folder} differ from those the plan was made for: re-run `bitplan plan` on this model")
-    config = read_config(folder)
-    spec = spec_from_config(config)
-    assignments = check_plan_against_model(plan, spec)
-    check_engine_rules(plan, spec, assignments)
+    if engine_rules_of(plan).engine == "llama.cpp":
+        raise BitplanError("the plan is for llama.cpp, whose GGUF types no safetensors checkpoint holds: "
+                           "emit it with --format gguf (a GGUF file) or --format recipe (a llama-quantize recipe)")
+    folder, config, spec, assignments = open_plan_model(plan)
     try:
         with staging_folder(out) as staging:
             written = write_checkpoint(folder, config, spec, assignments, plan, staging, progress)
@@ -220,6 +221,19 @@ def emit(plan: Plan | str | os.PathLike, out: str | os.PathLike, progress: Calla
                                f"choose another --out or remove it") from exc
         raise
     return out
+
+
+def open_plan_model(plan: Plan) -> tuple[Path, dict, ModelSpec, dict[str, Scheme]]:
+    """The plan's model (folder, config, spec) after checking it is the one the plan was made
+    for, and its assignments after checking them against the model and the plan's engine."""
+    folder = resolve_model(plan.model.source)
+    if folder_hash(folder) != plan.model.hash:
+        raise BitplanError(f"the weights in {folder} differ from those the plan was made for: re-run `bitplan plan` on this model")
+    config = read_config(folder)
+    spec = spec_from_config(config)
+    assignments = check_plan_against_model(plan, spec)
+    check_engine_rules(plan, spec, assignments)
+    return folder, config, spec, assignments
 
 
 def engine_rules_of(plan: Plan):

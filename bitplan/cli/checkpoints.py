@@ -17,7 +17,10 @@ def add_commands(commands) -> None:
     """Register ``emit``, ``eval``, ``check`` and ``engines``."""
     emit = commands.add_parser("emit", help="write the checkpoint a plan describes")
     emit.add_argument("plan", type=Path, help="plan.json from `bitplan plan`")
-    emit.add_argument("--out", type=Path, required=True, help="new folder for the checkpoint")
+    emit.add_argument("--out", type=Path, required=True, help="new folder for the checkpoint or recipe, or the *.gguf file")
+    emit.add_argument("--format", dest="fmt", default="checkpoint", choices=("checkpoint", "gguf", "recipe"),
+                      help="checkpoint: safetensors folder (vllm, transformers, bitplan plans); for llama.cpp plans: gguf (a GGUF file) "
+                           "or recipe (llama-quantize --tensor-type-file and the commands)")
     emit.set_defaults(func=run_emit)
 
     evaluate = commands.add_parser("eval", help="perplexity and KL against the original, per text slice")
@@ -42,8 +45,17 @@ def add_commands(commands) -> None:
 
 def run_emit(args) -> int:
     from bitplan.checkpoints.emit import emit
+    from bitplan.checkpoints.emit_gguf import emit_gguf, emit_recipe
 
+    if args.fmt == "recipe":
+        out = emit_recipe(args.plan, args.out)
+        Console().print(f"llama-quantize recipe written to {out}: run {out / 'quantize.sh'}")
+        return 0
     with progress_bars(Console(stderr=True)) as report:
+        if args.fmt == "gguf":
+            written = emit_gguf(args.plan, args.out, report)
+            Console().print(f"GGUF written to {written.path} ({written.tensor_bytes} bytes of tensors)")
+            return 0
         out = emit(args.plan, args.out, report)
     Console().print(f"checkpoint written to {out}")
     return 0

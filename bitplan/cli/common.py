@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-STAGES = {"forward": "profile: forward pass", "score": "profile: score schemes", "refine": "refine: measured KL", "emit": "emit: tensors"}
+STAGES = {"forward": "profile: forward pass", "score": "profile: score schemes", "refine": "refine: measured KL", "emit": "emit: tensors", "imatrix": "emit: importance matrix"}
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -37,12 +37,22 @@ def positive_int(text: str) -> int:
 
 @contextmanager
 def progress_bars(console: Console):
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False) as bars:
-        tasks: dict[str, int] = {}
+    """``report(stage, done, total)`` drawing one bar per stage; the bars start with the first
+    report, so a command that fails its checks before any work prints its one error line only."""
+    bars: list[Progress] = []
+    tasks: dict[str, int] = {}
 
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(STAGES.get(stage, stage), total=total)
-            bars.update(tasks[stage], completed=done, total=total)
+    def report(stage: str, done: int, total: int) -> None:
+        if not bars:
+            bars.append(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=console, transient=False))
+            bars[0].start()
+        if stage not in tasks:
+            tasks[stage] = bars[0].add_task(STAGES.get(stage, stage), total=total)
+        bars[0].update(tasks[stage], completed=done, total=total)
 
+    try:
         yield report
+    finally:
+        if bars:
+            bars[0].stop()

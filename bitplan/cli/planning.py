@@ -46,12 +46,14 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration window")
     parser.add_argument("--methods", default=None,
                         help="candidate methods, comma-separated, each on the whole grid (default: rtn,gptq,awq,hqq,nf4,fp8,smoothquant "
-                             "with GPTQ/AWQ/HQQ at 2-4 bits symmetric; see the README)")
+                             "with GPTQ/AWQ/HQQ at 2-4 bits symmetric; with --engine llama.cpp: ggml; see the README)")
     parser.add_argument("--bits", type=int_list, default=(2, 3, 4, 5, 6, 8), help="candidate bit widths, e.g. 3,4,6")
     parser.add_argument("--groups", type=group_list, default=(32, 64, 128, 0), help="group sizes; c = per channel")
+    parser.add_argument("--ggml-types", type=lambda text: tuple(t.strip() for t in text.split(",")),
+                        help="with --engine llama.cpp: the GGUF types a plan may use, e.g. Q8_0,Q6_K,Q5_K,Q4_K,Q5_0 (default: all)")
     parser.add_argument("--symmetric-only", action="store_true", help="drop asymmetric (zero-point) candidates")
     parser.add_argument("--engine", default="vllm",
-                        help="the engine that will serve the checkpoint: vllm (default), transformers or bitplan; its rules on "
+                        help="the engine that will serve the checkpoint: vllm (default), transformers, bitplan or llama.cpp (GGUF types); its rules on "
                              "the --target hardware constrain the plan (see `bitplan engines`)")
     parser.add_argument("--target", help="device from `bitplan devices`, a profile .toml, or a platform: cuda-sm80, cuda-sm90, "
                                          "cpu-avx2, cpu-avx512 (default for vllm: cuda-sm80)")
@@ -63,8 +65,9 @@ def candidates_from(args):
 
     symmetric = (True,) if args.symmetric_only else (True, False)
     if args.methods is None:
-        return Candidates(bits=args.bits, group_sizes=args.groups, symmetric=symmetric)
-    return Candidates(tuple(m.strip() for m in args.methods.split(",")), args.bits, args.groups, symmetric, costly_bits=None)
+        return Candidates(bits=args.bits, group_sizes=args.groups, symmetric=symmetric, ggml_types=args.ggml_types)
+    return Candidates(tuple(m.strip() for m in args.methods.split(",")), args.bits, args.groups, symmetric, costly_bits=None,
+                      ggml_types=args.ggml_types)
 
 
 def calibration_from(args):

@@ -8,20 +8,22 @@ are those of CUDA compute capability 8.0 (Ampere), which newer GPUs also run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from bitplan.engines import bitplan_loader, transformers, vllm
+from bitplan.engines import bitplan_loader, llamacpp, transformers, vllm
 from bitplan.engines.rules import EngineRules
 from bitplan.errors import BitplanError
+from bitplan.models.spec import ModelSpec
 from bitplan.profiles.hardware import HardwareProfile, get_device
 
 DEFAULT_ENGINE = "vllm"
-ENGINES = ("vllm", "transformers", "bitplan")
+ENGINES = ("vllm", "transformers", "bitplan", "llama.cpp")
 PLATFORMS = ("cuda-sm80", "cuda-sm90", "cpu-avx2", "cpu-avx512")  # --target values that name a platform, not a device
 RULES: dict[tuple[str, str], EngineRules] = {
     **{("vllm", platform): rules for platform, rules in vllm.RULES.items()},
     ("transformers", "any"): transformers.RULES,
     ("bitplan", "any"): bitplan_loader.RULES,
+    ("llama.cpp", "any"): llamacpp.RULES,
 }
 
 
@@ -69,3 +71,11 @@ def resolve_target(engine: str, target: str | None = None) -> Target:
     device = get_device(target) if target and target not in PLATFORMS else None
     rules = get_rules(engine, target, device.compute_capability if device else "", device.arch if device else "")
     return Target(target, rules, device)
+
+
+def deployed_spec(spec: ModelSpec, rules: EngineRules) -> ModelSpec:
+    """``spec`` with the bytes outside the planned Linears as the engine's file holds them
+    (a GGUF: token embedding in Q8_0, norms F32; other engines: the checkpoint dtype)."""
+    if rules.engine == "llama.cpp":
+        return replace(spec, unquantized_bytes=llamacpp.unquantized_bytes(spec))
+    return spec

@@ -7,7 +7,8 @@ compressed-tensors names a format per config group; bitplan writes these:
 - ``int-quantized``: SmoothQuant W8A8 (int8 weights per channel, int8 activations per token);
 - ``float-quantized``: W8A8-FP8 (E4M3 weights per channel, E4M3 activations per token);
 - ``naive-quantized``: weight-only FP8 (E4M3 weights per channel or per group);
-- ``bitplan-nf4``: NF4, which has no compressed-tensors home; only ``bitplan.load`` reads it.
+- ``bitplan-nf4``: NF4, which has no compressed-tensors home; only ``bitplan.load`` reads it;
+- ``gguf``: ggml's types, written as a GGUF file for llama.cpp (``bitplan emit --format gguf``).
 
 These are the formats compressed-tensors' own ``infer_module_format`` gives for the same
 schemes (checked in ``tests/checkpoints``).
@@ -28,6 +29,7 @@ class Format(StrEnum):
     FLOAT = "float-quantized"
     NAIVE = "naive-quantized"
     NF4 = "bitplan-nf4"
+    GGUF = "gguf"
     DENSE = "dense"
 
 
@@ -41,6 +43,8 @@ def checkpoint_format(scheme: Scheme) -> Format:
         return Format.INT
     if scheme.method == Method.NF4:
         return Format.NF4
+    if scheme.method == Method.GGML:
+        return Format.GGUF
     return Format.PACKED
 
 
@@ -55,7 +59,7 @@ def weight_type(scheme: Scheme) -> str:
     """How weights are stored: "int" codes, "float" (E4M3), "nf4" code-book indices, or "dense"."""
     if scheme.is_dense:
         return "dense"
-    return {Method.FP8: "float", Method.NF4: "nf4"}.get(scheme.method, "int")
+    return {Method.FP8: "float", Method.NF4: "nf4", Method.GGML: "ggml"}.get(scheme.method, "int")
 
 
 def format_counts(assignments: dict[str, Scheme]) -> dict[str, tuple[str, int]]:

@@ -79,6 +79,7 @@ class EngineRules:
     quantized_lm_head: bool
     tensor_parallel: bool
     sources: dict[str, str] = field(default_factory=dict)  # model-wide rule -> where it comes from
+    methods: tuple[str, ...] = ()  # when set, the only methods whose formats it loads: its default candidates
 
     @property
     def key(self) -> str:
@@ -116,6 +117,8 @@ class EngineRules:
         lines.append("fused q/k/v and gate/up share one scheme" if self.fused_share_scheme else "no fused groups")
         lines.append("lm_head may be quantized" if self.quantized_lm_head else "lm_head stays unquantized")
         lines.append("tensor parallel: group sizes divide each partition" if self.tensor_parallel else "one device only (no tensor parallel)")
+        if "token_embd" in self.sources:
+            lines.append(f"token embedding: {self.sources['token_embd']}")
         return lines
 
 

@@ -189,6 +189,8 @@ class GGMLTypeInfo:
     type_id: int
     block_size: int  # elements per block
     type_size: int  # bytes per block
+    bits: int  # bits per code (16/32 for the float types)
+    symmetric: bool  # False when blocks carry a minimum (``_1`` types, Q2_K, Q4_K, Q5_K)
 
     @property
     def bits_per_weight(self) -> float:
@@ -196,20 +198,22 @@ class GGMLTypeInfo:
 
 
 GGML_TYPES: dict[GGMLType, GGMLTypeInfo] = {
-    GGMLType.F32: GGMLTypeInfo(0, 1, 4),
-    GGMLType.F16: GGMLTypeInfo(1, 1, 2),
-    GGMLType.BF16: GGMLTypeInfo(30, 1, 2),
-    GGMLType.Q4_0: GGMLTypeInfo(2, 32, 18),
-    GGMLType.Q4_1: GGMLTypeInfo(3, 32, 20),
-    GGMLType.Q5_0: GGMLTypeInfo(6, 32, 22),
-    GGMLType.Q5_1: GGMLTypeInfo(7, 32, 24),
-    GGMLType.Q8_0: GGMLTypeInfo(8, 32, 34),
-    GGMLType.Q2_K: GGMLTypeInfo(10, QK_K, 84),
-    GGMLType.Q3_K: GGMLTypeInfo(11, QK_K, 110),
-    GGMLType.Q4_K: GGMLTypeInfo(12, QK_K, 144),
-    GGMLType.Q5_K: GGMLTypeInfo(13, QK_K, 176),
-    GGMLType.Q6_K: GGMLTypeInfo(14, QK_K, 210),
+    GGMLType.F32: GGMLTypeInfo(0, 1, 4, 32, True),
+    GGMLType.F16: GGMLTypeInfo(1, 1, 2, 16, True),
+    GGMLType.BF16: GGMLTypeInfo(30, 1, 2, 16, True),
+    GGMLType.Q4_0: GGMLTypeInfo(2, 32, 18, 4, True),
+    GGMLType.Q4_1: GGMLTypeInfo(3, 32, 20, 4, False),
+    GGMLType.Q5_0: GGMLTypeInfo(6, 32, 22, 5, True),
+    GGMLType.Q5_1: GGMLTypeInfo(7, 32, 24, 5, False),
+    GGMLType.Q8_0: GGMLTypeInfo(8, 32, 34, 8, True),
+    GGMLType.Q2_K: GGMLTypeInfo(10, QK_K, 84, 2, False),
+    GGMLType.Q3_K: GGMLTypeInfo(11, QK_K, 110, 3, True),
+    GGMLType.Q4_K: GGMLTypeInfo(12, QK_K, 144, 4, False),
+    GGMLType.Q5_K: GGMLTypeInfo(13, QK_K, 176, 5, False),
+    GGMLType.Q6_K: GGMLTypeInfo(14, QK_K, 210, 6, True),
 }
+
+GGML_SCHEME_TYPES = tuple(str(t) for t in GGML_TYPES)  # every type a plan may assign (``Scheme.ggml``)
 
 
 # llama-quantize's ``tensor_type_fallback`` (src/llama-quant.cpp, b11434): a tensor whose row length is not

@@ -74,6 +74,14 @@ class GGMLQuantized:
     data: torch.Tensor
     dequantized: torch.Tensor
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.dequantized.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight llama.cpp computes with (``QuantizedWeight``'s interface)."""
+        return self.dequantized.to(dtype)
+
 
 # ----------------------------------------------------------------------- legacy 32-blocks
 

@@ -6,7 +6,10 @@ A quantizer takes ``(weight [out, in] float32, scheme, scale_dtype, stats)`` and
 methods ignore it. ``CALIBRATED`` lists the methods that need it.
 
 Per-layer methods: RTN, GPTQ, HQQ (integer codes, compressed-tensors ``pack-quantized``), NF4
-(bitplan's own layout) and FP8 (``float-quantized``, optionally with FP8 activations per token).
+(bitplan's own layout), FP8 (``float-quantized``, optionally with FP8 activations per token) and
+ggml (llama.cpp's GGUF types, quantized exactly as ggml does, with the importance matrix when
+calibration statistics are given; returns a ``GGMLQuantized``, whose ``dequantize()`` is the
+weight llama.cpp decodes).
 Smoothing methods (``SMOOTHING``: AWQ, SmoothQuant W8A8) act on a group of Linears that share an
 input: :func:`quantize_smoothing_group` returns one scale vector for the group, to be folded
 into the op that feeds it, and each member's quantized ``W · diag(s)``.
@@ -25,8 +28,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bitplan.errors import BitplanError
+from bitplan.kernels.layout import GGML_SCHEME_TYPES
 from bitplan.methods.calibration_stats import InputStats
 from bitplan.methods.fp8 import quantize_fp8
+from bitplan.methods.ggml import GGMLQuantized, quantize_ggml
 from bitplan.methods.gptq import quantize_gptq
 from bitplan.methods.hqq import quantize_hqq
 from bitplan.methods.nf4 import quantize_nf4
@@ -56,6 +61,17 @@ def _nf4(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: 
     return QuantizedWeight(result.codes.to(torch.int8) - 8, result.block_absmax(), None, scheme)
 
 
+def _ggml(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> GGMLQuantized:
+    """ggml's own quantizer for the scheme's GGUF type; with calibration statistics, their per-column
+    mean of x² is the importance matrix (what ``llama-imatrix`` computes: ``in_sum2 / count``)."""
+    return quantize_ggml(weight, scheme.ggml_type, importance_vector(stats["input"]) if "input" in stats else None)
+
+
+def importance_vector(stats: InputStats) -> torch.Tensor:
+    """llama.cpp's importance matrix of one Linear: the mean of each input column's square."""
+    return torch.diagonal(stats.second_moment()).contiguous()
+
+
 def _fp8(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
     result = quantize_fp8(weight, scheme.group_size, scale_dtype=torch.float32)
     return QuantizedWeight(result.values.view(torch.int8), result.scale, None, scheme)
@@ -78,12 +94,14 @@ def implementations() -> dict[str, dict]:
         "nf4": {"version": 1, "offset": NF4_OFFSET},
         "fp8": {"version": 1},
         "smoothquant": {"version": 2, "alphas": list(smoothquant.ALPHA_GRID)},
+        "ggml": {"version": 1},  # bit-exact to libggml's quantizers (tests/methods/test_ggml.py)
     }
 
 
-QUANTIZERS: dict[Method, Quantizer] = {Method.RTN: _rtn, Method.HQQ: _hqq, Method.GPTQ: _gptq, Method.NF4: _nf4, Method.FP8: _fp8}
+QUANTIZERS: dict[Method, Quantizer] = {Method.RTN: _rtn, Method.HQQ: _hqq, Method.GPTQ: _gptq, Method.NF4: _nf4, Method.FP8: _fp8,
+                                       Method.GGML: _ggml}
 SMOOTHING = frozenset({Method.AWQ, Method.SMOOTHQUANT})  # fold one scale vector per smoothing group
-CALIBRATED = frozenset({Method.GPTQ, *SMOOTHING})
+CALIBRATED = frozenset({Method.GPTQ, Method.GGML, *SMOOTHING})  # ggml: the importance matrix
 DEFAULT_METHODS = ("rtn", "gptq", "awq", "hqq", "nf4", "fp8", "smoothquant")
 COSTLY = frozenset({Method.GPTQ, Method.AWQ, Method.HQQ})  # seconds per layer and scheme to profile, not milliseconds
 COSTLY_DEFAULT_BITS = (2, 3, 4)  # where they beat RTN by most; above 4 bits RTN is close to lossless
@@ -151,6 +169,8 @@ def method_schemes(method: Method, bits: Iterable[int], group_sizes: Iterable[in
     bits, group_sizes, symmetric = list(bits), list(group_sizes), list(symmetric)
     if method == Method.NF4:
         return [Scheme(method, 4, g, True) for g in group_sizes if g and 4 in bits]
+    if method == Method.GGML:  # every quantized GGUF type of a requested width (F16/BF16: "none", the checkpoint dtype)
+        return [Scheme.ggml(t) for t in GGML_SCHEME_TYPES if Scheme.ggml(t).bits in bits]
     if method == Method.FP8:
         if 8 not in bits:
             return []

@@ -22,6 +22,7 @@ class Method(StrEnum):
     SMOOTHQUANT = "smoothquant"
     NF4 = "nf4"
     FP8 = "fp8"
+    GGML = "ggml"  # one of ggml's GGUF types (llama.cpp), named by ``ggml_type``
     NONE = "none"  # left in the checkpoint dtype: always a candidate, zero loss
 
 
@@ -36,6 +37,7 @@ def group_label(group_size: int) -> str:
     return "c" if group_size == 0 else str(group_size)
 
 
+_GGML_NAME = re.compile(r"^ggml-(?P<type>[a-z0-9_]+)$")
 _NAME = re.compile(r"^(?P<method>[a-z0-9]+)-w(?P<bits>\d+)g(?P<group>\d+|c)(?P<sym>[sa])(?:a(?P<act>\d+))?$")
 
 
@@ -43,7 +45,9 @@ _NAME = re.compile(r"^(?P<method>[a-z0-9]+)-w(?P<bits>\d+)g(?P<group>\d+|c)(?P<s
 class Scheme:
     """A candidate quantization for one Linear weight.
 
-    ``group_size`` 0 means per output channel. ``act_bits`` 16 means weight-only.
+    ``group_size`` 0 means per output channel. ``act_bits`` 16 means weight-only. A ggml scheme
+    (``Scheme.ggml("Q4_K")``, named ``ggml-q4_k``) is one GGUF type: ``ggml_type`` names it and
+    bits, group (its block) and symmetry are read from ggml's type table (``kernels.layout``).
     """
 
     method: Method
@@ -51,6 +55,7 @@ class Scheme:
     group_size: int
     symmetric: bool
     act_bits: int = 16
+    ggml_type: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
@@ -63,6 +68,8 @@ class Scheme:
     def name(self) -> str:
         if self.is_dense:
             return DENSE_NAME
+        if self.method == Method.GGML:
+            return f"ggml-{self.ggml_type.lower()}"
         group = group_label(self.group_size)
         act = "" if self.act_bits == 16 else f"a{self.act_bits}"
         return f"{self.method}-w{self.bits}g{group}{'s' if self.symmetric else 'a'}{act}"
@@ -74,6 +81,9 @@ class Scheme:
     def parse(cls, name: str) -> "Scheme":
         if name.strip().lower() == DENSE_NAME:
             return DENSE
+        ggml = _GGML_NAME.match(name.strip().lower())
+        if ggml:
+            return cls.ggml(ggml["type"])
         match = _NAME.match(name.strip().lower())
         if not match:
             raise BitplanError(f"unknown scheme name {name!r}: expected e.g. 'rtn-w4g128s' or 'rtn-w8gca'")
@@ -86,6 +96,16 @@ class Scheme:
             act_bits=int(match["act"] or 16),
         )
 
+    @classmethod
+    def ggml(cls, ggml_type: str) -> "Scheme":
+        """The scheme of one GGUF type (``Q4_K``, ``q8_0``, ``F16`` ...)."""
+        try:
+            info = layout.GGML_TYPES[layout.GGMLType(ggml_type.upper())]
+        except ValueError:
+            raise BitplanError(f"unknown GGUF type {ggml_type!r}: choose from {', '.join(layout.GGML_SCHEME_TYPES)}") from None
+        return cls(Method.GGML, info.bits, info.block_size if info.block_size > 1 else 0, info.symmetric,
+                   ggml_type=str(layout.GGMLType(ggml_type.upper())))
+
     def check(self) -> "Scheme":
         """Raise unless this method can store weights this way; returns the scheme."""
         method, problem = self.method, ""
@@ -95,7 +115,9 @@ class Scheme:
             problem = "FP8 is 8-bit symmetric; with FP8 activations (a8) it is per channel"
         elif method == Method.SMOOTHQUANT and (self.bits, self.group_size, self.symmetric, self.act_bits) != (8, 0, True, 8):
             problem = "SmoothQuant is W8A8: int8 symmetric per channel, int8 activations per token"
-        elif method not in (Method.NF4, Method.FP8, Method.SMOOTHQUANT, Method.NONE) and (self.act_bits != 16 or self.bits not in INTEGER_BITS):
+        elif method == Method.GGML and self != Scheme.ggml(self.ggml_type or "?"):
+            problem = "a ggml scheme is one GGUF type: build it with Scheme.ggml(type)"
+        elif method not in (Method.NF4, Method.FP8, Method.SMOOTHQUANT, Method.NONE, Method.GGML) and (self.act_bits != 16 or self.bits not in INTEGER_BITS):
             problem = f"{method} stores {'/'.join(map(str, INTEGER_BITS))}-bit integer weights with 16-bit activations"
         if problem:
             raise BitplanError(f"scheme {self.name} is not valid: {problem}")
@@ -108,12 +130,16 @@ class Scheme:
 
     def fits(self, in_features: int) -> bool:
         """Whether this scheme can be stored for a layer with ``in_features`` inputs."""
+        if self.method == Method.GGML:
+            return layout.is_valid_row_size(self.ggml_type, in_features)
         return self.is_dense or layout.group_fits(in_features, self.group_size)
 
     def weight_bytes(self, out_features: int, in_features: int, scale_bytes: int) -> int:
         """Exact checkpoint bytes of a weight under this scheme (see ``kernels.layout``)."""
         if self.is_dense:
             return layout.dense_weight_bytes(out_features, in_features, scale_bytes)
+        if self.method == Method.GGML:
+            return layout.tensor_size_bytes(self.ggml_type, (out_features, in_features))
         if self.method == Method.NF4:
             return layout.nf4_weight_bytes(out_features, in_features, self.group_size, double_quant=False)
         if self.method == Method.FP8:
@@ -125,13 +151,14 @@ class Scheme:
         )
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "method": str(self.method),
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "act_bits": self.act_bits,
         }
+        return {**data, "ggml_type": self.ggml_type} if self.ggml_type else data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Scheme":

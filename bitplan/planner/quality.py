@@ -18,6 +18,7 @@ from torch import nn
 
 from bitplan.kernels.numerics import fake_quant_activations
 from bitplan.methods.block import quantize_block
+from bitplan.methods.ggml import GGMLQuantized
 from bitplan.methods.scheme import DENSE, QuantizedWeight, Scheme
 from bitplan.models.spec import SCALE_DTYPES, ModelSpec
 
@@ -88,7 +89,7 @@ class QualityMeter:
             if sum(t.numel() * t.element_size() for tensors, _ in self.cache.values() for t in tensors.values()) > self.cache_bytes:
                 self.cache.clear()
             quantized = quantize_block(layers, assignments, self.read, self.stats, SCALE_DTYPES[self.spec.dtype])
-            tensors = {f"{name}.weight": (w.dequantize() if isinstance(w, QuantizedWeight) else w.to(torch.float32))
+            tensors = {f"{name}.weight": (w.dequantize() if isinstance(w, (QuantizedWeight, GGMLQuantized)) else w.to(torch.float32))
                        for name, w in quantized.linears.items()}
             tensors.update({name: t.to(torch.float32) for name, t in quantized.replaced.items()})
             self.cache[key] = (tensors, quantized.activations)

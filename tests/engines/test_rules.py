@@ -96,6 +96,7 @@ def test_each_engine_offers_only_what_it_runs():
     assert not any(n.startswith("nf4") or "-w3" in n or "-w2" in n for n in offered["vllm"])
     assert not any(n.endswith("a") or n.startswith("smoothquant") or n.startswith("nf4") for n in offered["transformers"] - {"none"})
     assert "smoothquant-w8gcsa8" in offered["vllm"] and "rtn-w3g64s" in offered["transformers"]
+    assert all(n.startswith("ggml-") for n in offered["llama.cpp"] - {"none"}) and "ggml-q4_k" in offered["llama.cpp"]
     with pytest.raises(BitplanError, match="no candidate scheme is left for vllm"):
         Candidates(("nf4",)).schemes(get_rules("vllm"))
 
