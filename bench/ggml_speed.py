@@ -1,6 +1,6 @@
 """Speed of bitplan's GGUF quantizers on one SmolLM2 Linear (down_proj, 576 x 1536), next to ggml's C.
 
-    BITPLAN_LLAMA_CPP=/work/tools/llama.cpp-11434.0.0 .venv/bin/python bench/ggml_speed.py
+    BITPLAN_LLAMA_CPP=~/.cache/bitplan-tools/llama.cpp-11434.0.0 .venv/bin/python bench/ggml_speed.py
 
 Best of ``--repeats`` wall times per type, without and with an importance matrix; ggml's time is
 ``ggml_quantize_chunk`` on one thread through ctypes (skipped without BITPLAN_LLAMA_CPP).

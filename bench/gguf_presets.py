@@ -18,7 +18,7 @@ and Q5_1 (``--ggml-types``); ``--with-grid`` adds rows with every type allowed, 
 only. Q4_K/Q5_K (affine sub-blocks of 32 with 6-bit scales) sit partly on the grid too; the
 presets use them as well.
 
-    BITPLAN_LLAMA_CPP=/work/tools/llama.cpp-11434.0.0 python bench/gguf_presets.py [--with-grid] [--trials N] [--threads 1]
+    BITPLAN_LLAMA_CPP=~/.cache/bitplan-tools/llama.cpp-11434.0.0 python bench/gguf_presets.py [--with-grid] [--trials N] [--threads 1]
 
 Writes bench/results/gguf_presets.json.
 """
