@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from bitplan.atomic import write_atomic
+from bitplan.atomic import write_safetensors
 from bitplan.methods.scheme import Scheme
 
 METRIC = "fisher-kl"
@@ -45,10 +45,11 @@ class SensitivityTable:
                                 dict(self.provenance))
 
     def save(self, path: Path) -> None:
-        """One safetensors file; names and provenance in its metadata. Written atomically."""
+        """One safetensors file; names and provenance in its metadata. Written atomically, the same
+        bytes for the same table."""
         meta = {"layers": json.dumps(self.layers), "schemes": json.dumps(self.schemes), "provenance": json.dumps(self.provenance, sort_keys=True)}
         tensors = {"scores": self.scores.contiguous(), "bytes": self.bytes.contiguous()}
-        write_atomic(Path(path), lambda temporary: save_file(tensors, str(temporary), metadata=meta))
+        write_safetensors(Path(path), tensors, meta)
 
     @classmethod
     def load(cls, path: Path) -> "SensitivityTable":
