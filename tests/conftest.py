@@ -21,22 +21,27 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, nu
                   head_dim=16)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_folder(tmp_path_factory, smollm_folder):
-    """A random-weight Llama of SmolLM2's config and tokenizer, only 6 blocks of width 64 (bf16, seed 0):
-    for tests that need real files and real block-by-block runs, not trained weights."""
+def write_tiny_llama(folder, smollm_folder, **overrides):
+    """A random-weight Llama of SmolLM2's config and tokenizer, only 6 blocks of width 64 (bf16, seed 0),
+    ``overrides`` on top of that config: for tests that need real files and real block-by-block runs,
+    not trained weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     config = json.loads((smollm_folder / "config.json").read_text())
-    config.update(TINY_LLAMA)
+    config.update(TINY_LLAMA, **overrides)
     torch.manual_seed(0)
     hf = AutoConfig.for_model(config.pop("model_type"), **{k: v for k, v in config.items() if k != "architectures"})
     AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm_folder / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory, smollm_folder):
+    """:func:`write_tiny_llama` with SmolLM2's tied head."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm_folder)
 
 
 @pytest.fixture(scope="session")
