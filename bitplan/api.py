@@ -58,17 +58,19 @@ def plan(
     progress: Progress | None = None,
     objective: str = "quality",
     engine: str = DEFAULT_ENGINE,
+    study_storage: str | None = None,
 ) -> Plan:
     """Profile (or reuse the cached profile), allocate exactly under the engine's rules, refine, return the Plan.
 
     ``engine`` names what will serve the checkpoint (``bitplan.engines``); its rules on the
     ``target``'s hardware constrain the search. ``objective`` (``planner.objective``):
     ``quality`` minimises predicted KL; ``speed`` and ``balanced`` add the predicted decode time
-    on ``target``, which they therefore need.
+    on ``target``, which they therefore need. ``study_storage`` (an RDB URL or a journal file path)
+    shares refinement's Optuna study among workers running the same plan (``planner.study``).
     """
     goal = resolve_target(engine, target)
     settings = SearchSettings(tie_fused or goal.rules.fused_share_scheme, trials, seed,
-                              check_objective(objective, goal.device, needs_device=True))
+                              check_objective(objective, goal.device, needs_device=True), study_storage)
     source = open_model(model)
     check_tensor_parallel(source.spec, goal.rules, tensor_parallel)
     deployment = deployment_for(budget, goal.device, context, batch, kv_dtype, tensor_parallel, overhead)

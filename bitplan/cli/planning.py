@@ -29,6 +29,9 @@ def add_commands(commands) -> None:
                       help="quality: least predicted KL; speed: least predicted decode time (needs --target); "
                            "balanced: KL/KL_ref + time/time_ref (see bitplan/planner/objective.py)")
     plan.add_argument("--trials", type=int, default=16, help="Optuna refinement trials measured on held-in text (0: exact allocation only)")
+    plan.add_argument("--study-storage", help="share the refinement's Optuna study with other workers running the same plan: "
+                                              "an RDB URL (sqlite:///refine.db, postgresql://...) or a journal file path on a "
+                                              "shared file system; --trials is then the study's total")
     plan.add_argument("--out", type=Path, default=Path("plan.json"), help="where to write plan.json")
     add_calibration_args(plan)
     plan.set_defaults(func=run_plan)
@@ -86,7 +89,7 @@ def run_plan(args) -> int:
     with progress_bars(console) as report:
         result = plan(args.model, args.budget, args.target, args.context, args.batch, args.kv_dtype, args.tp, args.overhead,
                       candidates_from(args), calibration_from(args), args.tie_fused, args.trials, args.seed, report,
-                      objective=args.objective, engine=args.engine)
+                      objective=args.objective, engine=args.engine, study_storage=args.study_storage)
     result.save(args.out)
     print_plan(result, Console())
     Console().print(f"plan written to {args.out}")
