@@ -35,6 +35,7 @@ from bitplan.models.source import ModelSource, WeightReader, cache_dir
 from bitplan.models.spec import SCALE_DTYPES, LayerSpec, ModelSpec
 from bitplan.profiles.blocks import BlockRunner, run_block
 from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
+from bitplan.profiles.distributed import barrier, join_launcher_group, run_workers, share_columns, world
 from bitplan.profiles.resume import ProfileCheckpoint
 from bitplan.profiles.tables import METRIC, METRIC_VERSION, SensitivityTable, cached_table, table_key
 from bitplan.profiles.text import tokens_hash
@@ -142,6 +143,9 @@ def profile_sensitivity(
     num_tokens = tokens.numel()
     top = checkpoint.resume_point() if checkpoint is not None else None
     start = spec.num_blocks if top is None else top  # blocks start.. (and the head) are finished
+    rank, workers = world()  # distributed: each rank scores its columns, rank 0 writes the checkpoint
+    barrier()  # every rank has read the resume point before anything is written
+    resumed, checkpoint = checkpoint, checkpoint if rank == 0 else None
 
     with torch.no_grad():
         hidden = runner.embed(tokens)
@@ -160,13 +164,14 @@ def profile_sensitivity(
         grad = head_gradient(runner, hidden, generator, head_stats)
         if head is not None:
             score_block([head], {head.name: head_stats}, reader, spec, schemes, names, scores, sizes, num_tokens)
+            share_columns(scores, sizes, [names.index(head.name)])
         if checkpoint is not None:
             checkpoint.save_gradient(spec.num_blocks, grad)
             checkpoint.save_unit(None, [names.index(head.name)] if head else [], scores, sizes, {head.name: head_stats} if head else {})
     else:
         for block in [None, *range(start, spec.num_blocks)]:
-            checkpoint.load_unit(block, scores, sizes)
-        grad = checkpoint.load_gradient(start)
+            resumed.load_unit(block, scores, sizes)
+        grad = resumed.load_gradient(start)
         log.info("profile resumed below block %d: %d of %d blocks were finished", start, spec.num_blocks - start, spec.num_blocks)
         report("resumed", spec.num_blocks - start, spec.num_blocks)
 
@@ -186,6 +191,7 @@ def profile_sensitivity(
         grad = torch.cat(grads_in)
         block_inputs[index] = None
         score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_tokens)
+        share_columns(scores, sizes, [names.index(layer.name) for layer in layers])
         if checkpoint is not None:
             checkpoint.save_gradient(index, grad)
             checkpoint.save_unit(index, [names.index(layer.name) for layer in layers], scores, sizes, stats)
@@ -209,7 +215,10 @@ def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_
         score = score_scheme(weights[layer.name], effective, layer_stats.hessian.to(torch.float32), layer_stats.channel_weight(), num_tokens)
         scores[names.index(layer.name), column] = score + activation
 
+    rank, workers = world()
     for column, scheme in enumerate(schemes):
+        if column % workers != rank:
+            continue  # another rank's column (profiles.distributed)
         smoothing, fmt = scheme.method in SMOOTHING, activation_format(scheme)
         for layer in layers:
             if scheme.fits(layer.in_features):
@@ -240,8 +249,11 @@ def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_
 
 
 def sensitivity_table(source: ModelSource, schemes: list[Scheme], calibration: CalibrationSettings, seed: int = 0,
-                      progress: Progress | None = None, use_cache: bool = True) -> SensitivityTable:
-    """The table of ``source`` for ``schemes``: from the cache when one holds them, else measured and cached."""
+                      progress: Progress | None = None, use_cache: bool = True, workers: int = 1) -> SensitivityTable:
+    """The table of ``source`` for ``schemes``: from the cache when one holds them, else measured and cached.
+
+    ``workers`` > 1 spawns that many processes that share the scoring (``profiles.distributed``);
+    under ``torchrun`` the launcher's processes share it."""
     tokens = calibration_windows(source.folder, calibration)[: calibration.samples]
     calibration_hash = tokens_hash(tokens)
     key = table_key(source.hash, calibration_hash, schemes, seed)
@@ -250,12 +262,19 @@ def sensitivity_table(source: ModelSource, schemes: list[Scheme], calibration: C
     if cached is not None:
         log.info("sensitivity table from the cache in %s", folder)
         return cached
+    join_launcher_group()
+    if workers > 1 and world()[1] == 1:
+        run_workers(workers, sensitivity_table, source, schemes, calibration, seed, None, use_cache)
+        return SensitivityTable.load(folder / f"{key}.safetensors")
     provenance = {"model_hash": source.hash, "calibration_hash": calibration_hash, "tokens": list(tokens.shape)}
     checkpoint = ProfileCheckpoint(folder / "blocks" / key, source.spec.num_blocks)
-    if not use_cache:
+    if not use_cache and world()[0] == 0:
         checkpoint.remove()  # measure afresh: no finished blocks of an earlier run either
+    barrier()
     table = profile_sensitivity(source.folder, source.config, source.spec, schemes, tokens, seed=seed, progress=progress,
                                 provenance=provenance, checkpoint=checkpoint)
-    table.save(folder / f"{key}.safetensors")
-    checkpoint.remove()
+    if world()[0] == 0:
+        table.save(folder / f"{key}.safetensors")
+        checkpoint.remove()
+    barrier()  # the table is in the cache when any rank returns
     return table
