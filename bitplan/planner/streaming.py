@@ -129,15 +129,15 @@ class StreamingMeter:
                 hidden = run_block(block, hidden, positions, self.batch_size)
         return hidden
 
-    def head(self, quantized: bool) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    def heads(self) -> tuple[tuple, tuple]:
+        """(final norm, head weight, activation format) of the reference and of the plan; one copy
+        of each tensor the plan leaves unchanged."""
         norm_weight, head_weight = self.runner.head_weights()
-        if not quantized:
-            return norm_weight, head_weight, None
         tensors, activations = self.variant(-1)
         family = self.runner.family
-        norm_weight = tensors.get(f"{family.final_norm}.weight", norm_weight)
-        head_weight = tensors.get(f"{family.lm_head}.weight", head_weight)
-        return norm_weight, head_weight, activations.get(family.lm_head)
+        quantized = (tensors.get(f"{family.final_norm}.weight", norm_weight), tensors.get(f"{family.lm_head}.weight", head_weight),
+                     activations.get(family.lm_head))
+        return (norm_weight, head_weight, None), quantized
 
     def reference(self, windows: torch.Tensor) -> torch.Tensor:
         """The unquantized model's final hidden states of ``windows``, computed once per window set."""
@@ -151,7 +151,7 @@ class StreamingMeter:
         """Mean KL(reference || plan) per token and both perplexities on ``windows`` [n, seq_len]."""
         reference = self.reference(windows)
         candidate = self.run_blocks(windows, quantized=True)
-        ref_head, quant_head = self.head(quantized=False), self.head(quantized=True)
+        ref_head, quant_head = self.heads()
         kl_sum = nll_q = nll_ref = 0.0
         for start in range(0, windows.shape[0], self.batch_size):
             ids = windows[start : start + self.batch_size]
