@@ -9,9 +9,12 @@ loaded from safetensors, its quantized Linears, folded norms and biases swapped 
 and dropped. Calibration statistics for calibrated methods are gathered in one block-by-block pass
 and kept on disk, one file per block, read back when a block is quantized.
 
-Memory: one block's weights (float32) and its quantized variant, plus the hidden states of the
-measured windows (twice: reference and candidate) and a bounded cache of quantized block variants
-(``cache_bytes``), whatever the depth.
+Quantized block variants (a block's fake-quantized tensors under one assignment of its Linears)
+are computed once and kept on disk, so the trials of a refinement, which share most assignments,
+quantize each variant once; at most ``memory_variants`` of them stay in memory.
+
+Memory: one block's weights (float32) and a few quantized variants, plus the hidden states of the
+measured windows (twice: reference and candidate) and one batch of logits, whatever the depth.
 """
 
 from __future__ import annotations
@@ -44,17 +47,20 @@ class StreamingMeter:
     """Measures plans on fixed windows block by block (same interface as ``QualityMeter``:
     :meth:`calibrate`, :meth:`apply`, :meth:`measure`)."""
 
-    def __init__(self, folder: Path, config: dict, spec: ModelSpec, batch_size: int = 4, cache_bytes: int = 2**30):
+    def __init__(self, folder: Path, config: dict, spec: ModelSpec, batch_size: int = 4, memory_variants: int = 2):
         self.reader = WeightReader(folder)
         self.runner = BlockRunner(config, self.reader)
         self.spec = spec
         self.batch_size = batch_size
-        self.cache_bytes = cache_bytes
+        self.memory_variants = memory_variants
         self.blocks: dict[int, list] = {}
         for layer in spec.layers:
             self.blocks.setdefault(layer.block, []).append(layer)
-        self.cache: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
-        self.stats_folder: tempfile.TemporaryDirectory | None = None
+        self.cache: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}  # in memory, oldest first
+        self.spilled: dict[tuple, Path] = {}  # every variant computed so far, on disk
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        self.work = tempfile.TemporaryDirectory(prefix="refine-", dir=cache_dir())  # removed with the meter
+        self.calibrated = False
         self.assignments: dict[str, Scheme] = {}
         self.references: dict[str, torch.Tensor] = {}  # tokens hash -> reference final hidden states
 
@@ -66,8 +72,6 @@ class StreamingMeter:
 
     def calibrate(self, windows: torch.Tensor) -> None:
         """Gather every Linear's input statistics on ``windows`` block by block; each block's go to disk."""
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        self.stats_folder = tempfile.TemporaryDirectory(prefix="refine-stats-", dir=cache_dir())
         hidden = self.runner.embed(windows)
         positions = self.runner.position_embeddings(hidden)
         for index in range(self.spec.num_blocks):
@@ -84,13 +88,15 @@ class StreamingMeter:
             for start in range(0, hidden.shape[0], self.batch_size):
                 head.add(self.runner.final_norm(hidden[start : start + self.batch_size], norm_weight))
             torch.save({name: {"input": head} for name in heads}, self.stats_path(-1))
+        self.calibrated = True
         self.cache.clear()
+        self.spilled.clear()
 
     def stats_path(self, block: int) -> Path:
-        return Path(self.stats_folder.name) / f"block{block}.pt"
+        return Path(self.work.name) / f"stats-block{block}.pt"
 
     def block_stats(self, block: int) -> dict:
-        if self.stats_folder is None or not self.stats_path(block).is_file():
+        if not self.calibrated or not self.stats_path(block).is_file():
             return {}
         return torch.load(self.stats_path(block), weights_only=False)
 
@@ -99,9 +105,15 @@ class StreamingMeter:
         layers = self.blocks[block]
         key = (block, tuple(assignments[layer.name] for layer in layers))
         if key not in self.cache:
-            if sum(t.numel() * t.element_size() for tensors, _ in self.cache.values() for t in tensors.values()) > self.cache_bytes:
-                self.cache.clear()
-            self.cache[key] = block_variant(layers, assignments, self.read, self.block_stats(block), self.spec)
+            if key in self.spilled:
+                variant = torch.load(self.spilled[key], weights_only=True)
+            else:
+                variant = block_variant(layers, assignments, self.read, self.block_stats(block), self.spec)
+                self.spilled[key] = Path(self.work.name) / f"variant-{len(self.spilled)}.pt"
+                torch.save(variant, self.spilled[key])
+            self.cache[key] = variant
+            while len(self.cache) > self.memory_variants:
+                self.cache.pop(next(iter(self.cache)))
         return self.cache[key]
 
     def apply(self, assignments: dict[str, Scheme]) -> None:
@@ -153,10 +165,10 @@ class StreamingMeter:
         candidate = self.run_blocks(windows, quantized=True)
         ref_head, quant_head = self.heads()
         kl_sum = nll_q = nll_ref = 0.0
-        for start in range(0, windows.shape[0], self.batch_size):
-            ids = windows[start : start + self.batch_size]
-            ref = log_probs(self.runner, reference[start : start + self.batch_size], *ref_head)
-            quant = log_probs(self.runner, candidate[start : start + self.batch_size], *quant_head)
+        for start in range(windows.shape[0]):  # one window's logits at a time
+            ids = windows[start : start + 1]
+            ref = log_probs(self.runner, reference[start : start + 1], *ref_head)
+            quant = log_probs(self.runner, candidate[start : start + 1], *quant_head)
             kl_sum += float((ref.exp() * (ref - quant)).sum())
             targets = ids[:, 1:].unsqueeze(-1)
             nll_ref -= float(ref[:, :-1].gather(-1, targets).sum())
