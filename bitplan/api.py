@@ -36,10 +36,10 @@ EXACT_SOLVER = "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack"
 
 def profile(model: str, candidates: Candidates = Candidates(), calibration: CalibrationSettings = CalibrationSettings(),
             seed: int = 0, progress: Progress | None = None, use_cache: bool = True,
-            rules: EngineRules | None = None) -> SensitivityTable:
+            rules: EngineRules | None = None, workers: int = 1) -> SensitivityTable:
     """Measure (or read from the cache) the sensitivity table of ``model`` for the candidates
-    (those ``rules``' engine runs, when given)."""
-    return sensitivity_table(open_model(model), candidates.schemes(rules), calibration, seed, progress, use_cache)
+    (those ``rules``' engine runs, when given), in ``workers`` processes (``profiles.distributed``)."""
+    return sensitivity_table(open_model(model), candidates.schemes(rules), calibration, seed, progress, use_cache, workers)
 
 
 def plan(
@@ -59,17 +59,21 @@ def plan(
     progress: Progress | None = None,
     objective: str = "quality",
     engine: str = DEFAULT_ENGINE,
+    study_storage: str | None = None,
+    workers: int = 1,
 ) -> Plan:
     """Profile (or reuse the cached profile), allocate exactly under the engine's rules, refine, return the Plan.
 
     ``engine`` names what will serve the checkpoint (``bitplan.engines``); its rules on the
     ``target``'s hardware constrain the search. ``objective`` (``planner.objective``):
     ``quality`` minimises predicted KL; ``speed`` and ``balanced`` add the predicted decode time
-    on ``target``, which they therefore need.
+    on ``target``, which they therefore need. ``study_storage`` (an RDB URL or a journal file path)
+    shares refinement's Optuna study among workers running the same plan (``planner.study``);
+    ``workers`` processes share the profile (``profiles.distributed``).
     """
     goal = resolve_target(engine, target)
     settings = SearchSettings(tie_fused or goal.rules.fused_share_scheme, trials, seed,
-                              check_objective(objective, goal.device, needs_device=True))
+                              check_objective(objective, goal.device, needs_device=True), study_storage)
     source = open_model(model)
     source = replace(source, spec=deployed_spec(source.spec, goal.rules))
     check_tensor_parallel(source.spec, goal.rules, tensor_parallel)
@@ -78,7 +82,8 @@ def plan(
     schemes = candidates.for_device(goal.device).schemes(goal.rules)
     check_feasible(source.spec, schemes, weight_budget, deployment.budget_bytes, settings.tie_fused,
                    allowed(goal.rules, source.spec, tensor_parallel))
-    table = restrict_table(sensitivity_table(source, schemes, calibration, seed, progress), source.spec, goal.rules, tensor_parallel)
+    table = sensitivity_table(source, schemes, calibration, seed, progress, workers=workers)
+    table = restrict_table(table, source.spec, goal.rules, tensor_parallel)
     times, extra_cost = objective_costs(settings.objective, table, source.spec, goal.device, deployment)
     allocation = allocate(table, source.spec, weight_budget, settings.tie_fused, extra_cost=extra_cost)
     refinement = None

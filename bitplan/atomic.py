@@ -8,6 +8,7 @@ target removes those whose process is gone, and readers never look at them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -94,6 +95,34 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda temporary: temporary.write_text(text))
+
+
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+                      "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file whose bytes depend only on its contents: header keys sorted, tensors in
+    name order (the ``safetensors`` writer orders the metadata by a hash map, so two runs differ)."""
+    import torch
+
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        dtype = SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")]
+        header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write :func:`safetensors_bytes` to ``path`` atomically."""
+    write_atomic(path, lambda temporary: temporary.write_bytes(safetensors_bytes(tensors, metadata)))
 
 
 @contextmanager

@@ -29,6 +29,9 @@ def add_commands(commands) -> None:
                       help="quality: least predicted KL; speed: least predicted decode time (needs --target); "
                            "balanced: KL/KL_ref + time/time_ref (see bitplan/planner/objective.py)")
     plan.add_argument("--trials", type=int, default=16, help="Optuna refinement trials measured on held-in text (0: exact allocation only)")
+    plan.add_argument("--study-storage", help="share the refinement's Optuna study with other workers running the same plan: "
+                                              "an RDB URL (sqlite:///refine.db, postgresql://...) or a journal file path on a "
+                                              "shared file system; --trials is then the study's total")
     plan.add_argument("--out", type=Path, default=Path("plan.json"), help="where to write plan.json")
     add_calibration_args(plan)
     plan.set_defaults(func=run_plan)
@@ -58,6 +61,9 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="device from `bitplan devices`, a profile .toml, or a platform: cuda-sm80, cuda-sm90, "
                                          "cpu-avx2, cpu-avx512 (default for vllm: cuda-sm80)")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and search (same seed, same plan)")
+    parser.add_argument("--workers", type=positive_int, default=1,
+                        help="profile in this many local processes (torch.distributed, gloo); the table is the same as with 1. "
+                             "Across machines: torchrun --nnodes ... -m bitplan.cli (see bitplan/profiles/distributed.py)")
 
 
 def candidates_from(args):
@@ -89,7 +95,8 @@ def run_plan(args) -> int:
     with progress_bars(console) as report:
         result = plan(args.model, args.budget, args.target, args.context, args.batch, args.kv_dtype, args.tp, args.overhead,
                       candidates_from(args), calibration_from(args), args.tie_fused, args.trials, args.seed, report,
-                      objective=args.objective, engine=args.engine)
+                      objective=args.objective, engine=args.engine, study_storage=args.study_storage,
+                      workers=args.workers)
     result.save(args.out)
     print_plan(result, Console())
     Console().print(f"plan written to {args.out}")
@@ -136,7 +143,7 @@ def run_profile(args) -> int:
 
     rules = resolve_target(args.engine, args.target).rules
     with progress_bars(Console(stderr=True)) as report:
-        table = profile(args.model, candidates_from(args), calibration_from(args), args.seed, report, rules=rules)
+        table = profile(args.model, candidates_from(args), calibration_from(args), args.seed, report, rules=rules, workers=args.workers)
     if args.out:
         table.save(args.out)
     Console().print(f"{len(table.layers)} layers x {len(table.schemes)} schemes profiled ({table.provenance.get('metric')})")

@@ -2,8 +2,8 @@
 
 The unquantized model and a working copy are held side by side; a plan is applied to the copy
 by swapping in fake-quantized weights (quantize, then dequantize), the same numbers the emitted
-checkpoint decodes to. The model is loaded whole here (135M-scale test models; evaluation of
-very large models block by block is future work).
+checkpoint decodes to. The model is loaded whole here (small models, tests and benches);
+refinement measures block by block with :class:`bitplan.planner.streaming.StreamingMeter`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,17 @@ def load_dense_model(folder: Path) -> nn.Module:
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
     return model.eval().requires_grad_(False)
+
+
+def block_variant(layers: list, assignments: dict[str, Scheme], read, stats: dict, spec: ModelSpec
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One block under ``assignments``: its float32 tensors by full name (dequantized Linears,
+    folded norms and biases) and the activation format of each W8A8 Linear."""
+    quantized = quantize_block(layers, assignments, read, stats, SCALE_DTYPES[spec.dtype])
+    tensors = {f"{name}.weight": (w.dequantize() if isinstance(w, (QuantizedWeight, GGMLQuantized)) else w.to(torch.float32))
+               for name, w in quantized.linears.items()}
+    tensors.update({name: t.to(torch.float32) for name, t in quantized.replaced.items()})
+    return tensors, quantized.activations
 
 
 @dataclass(frozen=True)
@@ -88,11 +99,7 @@ class QualityMeter:
         if key not in self.cache:
             if sum(t.numel() * t.element_size() for tensors, _ in self.cache.values() for t in tensors.values()) > self.cache_bytes:
                 self.cache.clear()
-            quantized = quantize_block(layers, assignments, self.read, self.stats, SCALE_DTYPES[self.spec.dtype])
-            tensors = {f"{name}.weight": (w.dequantize() if isinstance(w, (QuantizedWeight, GGMLQuantized)) else w.to(torch.float32))
-                       for name, w in quantized.linears.items()}
-            tensors.update({name: t.to(torch.float32) for name, t in quantized.replaced.items()})
-            self.cache[key] = (tensors, quantized.activations)
+            self.cache[key] = block_variant(layers, assignments, self.read, self.stats, self.spec)
         return self.cache[key]
 
     def set_tensor(self, name: str, tensor: torch.Tensor) -> None:

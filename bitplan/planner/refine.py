@@ -4,7 +4,8 @@ The summed score is additive; real loss is not quite. Optuna searches per-kind m
 the scores (q, k, v, o, gate, up, down, ...) and a multiplier for the first and last blocks,
 re-solves the exact allocation for each, and measures the resulting plan's KL on held-in
 calibration tokens. The first trial is the exact solution itself (``enqueue_trial``), so the
-kept plan is never worse, on the measured tokens, than the exact one.
+kept plan is never worse, on the measured tokens, than the exact one. The study may live in shared
+storage (``planner.study``), where several workers add trials to it.
 
 With ``extra_cost`` (the latency term of ``--objective speed|balanced``, in score units, see
 ``planner.objective``) every allocation adds it to the scores, and a trial's value is the
@@ -14,7 +15,11 @@ the exact one on that sum, though its KL alone may be higher.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +34,8 @@ from bitplan.models.spec import ModelSpec
 from bitplan.planner.objective import assignment_sum
 from bitplan.planner.quality import QualityMeter, load_dense_model
 from bitplan.planner.search import Allocation, SearchSettings, allocate
+from bitplan.planner.streaming import StreamingMeter
+from bitplan.planner.study import STOP_STATES, counted_trials, finished_trials, open_study, study_name
 from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
 from bitplan.profiles.tables import SensitivityTable
 
@@ -36,6 +43,7 @@ log = logging.getLogger(__name__)
 REFINE_WINDOWS = 4  # held-in calibration windows each trial is measured on
 KNOB_RANGE = (0.25, 4.0)
 EDGE_KNOB = "edge_blocks"
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial of a shared study
 
 
 @dataclass(frozen=True)
@@ -64,19 +72,23 @@ def refine(
     spec: ModelSpec,
     weight_budget_bytes: int,
     tie_fused: bool,
-    meter: QualityMeter,
+    meter: QualityMeter | StreamingMeter,
     windows: torch.Tensor,
     trials: int,
     seed: int,
     progress: Callable[[str, int, int], None] | None = None,
     extra_cost: np.ndarray | None = None,
+    storage: str | None = None,
 ) -> Refinement:
+    """Run ``trials`` trials (at least the exact one) and keep the best; with ``storage``
+    (``planner.study``), run trials in the shared study until it holds ``trials``, then keep the
+    best of all its workers' trials."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kinds = sorted({spec.layer(name).kind for name in table.layers})
     knob_names = [f"kind_{kind}" for kind in kinds] + [EDGE_KNOB]
     measured: dict[tuple, float] = {}
-    allocations: dict[tuple, Allocation] = {}
     report = progress or (lambda stage, done, total: None)
+    total = max(trials, 1)
 
     def objective(trial: optuna.Trial) -> float:
         knobs = {name: trial.suggest_float(name, *KNOB_RANGE, log=True) for name in knob_names}
@@ -85,34 +97,52 @@ def refine(
         if key not in measured:
             meter.apply({name: Scheme.parse(s) for name, s in allocation.choice.items()})
             measured[key] = meter.measure(windows).kl
-            allocations[key] = allocation
-        report("refine", trial.number + 1, trials)
+        report("refine", min(trial.number + 1, total), total)
         trial.set_user_attr("kl", measured[key])
+        trial.set_user_attr("plan", hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16])
+        trial.set_user_attr("worker", WORKER)
         if extra_cost is None:
             return measured[key]
         return measured[key] + assignment_sum(table, allocation.choice, extra_cost)
 
-    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
-    study.enqueue_trial({name: 1.0 for name in knob_names})
-    study.optimize(objective, n_trials=max(trials, 1))
-    exact_kl = study.trials[0].user_attrs["kl"]
-    best = min(study.trials, key=lambda t: (t.value, t.number))
+    study = open_study(storage, study_name(table, weight_budget_bytes, tie_fused, windows, seed, extra_cost), seed)
+    study.enqueue_trial({name: 1.0 for name in knob_names}, user_attrs={"exact": True}, skip_if_exists=True)
+    if counted_trials(study) < total:
+        stop = optuna.study.MaxTrialsCallback(total, states=STOP_STATES)
+        study.optimize(objective, n_trials=total, callbacks=[stop])
+    done = finished_trials(study)
+    exact_kl = min((t for t in done if t.user_attrs.get("exact")), key=lambda t: t.number).user_attrs["kl"]
+    best = min(done, key=lambda t: (t.value, t.number))
     knobs = {name: round(value, 6) for name, value in best.params.items()}
     allocation = allocate(table, spec, weight_budget_bytes, tie_fused, layer_weights(table, spec, best.params), extra_cost)
-    return Refinement(allocation, best.user_attrs["kl"], exact_kl, knobs, len(study.trials), len(measured))
+    return Refinement(allocation, best.user_attrs["kl"], exact_kl, knobs, len(done), len({t.user_attrs["plan"] for t in done}))
+
+
+WHOLE_MODEL_SHARE = 0.25  # the whole-model meter while its two float32 copies take at most this share of RAM
+
+
+def choose_meter(source: ModelSource) -> QualityMeter | StreamingMeter:
+    """The whole-model meter (the model and its quantized copy in float32: one forward per window,
+    several times faster) while both copies fit in a quarter of this machine's memory; beyond
+    that, the streaming meter (block by block: a constant number of blocks in memory)."""
+    two_copies = 2 * 4 * (source.spec.linear_weights + source.spec.unquantized_bytes // source.spec.dtype_bytes)
+    if two_copies <= WHOLE_MODEL_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+        return QualityMeter(load_dense_model(source.folder), source.spec)
+    return StreamingMeter(source.folder, source.config, source.spec)
 
 
 def refine_measured(source: ModelSource, table: SensitivityTable, weight_budget_bytes: int, settings: SearchSettings,
                     calibration: CalibrationSettings, progress: Callable[[str, int, int], None] | None = None,
                     extra_cost: np.ndarray | None = None) -> tuple[Refinement, int]:
     """Refine on held-in calibration windows (those after the profile's; the profile's own first
-    ``REFINE_WINDOWS`` when the text has no more). Returns the refinement and the tokens it measured on."""
+    ``REFINE_WINDOWS`` when the text has no more). Returns the refinement and the tokens it measured on.
+    Plans are measured by :func:`choose_meter`'s meter."""
     windows = calibration_windows(source.folder, calibration, REFINE_WINDOWS)
     held_in = windows[calibration.samples:] if len(windows) > calibration.samples else windows[:REFINE_WINDOWS]
-    meter = QualityMeter(load_dense_model(source.folder), source.spec)
+    meter = choose_meter(source)
     schemes = [Scheme.parse(name) for name in table.schemes]
     if needs_calibration(schemes):
         meter.calibrate(windows[: calibration.samples])
     refinement = refine(table, source.spec, weight_budget_bytes, settings.tie_fused, meter, held_in, settings.trials,
-                        settings.seed, progress, extra_cost)
+                        settings.seed, progress, extra_cost, settings.study_storage)
     return refinement, int(held_in.numel())

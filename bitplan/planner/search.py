@@ -42,6 +42,7 @@ class SearchSettings:
     trials: int = 16
     seed: int = 0
     objective: str = "quality"
+    study_storage: str | None = None  # Optuna storage shared by refinement workers (``planner.study``); None: in memory
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ channel weight ``b_c = sum_t g_tc^2 / sum_t a_t``, which keeps both marginals ex
 
 One forward pass stores each block's input; one backward pass, block by block from the top,
 recomputes each block, collects ``H`` and ``b`` for its Linears and scores every scheme there.
-Only one block's weights are held at a time.
+Only one block's weights are held at a time. Each finished block's rows go to the cache as the
+profile goes (``profiles.resume``): an interrupted profile resumes at the first unfinished block.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from bitplan.models.source import ModelSource, WeightReader, cache_dir
 from bitplan.models.spec import SCALE_DTYPES, LayerSpec, ModelSpec
 from bitplan.profiles.blocks import BlockRunner, run_block
 from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
+from bitplan.profiles.distributed import barrier, join_launcher_group, run_workers, share_columns, world
+from bitplan.profiles.resume import ProfileCheckpoint
 from bitplan.profiles.tables import METRIC, METRIC_VERSION, SensitivityTable, cached_table, table_key
 from bitplan.profiles.text import tokens_hash
 
@@ -123,8 +126,12 @@ def profile_sensitivity(
     seed: int = 0,
     progress: Progress | None = None,
     provenance: dict | None = None,
+    checkpoint: ProfileCheckpoint | None = None,
 ) -> SensitivityTable:
-    """Measure the table for ``tokens`` [sequences, seq_len], block by block."""
+    """Measure the table for ``tokens`` [sequences, seq_len], block by block.
+
+    With ``checkpoint``, each finished block's rows go to it as the profile goes, and a profile it
+    holds finished blocks of resumes below them (reporting ``("resumed", blocks, total)``)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     reader = WeightReader(folder)
@@ -134,38 +141,61 @@ def profile_sensitivity(
     scores = torch.full((len(names), len(schemes)), float("nan"), dtype=torch.float64)
     sizes = torch.full((len(names), len(schemes)), -1, dtype=torch.int64)
     num_tokens = tokens.numel()
+    top = checkpoint.resume_point() if checkpoint is not None else None
+    start = spec.num_blocks if top is None else top  # blocks start.. (and the head) are finished
+    rank, workers = world()  # distributed: each rank scores its columns, rank 0 writes the checkpoint
+    barrier()  # every rank has read the resume point before anything is written
+    resumed, checkpoint = checkpoint, checkpoint if rank == 0 else None
 
     with torch.no_grad():
         hidden = runner.embed(tokens)
         positions = runner.position_embeddings(hidden)
         block_inputs = []
-        for index in range(spec.num_blocks):
+        for index in range(spec.num_blocks if top is None else start):
             block_inputs.append(hidden)
+            if top is not None and index == start - 1:
+                break
             block = runner.load_block(index)
             hidden = run_block(block, hidden, positions)
             report("forward", index + 1, spec.num_blocks)
     head = next((layer for layer in spec.layers if layer.block < 0), None)
-    head_stats = LayerStats(head.in_features, head.out_features) if head else None
-    grad = head_gradient(runner, hidden, generator, head_stats)
-    if head is not None:
-        score_block([head], {head.name: head_stats}, reader, spec, schemes, names, scores, sizes, num_tokens)
+    if top is None:
+        head_stats = LayerStats(head.in_features, head.out_features) if head else None
+        grad = head_gradient(runner, hidden, generator, head_stats)
+        if head is not None:
+            score_block([head], {head.name: head_stats}, reader, spec, schemes, names, scores, sizes, num_tokens)
+            share_columns(scores, sizes, [names.index(head.name)])
+        if checkpoint is not None:
+            checkpoint.save_gradient(spec.num_blocks, grad)
+            checkpoint.save_unit(None, [names.index(head.name)] if head else [], scores, sizes, {head.name: head_stats} if head else {})
+    else:
+        for block in [None, *range(start, spec.num_blocks)]:
+            resumed.load_unit(block, scores, sizes)
+        grad = resumed.load_gradient(start)
+        log.info("profile resumed below block %d: %d of %d blocks were finished", start, spec.num_blocks - start, spec.num_blocks)
+        report("resumed", spec.num_blocks - start, spec.num_blocks)
 
-    for index in reversed(range(spec.num_blocks)):
+    for index in reversed(range(start)):
         block = runner.load_block(index)
         layers = block_layers(spec, index)
         stats = {layer.name: LayerStats(layer.in_features, layer.out_features) for layer in layers}
         prefix = runner.block_prefix(index)
         handles = [block.get_submodule(name[len(prefix):]).register_forward_hook(stats[name].forward_hook) for name in stats]
         grads_in = []
-        for start in range(0, tokens.shape[0], 4):
-            h = block_inputs[index][start : start + 4].clone().requires_grad_(True)
-            block(h, position_embeddings=positions).backward(grad[start : start + 4])
+        for first in range(0, tokens.shape[0], 4):
+            h = block_inputs[index][first : first + 4].clone().requires_grad_(True)
+            block(h, position_embeddings=positions).backward(grad[first : first + 4])
             grads_in.append(h.grad)
         for handle in handles:
             handle.remove()
         grad = torch.cat(grads_in)
         block_inputs[index] = None
         score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_tokens)
+        share_columns(scores, sizes, [names.index(layer.name) for layer in layers])
+        if checkpoint is not None:
+            checkpoint.save_gradient(index, grad)
+            checkpoint.save_unit(index, [names.index(layer.name) for layer in layers], scores, sizes, stats)
+            checkpoint.drop_gradient(index + 1)
         report("score", spec.num_blocks - index, spec.num_blocks)
 
     return SensitivityTable(names, [s.name for s in schemes], scores, sizes, dict(provenance or {}, metric=METRIC, metric_version=METRIC_VERSION, num_tokens=num_tokens, seed=seed))
@@ -185,7 +215,10 @@ def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_
         score = score_scheme(weights[layer.name], effective, layer_stats.hessian.to(torch.float32), layer_stats.channel_weight(), num_tokens)
         scores[names.index(layer.name), column] = score + activation
 
+    rank, workers = world()
     for column, scheme in enumerate(schemes):
+        if column % workers != rank:
+            continue  # another rank's column (profiles.distributed)
         smoothing, fmt = scheme.method in SMOOTHING, activation_format(scheme)
         for layer in layers:
             if scheme.fits(layer.in_features):
@@ -216,8 +249,11 @@ def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_
 
 
 def sensitivity_table(source: ModelSource, schemes: list[Scheme], calibration: CalibrationSettings, seed: int = 0,
-                      progress: Progress | None = None, use_cache: bool = True) -> SensitivityTable:
-    """The table of ``source`` for ``schemes``: from the cache when one holds them, else measured and cached."""
+                      progress: Progress | None = None, use_cache: bool = True, workers: int = 1) -> SensitivityTable:
+    """The table of ``source`` for ``schemes``: from the cache when one holds them, else measured and cached.
+
+    ``workers`` > 1 spawns that many processes that share the scoring (``profiles.distributed``);
+    under ``torchrun`` the launcher's processes share it."""
     tokens = calibration_windows(source.folder, calibration)[: calibration.samples]
     calibration_hash = tokens_hash(tokens)
     key = table_key(source.hash, calibration_hash, schemes, seed)
@@ -226,8 +262,19 @@ def sensitivity_table(source: ModelSource, schemes: list[Scheme], calibration: C
     if cached is not None:
         log.info("sensitivity table from the cache in %s", folder)
         return cached
+    join_launcher_group()
+    if workers > 1 and world()[1] == 1:
+        run_workers(workers, sensitivity_table, source, schemes, calibration, seed, None, use_cache)
+        return SensitivityTable.load(folder / f"{key}.safetensors")
     provenance = {"model_hash": source.hash, "calibration_hash": calibration_hash, "tokens": list(tokens.shape)}
+    checkpoint = ProfileCheckpoint(folder / "blocks" / key, source.spec.num_blocks)
+    if not use_cache and world()[0] == 0:
+        checkpoint.remove()  # measure afresh: no finished blocks of an earlier run either
+    barrier()
     table = profile_sensitivity(source.folder, source.config, source.spec, schemes, tokens, seed=seed, progress=progress,
-                                provenance=provenance)
-    table.save(folder / f"{key}.safetensors")
+                                provenance=provenance, checkpoint=checkpoint)
+    if world()[0] == 0:
+        table.save(folder / f"{key}.safetensors")
+        checkpoint.remove()
+    barrier()  # the table is in the cache when any rank returns
     return table

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from bitplan.atomic import save_safetensors, write_atomic
+from bitplan.atomic import write_safetensors
 from bitplan.methods.registry import implementations
 from bitplan.methods.scheme import Scheme
 
@@ -51,10 +51,11 @@ class SensitivityTable:
                                 dict(self.provenance))
 
     def save(self, path: Path) -> None:
-        """One safetensors file; names and provenance in its metadata. Written atomically."""
+        """One safetensors file; names and provenance in its metadata. Written atomically, the same
+        bytes for the same table."""
         meta = {"layers": json.dumps(self.layers), "schemes": json.dumps(self.schemes), "provenance": json.dumps(self.provenance, sort_keys=True)}
         tensors = {"scores": self.scores.contiguous(), "bytes": self.bytes.contiguous()}
-        write_atomic(Path(path), lambda temporary: save_safetensors(tensors, temporary, metadata=meta))
+        write_safetensors(Path(path), tensors, meta)
 
     @classmethod
     def load(cls, path: Path) -> "SensitivityTable":

@@ -1,0 +1,177 @@
+"""Measured KL without the whole model in memory: plans run block by block against reference outputs.
+
+The reference (unquantized) model runs once over the measured windows, one decoder block at a
+time, and only its final hidden states are kept; the reference log-probabilities are recomputed
+from them a few windows at a time (one norm and one head matmul), never stored for the whole
+vocabulary. A plan is measured by running the fake-quantized model the same way: each block is
+loaded from safetensors, its quantized Linears, folded norms and biases swapped in (the numbers
+:class:`bitplan.planner.quality.QualityMeter` and emit use), run over every window's hidden state,
+and dropped. Calibration statistics for calibrated methods are gathered in one block-by-block pass
+and kept on disk, one file per block, read back when a block is quantized.
+
+Quantized block variants (a block's fake-quantized tensors under one assignment of its Linears)
+are computed once and kept on disk, so the trials of a refinement, which share most assignments,
+quantize each variant once; at most ``memory_variants`` of them stay in memory.
+
+Memory: one block's weights (float32) and a few quantized variants, plus the hidden states of the
+measured windows (twice: reference and candidate) and one batch of logits, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bitplan.kernels.numerics import fake_quant_activations
+from bitplan.methods.scheme import DENSE, Scheme
+from bitplan.models.source import WeightReader, cache_dir
+from bitplan.models.spec import ModelSpec
+from bitplan.planner.quality import Quality, block_variant
+from bitplan.profiles.blocks import BlockRunner, block_input_stats, run_block
+from bitplan.profiles.text import tokens_hash
+
+
+def log_probs(runner: BlockRunner, hidden: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor,
+              activation: str | None = None) -> torch.Tensor:
+    """float32 log-probabilities of the next token from final hidden states ``[n, seq, width]``."""
+    normed = runner.final_norm(hidden, norm_weight)
+    if activation:
+        normed = fake_quant_activations(normed, activation)
+    return torch.log_softmax((normed @ head_weight.T).float(), dim=-1)
+
+
+class StreamingMeter:
+    """Measures plans on fixed windows block by block (same interface as ``QualityMeter``:
+    :meth:`calibrate`, :meth:`apply`, :meth:`measure`)."""
+
+    def __init__(self, folder: Path, config: dict, spec: ModelSpec, batch_size: int = 4, memory_variants: int = 2):
+        self.reader = WeightReader(folder)
+        self.runner = BlockRunner(config, self.reader)
+        self.spec = spec
+        self.batch_size = batch_size
+        self.memory_variants = memory_variants
+        self.blocks: dict[int, list] = {}
+        for layer in spec.layers:
+            self.blocks.setdefault(layer.block, []).append(layer)
+        self.cache: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}  # in memory, oldest first
+        self.spilled: dict[tuple, Path] = {}  # every variant computed so far, on disk
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        self.work = tempfile.TemporaryDirectory(prefix="refine-", dir=cache_dir())  # removed with the meter
+        self.calibrated = False
+        self.assignments: dict[str, Scheme] = {}
+        self.references: dict[str, torch.Tensor] = {}  # tokens hash -> reference final hidden states
+
+    def read(self, name: str) -> torch.Tensor | None:
+        """A source tensor in float32 (a tied head reads the embedding), or None when absent."""
+        if name == f"{self.runner.family.lm_head}.weight" and not self.reader.has(name):
+            return self.runner.embedding_weight()
+        return self.reader.tensor(name) if self.reader.has(name) else None
+
+    def calibrate(self, windows: torch.Tensor) -> None:
+        """Gather every Linear's input statistics on ``windows`` block by block; each block's go to disk."""
+        hidden = self.runner.embed(windows)
+        positions = self.runner.position_embeddings(hidden)
+        for index in range(self.spec.num_blocks):
+            names = [layer.name for layer in self.blocks.get(index, [])]
+            stats, hidden = block_input_stats(self.runner.load_block(index), self.runner.block_prefix(index), names, hidden, positions,
+                                              self.batch_size)
+            torch.save(stats, self.stats_path(index))
+        heads = [layer.name for layer in self.blocks.get(-1, [])]
+        if heads:
+            from bitplan.methods.calibration_stats import planner_stats
+
+            norm_weight, _ = self.runner.head_weights()
+            head = planner_stats(self.spec.hidden_size)
+            for start in range(0, hidden.shape[0], self.batch_size):
+                head.add(self.runner.final_norm(hidden[start : start + self.batch_size], norm_weight))
+            torch.save({name: {"input": head} for name in heads}, self.stats_path(-1))
+        self.calibrated = True
+        self.cache.clear()
+        self.spilled.clear()
+
+    def stats_path(self, block: int) -> Path:
+        return Path(self.work.name) / f"stats-block{block}.pt"
+
+    def block_stats(self, block: int) -> dict:
+        if not self.calibrated or not self.stats_path(block).is_file():
+            return {}
+        return torch.load(self.stats_path(block), weights_only=False)
+
+    def block_tensors(self, block: int, assignments: dict[str, Scheme]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The float32 tensors (full names) and activation formats of block ``block`` under ``assignments``."""
+        layers = self.blocks[block]
+        key = (block, tuple(assignments[layer.name] for layer in layers))
+        if key not in self.cache:
+            if key in self.spilled:
+                variant = torch.load(self.spilled[key], weights_only=True)
+            else:
+                variant = block_variant(layers, assignments, self.read, self.block_stats(block), self.spec)
+                self.spilled[key] = Path(self.work.name) / f"variant-{len(self.spilled)}.pt"
+                torch.save(variant, self.spilled[key])
+            self.cache[key] = variant
+            while len(self.cache) > self.memory_variants:
+                self.cache.pop(next(iter(self.cache)))
+        return self.cache[key]
+
+    def apply(self, assignments: dict[str, Scheme]) -> None:
+        """The plan the next :meth:`measure` runs (layer name -> scheme; missing = dense)."""
+        self.assignments = {layer.name: assignments.get(layer.name, DENSE) for layer in self.spec.layers}
+
+    def variant(self, block: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        layers = self.blocks.get(block, [])
+        if all(self.assignments.get(layer.name, DENSE).is_dense for layer in layers):
+            return {}, {}
+        return self.block_tensors(block, self.assignments)
+
+    def run_blocks(self, windows: torch.Tensor, quantized: bool) -> torch.Tensor:
+        """Final hidden states of ``windows``, the plan applied when ``quantized``."""
+        hidden = self.runner.embed(windows)
+        positions = self.runner.position_embeddings(hidden)
+        for index in range(self.spec.num_blocks):
+            prefix = self.runner.block_prefix(index)
+            tensors, activations = self.variant(index) if quantized else ({}, {})
+            block = self.runner.load_block(index, {name[len(prefix):]: t for name, t in tensors.items()})
+            for name, fmt in activations.items():
+                hook = lambda module, args, fmt=fmt: (fake_quant_activations(args[0], fmt),)  # noqa: E731
+                block.get_submodule(name[len(prefix):]).register_forward_pre_hook(hook)
+            with torch.no_grad():
+                hidden = run_block(block, hidden, positions, self.batch_size)
+        return hidden
+
+    def heads(self) -> tuple[tuple, tuple]:
+        """(final norm, head weight, activation format) of the reference and of the plan; one copy
+        of each tensor the plan leaves unchanged."""
+        norm_weight, head_weight = self.runner.head_weights()
+        tensors, activations = self.variant(-1)
+        family = self.runner.family
+        quantized = (tensors.get(f"{family.final_norm}.weight", norm_weight), tensors.get(f"{family.lm_head}.weight", head_weight),
+                     activations.get(family.lm_head))
+        return (norm_weight, head_weight, None), quantized
+
+    def reference(self, windows: torch.Tensor) -> torch.Tensor:
+        """The unquantized model's final hidden states of ``windows``, computed once per window set."""
+        key = tokens_hash(windows)
+        if key not in self.references:
+            self.references[key] = self.run_blocks(windows, quantized=False)
+        return self.references[key]
+
+    @torch.no_grad()
+    def measure(self, windows: torch.Tensor) -> Quality:
+        """Mean KL(reference || plan) per token and both perplexities on ``windows`` [n, seq_len]."""
+        reference = self.reference(windows)
+        candidate = self.run_blocks(windows, quantized=True)
+        ref_head, quant_head = self.heads()
+        kl_sum = nll_q = nll_ref = 0.0
+        for start in range(windows.shape[0]):  # one window's logits at a time
+            ids = windows[start : start + 1]
+            ref = log_probs(self.runner, reference[start : start + 1], *ref_head)
+            quant = log_probs(self.runner, candidate[start : start + 1], *quant_head)
+            kl_sum += float((ref.exp() * (ref - quant)).sum())
+            targets = ids[:, 1:].unsqueeze(-1)
+            nll_ref -= float(ref[:, :-1].gather(-1, targets).sum())
+            nll_q -= float(quant[:, :-1].gather(-1, targets).sum())
+        predicted = windows.shape[0] * (windows.shape[1] - 1)
+        return Quality(kl_sum / windows.numel(), math.exp(nll_q / predicted), math.exp(nll_ref / predicted), windows.numel())

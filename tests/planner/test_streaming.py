@@ -1,0 +1,66 @@
+"""Refinement's block-by-block meter measures what the whole-model meter measures.
+
+Random-weight tiny Llamas (tied and untied head) and every kind of block rewrite: GPTQ, AWQ on
+o_proj folded into v_proj's rows, SmoothQuant W8A8 folded into the norm (activation rounding),
+RTN, FP8 W8A8 on an untied lm_head."""
+
+from __future__ import annotations
+
+import pytest
+
+from bitplan.methods.scheme import Scheme
+from bitplan.models.source import open_model
+from bitplan.planner.quality import QualityMeter, load_dense_model
+from bitplan.planner.streaming import StreamingMeter
+from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
+
+KINDS = {"q": "gptq-w4g64s", "k": "gptq-w4g64s", "v": "rtn-w8gcs", "o": "awq-w4g64s", "gate": "smoothquant-w8gcsa8",
+         "up": "smoothquant-w8gcsa8", "down": "rtn-w4g64s", "lm_head": "fp8-w8gcsa8"}
+
+
+@pytest.fixture(scope="module")
+def untied_folder(tmp_path_factory, smollm_folder):
+    from conftest import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-untied"), smollm_folder, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("which", ["tied", "untied"])
+def test_streaming_meter_measures_the_whole_model_meters_kl(tiny_llama_folder, untied_folder, private_cache, which):
+    source = open_model(tiny_llama_folder if which == "tied" else untied_folder)
+    assert any(layer.block < 0 for layer in source.spec.layers) == (which == "untied")
+    windows = calibration_windows(source.folder, CalibrationSettings((), 4, 32), 2)
+    plans = [{layer.name: Scheme.parse(KINDS[layer.kind]) for layer in source.spec.layers},
+             {layer.name: Scheme.parse("rtn-w4g64s") for layer in source.spec.layers if layer.block in (1, 4)}]
+    whole = QualityMeter(load_dense_model(source.folder), source.spec)
+    streaming = StreamingMeter(source.folder, source.config, source.spec)
+    for meter in (whole, streaming):
+        meter.calibrate(windows[:4])
+    for plan in [*plans, {}]:
+        whole.apply(plan)
+        streaming.apply(plan)
+        expected, measured = whole.measure(windows[4:]), streaming.measure(windows[4:])
+        assert measured.kl == pytest.approx(expected.kl, rel=1e-5, abs=1e-9)
+        assert measured.perplexity == pytest.approx(expected.perplexity, rel=1e-5)
+        assert measured.reference_perplexity == pytest.approx(expected.reference_perplexity, rel=1e-5)
+        assert measured.tokens == expected.tokens
+    assert streaming.measure(windows[4:]).kl == 0.0  # the dense plan is the reference itself
+    streaming.apply(plans[0])
+    again = streaming.measure(windows[4:])
+    assert again.kl > 1e-4
+    # every block variant was quantized once and spilled to disk; at most 2 stay in memory, and
+    # one read back from disk measures the same
+    blocks = len({layer.block for layer in source.spec.layers})
+    assert len(streaming.spilled) == blocks + 2 and len(streaming.cache) <= streaming.memory_variants
+    whole.apply(plans[0])
+    assert again.kl == pytest.approx(whole.measure(windows[4:]).kl, rel=1e-5)
+    assert len(streaming.references) == 1  # the reference ran once for these windows
+
+
+def test_refinement_streams_only_models_whose_two_copies_do_not_fit(tiny_llama_folder, private_cache, monkeypatch):
+    from bitplan.planner import refine
+
+    source = open_model(tiny_llama_folder)
+    assert isinstance(refine.choose_meter(source), QualityMeter)  # a tiny model: the faster whole-model meter
+    monkeypatch.setattr(refine, "WHOLE_MODEL_SHARE", 0.0)  # as if the machine had no room for two copies
+    assert isinstance(refine.choose_meter(source), StreamingMeter)

@@ -1,0 +1,55 @@
+"""Distributed refinement: two ``bitplan plan`` workers share one Optuna study in a journal file,
+both add trials, and both write the plan a single worker keeps given the study's trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from bitplan.cli import main
+
+PLAN = ["--methods", "rtn", "--bits", "2,4,8", "--groups", "64", "--engine", "transformers", "--samples", "2", "--seq-len", "32"]
+TRIALS = 6
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.slow  # three processes import torch and transformers: ~40 s on 2 idle cores
+def test_two_workers_on_one_journal_study_keep_the_same_plan(tiny_llama_folder, cache, tmp_path):
+    assert main(["profile", str(tiny_llama_folder), *PLAN]) == 0  # the workers share the cached table
+    journal = tmp_path / "refine.journal"
+    args = [str(tiny_llama_folder), *PLAN, "--budget", "7.35MB", "--context", "64", "--trials", str(TRIALS), "--study-storage", str(journal)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    code = "import sys; from bitplan.cli import main; sys.exit(main(sys.argv[1:]))"
+    workers = [subprocess.Popen([sys.executable, "-c", code, "plan", *args, "--out", str(tmp_path / f"worker{n}.json")], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in (1, 2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    [name] = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) >= TRIALS
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, "both workers ran trials"
+    assert sum(bool(t.user_attrs.get("exact")) for t in trials) >= 1
+
+    plans = [(tmp_path / f"worker{n}.json").read_text() for n in (1, 2)]
+    assert plans[0] == plans[1]
+    # a single worker given the same trials (the study is full, so it runs none) keeps the same plan
+    assert main(["plan", *args, "--out", str(tmp_path / "single.json")]) == 0
+    assert (tmp_path / "single.json").read_text() == plans[0]
+    best = min(trials, key=lambda t: (t.value, t.number))
+    search = json.loads(plans[0])["search"]
+    assert search["knobs"] == {k: round(v, 6) for k, v in best.params.items()}
+    assert search["refine_trials"] == len(trials)
+    assert optuna.get_all_study_names(storage) == [name]  # the single worker joined the same study
