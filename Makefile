@@ -55,7 +55,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP) $(LLAMA_CPP_STAMP)
 	$(BIN)/lint-imports --no-cache
-	$(PYTEST_ENV) $(BIN)/python -m pytest -q -m "not slow and not gpu"
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=15
 
 test-all: $(STAMP) $(VLLM_STAMP) $(LLAMA_CPP_STAMP)
 	$(PYTEST_ENV) $(BIN)/python -m pytest -q -m "not gpu"
