@@ -122,7 +122,17 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Write :func:`safetensors_bytes` to ``path`` atomically."""
-    write_atomic(path, lambda temporary: temporary.write_bytes(safetensors_bytes(tensors, metadata)))
+    write_atomic(path, lambda temporary: write_bytes(temporary, safetensors_bytes(tensors, metadata)))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """``path.write_bytes(data)``, whose failure names the file (a write that fails on a full disk does not)."""
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 @contextmanager

@@ -76,3 +76,23 @@ def write_tiny_model(folder: Path, tokenizer_from: Path, seed: int = 0, config: 
         if (Path(tokenizer_from) / filename).is_file():
             shutil.copy2(Path(tokenizer_from) / filename, folder / filename)
     return folder
+
+
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16)
+
+
+def write_tiny_llama(folder, smollm_folder, **overrides):
+    """A random-weight Llama of SmolLM2's config and tokenizer, only 6 blocks of width 64 (bf16, seed 0),
+    ``overrides`` on top of that config: for tests that need real files and real block-by-block runs,
+    not trained weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = json.loads((smollm_folder / "config.json").read_text())
+    config.update(TINY_LLAMA, **overrides)
+    torch.manual_seed(0)
+    hf = AutoConfig.for_model(config.pop("model_type"), **{k: v for k, v in config.items() if k != "architectures"})
+    AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm_folder / name, folder / name)
+    return folder

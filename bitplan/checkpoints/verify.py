@@ -129,13 +129,14 @@ def logprob_tolerance(checkpoint: Path) -> tuple[float, float]:
     """(mean, max) |Δ log-probability| allowed between vLLM on a CPU and ``bitplan.load``.
 
     vLLM runs bf16 activations and its own per-token activation rounding; measured on SmolLM2
-    (3 prompts x 24 tokens): int4 and W8A8 int8 mean 0.025-0.033, max 0.12-0.18; W8A8-FP8 mean
+    (3 prompts x 24 tokens): int4 and W8A8 int8 mean 0.025-0.035, max 0.12-0.42 (the max of 72
+    tokens is heavy-tailed: 0.24 and 0.42 for two plans of the same kind); W8A8-FP8 mean
     0.053-0.062, max 0.33-0.40, where vLLM's own bf16 and fp32 runs already differ by 0.062. The
-    bounds are about twice that spread; a layout error (a transposed scale, a zero point off by
-    one) moves log-probabilities by whole nats."""
+    mean's bound is about 1.5x its largest measurement, the max's a little above its own; a layout
+    error (a transposed scale, a zero point off by one) moves log-probabilities by whole nats."""
     config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config", {})
     fp8 = any((g.get("weights") or {}).get("type") == "float" for g in config.get("config_groups", {}).values())
-    return (0.1, 0.6) if fp8 else (0.05, 0.3)
+    return (0.1, 0.6) if fp8 else (0.05, 0.5)
 
 
 def vllm_generation_agreement(checkpoint: str | os.PathLike, python: Path, prompts: list[list[int]] | None = None,

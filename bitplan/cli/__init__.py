@@ -40,8 +40,19 @@ class Terminated(BaseException):
     """SIGTERM, raised where the process is so that temporary files are cleaned up on the way out."""
 
 
+RECEIVED: list[int] = []  # the signals that arrived during this run
+
+
 def raise_terminated(signum, frame):
+    RECEIVED.append(signum)
     raise Terminated()
+
+
+def raise_interrupted(signum, frame):
+    # recorded as well: an interrupt that lands inside a C callback (torch reading a tensor) can
+    # come out as another exception type, and is still an interrupt
+    RECEIVED.append(signum)
+    raise KeyboardInterrupt()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, raise_terminated),
+                signal.SIGINT: signal.signal(signal.SIGINT, raise_interrupted)}
+    RECEIVED.clear()
     try:
         return args.func(args)
     except BitplanError as error:
@@ -69,11 +82,22 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(f"bitplan: error: no space left on the device{where}: free some space or write elsewhere "
                       f"(nothing half-written was kept)", EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        return refuse("bitplan: interrupted (Ctrl-C); nothing half-written was kept: run the same command again", EXIT_INTERRUPTED)
+        return refuse(INTERRUPTED, EXIT_INTERRUPTED)
     except Terminated:
-        return refuse("bitplan: terminated (SIGTERM); nothing half-written was kept: run the same command again", EXIT_TERMINATED)
+        return refuse(TERMINATED, EXIT_TERMINATED)
+    except Exception:
+        if signal.SIGTERM in RECEIVED:
+            return refuse(TERMINATED, EXIT_TERMINATED)
+        if signal.SIGINT in RECEIVED:
+            return refuse(INTERRUPTED, EXIT_INTERRUPTED)
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+INTERRUPTED = "bitplan: interrupted (Ctrl-C); nothing half-written was kept: run the same command again"
+TERMINATED = "bitplan: terminated (SIGTERM); nothing half-written was kept: run the same command again"
 
 
 def refuse(line: str, code: int) -> int:

@@ -17,6 +17,7 @@ from bitplan.api import Candidates
 from bitplan.cli import main
 from bitplan.errors import BitplanError
 from bitplan.models.moe import load_spec
+from bitplan.models.source import ModelSource
 from bitplan.models.spec import spec_from_config
 from bitplan.planner.compare import CompareSettings, compare
 from bitplan.planner.deployment import Deployment, memory_breakdown
@@ -167,7 +168,8 @@ def model_folder(tmp_path, spec, monkeypatch):
     folder = tmp_path / "tiny-llama"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(CONFIG))
-    (folder / "model.safetensors").write_bytes(b"")  # never read: the profile is the synthetic table
+    # no weights: the model is its config, and the profile is the synthetic table
+    monkeypatch.setattr(api, "open_model", lambda model: ModelSource(str(folder), folder, CONFIG, spec))
     monkeypatch.setattr(api, "sensitivity_table", lambda *args, **kwargs: synthetic_table(spec))
     return folder
 

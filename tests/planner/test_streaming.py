@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from tiny_models import write_tiny_llama
+
 from bitplan.methods.scheme import Scheme
 from bitplan.models.source import open_model
 from bitplan.planner.quality import QualityMeter, load_dense_model
@@ -20,8 +22,6 @@ KINDS = {"q": "gptq-w4g64s", "k": "gptq-w4g64s", "v": "rtn-w8gcs", "o": "awq-w4g
 
 @pytest.fixture(scope="module")
 def untied_folder(tmp_path_factory, smollm_folder):
-    from conftest import write_tiny_llama
-
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-untied"), smollm_folder, tie_word_embeddings=False)
 
 

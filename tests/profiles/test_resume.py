@@ -27,6 +27,10 @@ def run_worker(folder: Path, cache: Path, kill_after_block: int | None = None, s
             assert process.poll() is None and time.monotonic() < deadline, "the profile ended before the kill"
             time.sleep(0.005)
         process.send_signal(sig)
+        while sig == signal.SIGINT and process.poll() is None:  # Ctrl-C again, as a user does when one lands
+            time.sleep(0.2)                                       # where Python drops it (a destructor)
+            if process.poll() is None:
+                process.send_signal(sig)
     out, _ = process.communicate(timeout=300)
     if kill_after_block is None:
         assert process.returncode == 0
