@@ -20,6 +20,9 @@ from bitplan.profiles.sensitivity import sensitivity_table
 
 def main(model: str, samples: str, seq_len: str, schemes: str) -> None:
     kill_after = int(os.environ.get("KILL_AFTER_BLOCK", 0))
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, even when this runs in a background job
+    # (whose shell starts it with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def report(stage: str, done: int, total: int) -> None:
         print(stage, done, total, flush=True)
