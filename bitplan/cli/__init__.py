@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, raise_terminated),
-                signal.SIGINT: signal.signal(signal.SIGINT, raise_interrupted)}
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, raise_terminated)}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job keeps ignoring Ctrl-C
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, raise_interrupted)
     RECEIVED.clear()
     try:
         return args.func(args)

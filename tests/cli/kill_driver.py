@@ -43,6 +43,10 @@ def arrived(path: str | os.PathLike = "") -> bool:
 SIGNAL = signal.Signals[os.environ.get("KILL_SIGNAL", "SIGKILL")]  # SIGINT/SIGTERM: as if Ctrl-C or kill came right here
 
 
+if SIGNAL == signal.SIGINT:  # Ctrl-C as in a terminal, even when the tests run as a background job (SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def die() -> None:
     os.kill(os.getpid(), SIGNAL)
 
