@@ -13,9 +13,11 @@ VLLM_LOCK := requirements/vllm-lock.txt
 # idle cores) into a cache kept between runs, like pip's.
 LLAMA_CPP_HOME ?= $(HOME)/.cache/bitplan-tools/llama.cpp-11434.0.0
 LLAMA_CPP_STAMP := $(LLAMA_CPP_HOME)/build/bin/llama-quantize
+# A second calibration domain (English prose from Debian's fortunes, pinned): bench/domain_calibration.py.
+FORTUNES_HOME ?= $(HOME)/.cache/bitplan-tools/fortunes-1.99.1-7.3
 PYTEST_ENV := TRITON_INTERPRET=1 BITPLAN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python BITPLAN_LLAMA_CPP=$(LLAMA_CPP_HOME)
 
-.PHONY: demo test test-all engines llama-cpp lock lock-engines bench clean
+.PHONY: demo test test-all engines llama-cpp text-fortunes lock lock-engines bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +39,11 @@ $(LLAMA_CPP_STAMP):
 	PIP="$(PY) -m pip" bash scripts/build_llama_cpp.sh $(LLAMA_CPP_HOME)
 
 engines: $(VLLM_STAMP) $(LLAMA_CPP_STAMP)
+
+text-fortunes: $(FORTUNES_HOME)/fortunes-heldout.txt
+
+$(FORTUNES_HOME)/fortunes-heldout.txt: scripts/fetch_fortunes.sh
+	bash scripts/fetch_fortunes.sh $(FORTUNES_HOME)
 
 llama-cpp: $(LLAMA_CPP_STAMP)
 
