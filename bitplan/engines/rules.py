@@ -19,7 +19,7 @@ Shapes are per tensor-parallel partition, as the engine's kernels see them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -207,4 +207,4 @@ def restrict_table(table: SensitivityTable, spec: ModelSpec, rules: EngineRules,
             if sizes[row, column] >= 0 and rules.layer_refusal(layer, scheme, spec, tp) is not None:
                 sizes[row, column] = -1
                 scores[row, column] = torch.nan
-    return SensitivityTable(table.layers, table.schemes, scores, sizes, dict(table.provenance))
+    return replace(table, scores=scores, bytes=sizes, provenance=dict(table.provenance))

@@ -45,13 +45,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def share_columns(scores: torch.Tensor, sizes: torch.Tensor, rows: list[int]) -> None:
-    """Fill ``rows`` of ``scores``/``sizes`` with every rank's own columns (column j from rank j mod world)."""
+def share_columns(scores: torch.Tensor, sizes: torch.Tensor, rows: list[int], slice_scores: torch.Tensor | None = None) -> None:
+    """Fill ``rows`` of ``scores``/``sizes`` (and of each slice's ``slice_scores[s]``) with every
+    rank's own columns (column j from rank j mod world)."""
     rank, size = world()
     if size == 1 or not rows:
         return
     index = torch.tensor(rows)
-    for table in (scores, sizes):
+    for table in (scores, sizes, *(slice_scores if slice_scores is not None else ())):
         mine = table[index].contiguous()
         gathered = [torch.empty_like(mine) for _ in range(size)]
         dist.all_gather(gathered, mine)

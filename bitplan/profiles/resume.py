@@ -5,7 +5,7 @@ The profile scores the head first, then the decoder blocks from the top down; ea
 the gradient that flows into its output (the gradient at the input of the block above). A
 checkpoint folder, named by the table's key, holds:
 
-- ``head.safetensors`` and ``block-00007.safetensors``: the finished unit's score and byte rows,
+- ``head.safetensors`` and ``block-00007.safetensors``: the finished unit's score, per-slice score and byte rows,
   and its layers' Fisher statistics (channel weight ``b_c`` and summed token weight) — write once;
 - ``grad-00007.safetensors``: the gradient at the input of block 7 (``grad-<num_blocks>`` is the
   head's), which the next block down starts from. Only the newest is kept.
@@ -45,9 +45,12 @@ class ProfileCheckpoint:
     def _path(self, name: str) -> Path:
         return self.folder / f"{name}.safetensors"
 
-    def save_unit(self, block: int | None, rows: list[int], scores: torch.Tensor, sizes: torch.Tensor, stats: dict | None = None) -> None:
-        """Record block ``block``'s (``None``: the head's) table rows and its layers' statistics."""
+    def save_unit(self, block: int | None, rows: list[int], scores: torch.Tensor, sizes: torch.Tensor, stats: dict | None = None,
+                  slice_scores: torch.Tensor | None = None) -> None:
+        """Record block ``block``'s (``None``: the head's) table rows (and per-slice rows) and its layers' statistics."""
         tensors = {"rows": torch.tensor(rows, dtype=torch.int64), "scores": scores[rows].contiguous(), "bytes": sizes[rows].contiguous()}
+        if slice_scores is not None:
+            tensors["slice_scores"] = slice_scores[:, rows].contiguous()
         names = sorted(stats or {})
         for index, name in enumerate(names):
             tensors[f"channel_weight.{index}"] = stats[name].channel_weight().contiguous()
@@ -81,12 +84,14 @@ class ProfileCheckpoint:
     def load_gradient(self, block: int) -> torch.Tensor:
         return load_file(str(self._path(f"grad-{block:05d}")))["grad"]
 
-    def load_unit(self, block: int | None, scores: torch.Tensor, sizes: torch.Tensor) -> None:
-        """Write a finished unit's rows back into ``scores`` and ``sizes``."""
+    def load_unit(self, block: int | None, scores: torch.Tensor, sizes: torch.Tensor, slice_scores: torch.Tensor | None = None) -> None:
+        """Write a finished unit's rows back into ``scores`` and ``sizes`` (and ``slice_scores``)."""
         tensors = load_file(str(self._path(unit_name(block))))
         rows = tensors["rows"]
         scores[rows] = tensors["scores"]
         sizes[rows] = tensors["bytes"]
+        if slice_scores is not None:
+            slice_scores[:, rows] = tensors["slice_scores"]
 
     def unit_layers(self, block: int | None) -> list[str]:
         with safe_open(str(self._path(unit_name(block))), framework="pt") as handle:

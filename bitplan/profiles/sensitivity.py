@@ -34,11 +34,11 @@ from bitplan.methods.scheme import Scheme
 from bitplan.models.source import ModelSource, WeightReader, cache_dir
 from bitplan.models.spec import SCALE_DTYPES, LayerSpec, ModelSpec
 from bitplan.profiles.blocks import BlockRunner, run_block
-from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
+from bitplan.profiles.calibration import CalibrationSettings, calibration_slices
 from bitplan.profiles.distributed import barrier, join_launcher_group, run_workers, share_columns, world
 from bitplan.profiles.resume import ProfileCheckpoint
 from bitplan.profiles.tables import METRIC, METRIC_VERSION, SensitivityTable, cached_table, table_key
-from bitplan.profiles.text import tokens_hash
+from bitplan.profiles.text import SliceWindows, tokens_hash
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,34 @@ Progress = Callable[[str, int, int], None]
 
 
 class LayerStats:
-    """Accumulates ``H = sum_t a_t x_t x_t^T``, ``sum_t g_tc^2`` and ``sum_t a_t`` for one Linear."""
+    """Accumulates, per calibration slice ``s``, ``H_s = sum_t a_t x_t x_t^T``, ``sum_t g_tc^2``
+    and ``sum_t a_t`` over the slice's tokens for one Linear. ``window_slices[w]`` is window
+    ``w``'s slice; hooks see the windows in order, a chunk at a time."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, window_slices: list[int] | tuple[int, ...] = (0,), num_slices: int = 1):
         self.input = planner_stats(in_features)  # plain statistics for calibrated methods (GPTQ, AWQ, SmoothQuant)
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64)
-        self.grad_sq = torch.zeros(out_features, dtype=torch.float64)
-        self.token_weight = 0.0
+        self.hessian = [torch.zeros(in_features, in_features, dtype=torch.float64) for _ in range(num_slices)]
+        self.grad_sq = torch.zeros(num_slices, out_features, dtype=torch.float64)
+        self.slice_token_weight = torch.zeros(num_slices, dtype=torch.float64)
+        self.window_slices = torch.tensor(window_slices, dtype=torch.int64)
+        self.windows_seen = 0
         self.pending_input: torch.Tensor | None = None
+        self.pending_slices: torch.Tensor | None = None
+        self._hessian32: list[torch.Tensor] | None = None
+
+    @property
+    def token_weight(self) -> float:
+        return float(self.slice_token_weight.sum())
 
     def forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.pending_input = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+        x = inputs[0].detach()
+        self.pending_input = x.reshape(-1, x.shape[-1])
+        if x.dim() == 3:  # [windows, tokens, width]: each row's slice is its window's
+            labels = self.window_slices[self.windows_seen : self.windows_seen + x.shape[0]] if len(self.window_slices) > 1 else torch.zeros(x.shape[0], dtype=torch.int64)
+            self.windows_seen += x.shape[0]
+            self.pending_slices = labels.repeat_interleave(x.shape[1])
+        else:  # routed rows of unknown windows (no profiled architecture today): credited to the first slice
+            self.pending_slices = torch.zeros(self.pending_input.shape[0], dtype=torch.int64)
         self.input.add(self.pending_input)
         output.register_hook(self.grad_hook)
 
@@ -64,31 +81,45 @@ class LayerStats:
         g2 = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64).pow(2)
         a = g2.sum(1)
         x = self.pending_input.to(torch.float64)
-        self.hessian += weighted_gram(x, a)
-        self.grad_sq += g2.sum(0)
-        self.token_weight += float(a.sum())
-        self.pending_input = None
+        for s in self.pending_slices.unique().tolist():
+            rows = self.pending_slices == s
+            self.hessian[s] += weighted_gram(x[rows], a[rows])
+            self.grad_sq[s] += g2[rows].sum(0)
+            self.slice_token_weight[s] += a[rows].sum()
+        self.pending_input = self.pending_slices = None
 
-    def channel_weight(self) -> torch.Tensor:
-        return self.grad_sq / max(self.token_weight, 1e-300)
+    def channel_weight(self, s: int | None = None) -> torch.Tensor:
+        """``b_c`` of slice ``s`` (None: of all tokens pooled)."""
+        if s is None:
+            return self.grad_sq.sum(0) / max(self.token_weight, 1e-300)
+        return self.grad_sq[s] / max(float(self.slice_token_weight[s]), 1e-300)
 
-    def mean_token_weight(self) -> float:
-        return self.token_weight / max(self.input.count, 1)
+    def slice_tokens(self, s: int) -> int:
+        return int((self.window_slices == s).sum()) if len(self.window_slices) > 1 else self.windows_seen
+
+    def mean_token_weight(self, s: int, tokens_per_window: int) -> float:
+        return float(self.slice_token_weight[s]) / max(self.slice_tokens(s) * tokens_per_window, 1)
+
+    def hessian32(self, s: int) -> torch.Tensor:
+        if self._hessian32 is None:
+            self._hessian32 = [h.to(torch.float32) for h in self.hessian]
+        return self._hessian32[s]
 
 
 def score_scheme(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, channel_weight: torch.Tensor, num_tokens: int) -> float:
     """1/(2N) sum_c b_c (dW H dW^T)_cc for one layer and scheme (``hessian`` float32 [in, in])."""
     delta = (weight - quantized).to(torch.float32)
     per_row = ((delta @ hessian) * delta).sum(1).to(torch.float64)
-    return float((channel_weight * per_row).sum()) / (2 * num_tokens)
+    return float((channel_weight * per_row).sum()) / (2 * max(num_tokens, 1))
 
 
-def activation_score(effective: torch.Tensor, samples: torch.Tensor, fmt: str, stats: LayerStats) -> float:
-    """The run-time activation rounding's share of the score, from the kept input rows:
-    ``mean(a)/2 * mean_k sum_c b_c ((Qa(x_k) - x_k) W^T)_c^2`` (``x`` as the Linear sees it)."""
+def activation_score(effective: torch.Tensor, samples: torch.Tensor, fmt: str, stats: LayerStats, s: int, tokens_per_window: int) -> float:
+    """The run-time activation rounding's share of slice ``s``'s score, from the kept input rows:
+    ``mean(a)/2 * mean_k sum_c b_c ((Qa(x_k) - x_k) W^T)_c^2`` (``x`` as the Linear sees it; the
+    kept rows are shared by the slices)."""
     delta = (fake_quant_activations(samples, fmt) - samples) @ effective.T.to(torch.float32)
     per_channel = delta.to(torch.float64).pow(2).mean(0)
-    return stats.mean_token_weight() / 2 * float((stats.channel_weight() * per_channel).sum())
+    return stats.mean_token_weight(s, tokens_per_window) / 2 * float((stats.channel_weight(s) * per_channel).sum())
 
 
 def head_gradient(
@@ -127,11 +158,16 @@ def profile_sensitivity(
     progress: Progress | None = None,
     provenance: dict | None = None,
     checkpoint: ProfileCheckpoint | None = None,
+    slices: SliceWindows | None = None,
 ) -> SensitivityTable:
     """Measure the table for ``tokens`` [sequences, seq_len], block by block.
 
+    ``slices`` names each window's slice (default: one slice, "all"): every slice's score is
+    measured on its own windows, and the table's score is their mean weighted by ``slices.weights``.
     With ``checkpoint``, each finished block's rows go to it as the profile goes, and a profile it
     holds finished blocks of resumes below them (reporting ``("resumed", blocks, total)``)."""
+    slices = slices or SliceWindows(tokens, (0,) * tokens.shape[0], ("all",), (1.0,))
+    new_stats = lambda layer: LayerStats(layer.in_features, layer.out_features, slices.labels, len(slices.names))  # noqa: E731
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     reader = WeightReader(folder)
@@ -140,7 +176,9 @@ def profile_sensitivity(
     names = [layer.name for layer in spec.layers]
     scores = torch.full((len(names), len(schemes)), float("nan"), dtype=torch.float64)
     sizes = torch.full((len(names), len(schemes)), -1, dtype=torch.int64)
+    per_slice = torch.full((len(slices.names), len(names), len(schemes)), float("nan"), dtype=torch.float64)
     num_tokens = tokens.numel()
+    table = (scores, sizes, per_slice, slices)
     top = checkpoint.resume_point() if checkpoint is not None else None
     start = spec.num_blocks if top is None else top  # blocks start.. (and the head) are finished
     rank, workers = world()  # distributed: each rank scores its columns, rank 0 writes the checkpoint
@@ -160,17 +198,18 @@ def profile_sensitivity(
             report("forward", index + 1, spec.num_blocks)
     head = next((layer for layer in spec.layers if layer.block < 0), None)
     if top is None:
-        head_stats = LayerStats(head.in_features, head.out_features) if head else None
+        head_stats = new_stats(head) if head else None
         grad = head_gradient(runner, hidden, generator, head_stats)
         if head is not None:
-            score_block([head], {head.name: head_stats}, reader, spec, schemes, names, scores, sizes, num_tokens)
-            share_columns(scores, sizes, [names.index(head.name)])
+            score_block([head], {head.name: head_stats}, reader, spec, schemes, names, table, tokens.shape[1])
+            share_columns(scores, sizes, [names.index(head.name)], per_slice)
         if checkpoint is not None:
             checkpoint.save_gradient(spec.num_blocks, grad)
-            checkpoint.save_unit(None, [names.index(head.name)] if head else [], scores, sizes, {head.name: head_stats} if head else {})
+            checkpoint.save_unit(None, [names.index(head.name)] if head else [], scores, sizes, {head.name: head_stats} if head else {},
+                                 per_slice)
     else:
         for block in [None, *range(start, spec.num_blocks)]:
-            resumed.load_unit(block, scores, sizes)
+            resumed.load_unit(block, scores, sizes, per_slice)
         grad = resumed.load_gradient(start)
         log.info("profile resumed below block %d: %d of %d blocks were finished", start, spec.num_blocks - start, spec.num_blocks)
         report("resumed", spec.num_blocks - start, spec.num_blocks)
@@ -178,7 +217,7 @@ def profile_sensitivity(
     for index in reversed(range(start)):
         block = runner.load_block(index)
         layers = block_layers(spec, index)
-        stats = {layer.name: LayerStats(layer.in_features, layer.out_features) for layer in layers}
+        stats = {layer.name: new_stats(layer) for layer in layers}
         prefix = runner.block_prefix(index)
         handles = [block.get_submodule(name[len(prefix):]).register_forward_hook(stats[name].forward_hook) for name in stats]
         grads_in = []
@@ -190,30 +229,39 @@ def profile_sensitivity(
             handle.remove()
         grad = torch.cat(grads_in)
         block_inputs[index] = None
-        score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_tokens)
-        share_columns(scores, sizes, [names.index(layer.name) for layer in layers])
+        score_block(layers, stats, reader, spec, schemes, names, table, tokens.shape[1])
+        share_columns(scores, sizes, [names.index(layer.name) for layer in layers], per_slice)
         if checkpoint is not None:
             checkpoint.save_gradient(index, grad)
-            checkpoint.save_unit(index, [names.index(layer.name) for layer in layers], scores, sizes, stats)
+            checkpoint.save_unit(index, [names.index(layer.name) for layer in layers], scores, sizes, stats, per_slice)
             checkpoint.drop_gradient(index + 1)
         report("score", spec.num_blocks - index, spec.num_blocks)
 
-    return SensitivityTable(names, [s.name for s in schemes], scores, sizes, dict(provenance or {}, metric=METRIC, metric_version=METRIC_VERSION, num_tokens=num_tokens, seed=seed))
+    provenance = dict(provenance or {}, metric=METRIC, metric_version=METRIC_VERSION, num_tokens=num_tokens, seed=seed)
+    return SensitivityTable(names, [s.name for s in schemes], scores, sizes, provenance, list(slices.names), per_slice, list(slices.weights))
 
 
-def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_tokens) -> None:
+def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_window: int) -> None:
     """Score every scheme on this block's Linears (or the head); smoothing schemes group by group.
 
+    ``table`` is ``(scores, sizes, per_slice, slices)``: each slice's score of a cell is measured
+    on its own tokens, the cell's score is their weighted mean.
     A smoothing scheme's weight change is measured in unfolded coordinates, ``Q(W s) / s - W``;
     a W8A8 scheme adds the activation rounding where the Linear runs (on ``x / s``, by ``Q(W s)``).
     """
+    scores, sizes, per_slice, slices = table
     scale_dtype = SCALE_DTYPES[spec.dtype]
     weights = {layer.name: reader.tensor(f"{layer.name}.weight") for layer in layers}
 
-    def record(layer, column, effective, activation=0.0) -> None:
-        layer_stats = stats[layer.name]
-        score = score_scheme(weights[layer.name], effective, layer_stats.hessian.to(torch.float32), layer_stats.channel_weight(), num_tokens)
-        scores[names.index(layer.name), column] = score + activation
+    def record(layer, column, effective, samples=None, fmt=None) -> None:
+        layer_stats, row = stats[layer.name], names.index(layer.name)
+        for s in range(len(slices.names)):
+            tokens = layer_stats.slice_tokens(s) * tokens_per_window
+            score = score_scheme(weights[layer.name], effective, layer_stats.hessian32(s), layer_stats.channel_weight(s), tokens)
+            if fmt:
+                score += activation_score(effective, samples, fmt, layer_stats, s, tokens_per_window)
+            per_slice[s, row, column] = score
+        scores[row, column] = float(sum(w * float(per_slice[s, row, column]) for s, w in enumerate(slices.weights)))
 
     rank, workers = world()
     for column, scheme in enumerate(schemes):
@@ -226,13 +274,14 @@ def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_
         if scheme.is_dense:
             for layer in layers:
                 scores[names.index(layer.name), column] = 0.0
+                per_slice[:, names.index(layer.name), column] = 0.0
             continue
         if not smoothing:
             for layer in layers:
                 if scheme.fits(layer.in_features):
                     layer_stats = stats[layer.name]
                     effective = quantize(weights[layer.name], scheme, scale_dtype, {"input": layer_stats.input}).dequantize()
-                    record(layer, column, effective, activation_score(effective, layer_stats.input.samples, fmt, layer_stats) if fmt else 0.0)
+                    record(layer, column, effective, layer_stats.input.samples, fmt)
             continue
         groups: dict[str, list] = {}
         for layer in layers:
@@ -244,8 +293,7 @@ def score_block(layers, stats, reader, spec, schemes, names, scores, sizes, num_
                                              foldable=bool(members[0].smoothed_by))
             for member in members:
                 folded = group.quantized[member.name].dequantize()
-                activation = activation_score(folded, inputs.samples / group.scales, fmt, stats[member.name]) if fmt else 0.0
-                record(member, column, folded / group.scales, activation)
+                record(member, column, folded / group.scales, inputs.samples / group.scales, fmt)
 
 
 def sensitivity_table(source: ModelSource, schemes: list[Scheme], calibration: CalibrationSettings, seed: int = 0,
@@ -254,9 +302,10 @@ def sensitivity_table(source: ModelSource, schemes: list[Scheme], calibration: C
 
     ``workers`` > 1 spawns that many processes that share the scoring (``profiles.distributed``);
     under ``torchrun`` the launcher's processes share it."""
-    tokens = calibration_windows(source.folder, calibration)[: calibration.samples]
+    slices = calibration_slices(source.folder, calibration)
+    tokens = slices.tokens
     calibration_hash = tokens_hash(tokens)
-    key = table_key(source.hash, calibration_hash, schemes, seed)
+    key = table_key(source.hash, calibration_hash, schemes, seed, slices.digest())
     folder = cache_dir() / "profiles"
     cached = cached_table(folder, key, schemes) if use_cache else None
     if cached is not None:
@@ -272,7 +321,7 @@ def sensitivity_table(source: ModelSource, schemes: list[Scheme], calibration: C
         checkpoint.remove()  # measure afresh: no finished blocks of an earlier run either
     barrier()
     table = profile_sensitivity(source.folder, source.config, source.spec, schemes, tokens, seed=seed, progress=progress,
-                                provenance=provenance, checkpoint=checkpoint)
+                                provenance=provenance, checkpoint=checkpoint, slices=slices)
     if world()[0] == 0:
         table.save(folder / f"{key}.safetensors")
         checkpoint.remove()

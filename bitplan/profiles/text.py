@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +24,46 @@ HELD_OUT_EVERY = 4
 
 @dataclass(frozen=True)
 class TextSlice:
+    """A named part of the text; ``weight`` is its relative share of calibration windows and of
+    the aggregate score (``--text file:weight``; a file's weight is split evenly among its slices)."""
+
     name: str
     text: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class SliceWindows:
+    """Calibration windows and, per window, the index of its slice in ``names``; ``weights`` are
+    the slices' weights in the aggregate score (summing to 1)."""
+
+    tokens: torch.Tensor  # int64 [windows, seq_len]
+    labels: tuple[int, ...]
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    def digest(self) -> str:
+        """What, besides the tokens, a per-slice score depends on: names, labels, weights."""
+        return hashlib.sha256(json.dumps([self.names, self.labels, self.weights]).encode()).hexdigest()[:16]
+
+
+def parse_text_arg(value: str) -> tuple[Path, float]:
+    """``--text PATH[:WEIGHT]``: ``code.jsonl:3`` is ``(code.jsonl, 3.0)``. A path that exists as
+    written, or whose last ``:`` is followed by something that is not a number, is a plain path
+    (weight 1); a weight that looks numeric but is not a positive finite number is one line."""
+    if Path(value).exists() or ":" not in value:
+        return Path(value), 1.0
+    path, _, weight = value.rpartition(":")
+    if not re.fullmatch(r"[-+0-9.eE]*|nan|inf|-inf", weight.strip(), flags=re.I) or not path:
+        return Path(value), 1.0
+    try:
+        number = float(weight)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number <= 0:
+        raise BitplanError(f"malformed weight {weight!r} in --text {value}: write PATH:WEIGHT with a positive number, "
+                           f"for example --text code.jsonl:3 --text chat.jsonl:1")
+    return Path(path), number
 
 
 def is_code_line(line: str) -> bool:
@@ -95,10 +135,16 @@ def json_kind(value) -> str:
     return kinds.get(type(value), "a string")
 
 
-def user_slices(paths: list[Path]) -> list[TextSlice]:
-    """Text files become one slice each (named by file stem); JSONL rows group by their "slice"."""
+def user_slices(paths: list[Path], weights: list[float] | tuple[float, ...] = ()) -> list[TextSlice]:
+    """Text files become one slice each (named by file stem); JSONL rows group by their "slice".
+    Without weights, or with all equal, every slice weighs 1. Otherwise ``weights[i]`` is file
+    ``i``'s share, split evenly among its slices; a slice fed by several files adds their parts."""
+    if len(set(weights)) <= 1:
+        weights = ()
     grouped: dict[str, list[str]] = {}
-    for path in paths:
+    shares: dict[str, float] = {}
+    for index, path in enumerate(paths):
+        before = {name: len(texts) for name, texts in grouped.items()}
         content = read_text_file(path)
         if Path(path).suffix == ".jsonl":
             for number, line in enumerate(content.splitlines(), 1):
@@ -117,7 +163,10 @@ def user_slices(paths: list[Path]) -> list[TextSlice]:
                 grouped.setdefault(name, []).append(text)
         else:
             grouped.setdefault(Path(path).stem, []).append(content)
-    slices = [TextSlice(name, "\n\n".join(texts)) for name, texts in grouped.items()]
+        mine = [name for name, texts in grouped.items() if len(texts) > before.get(name, 0)]
+        for name in mine:
+            shares[name] = shares.get(name, 0.0) + (weights[index] / len(mine) if weights else 1.0)
+    slices = [TextSlice(name, "\n\n".join(texts), shares[name] if weights else 1.0) for name, texts in grouped.items()]
     if not any(s.text.strip() for s in slices):
         raise BitplanError("the text files hold no text: pass files with calibration or evaluation text")
     return slices
@@ -134,9 +183,57 @@ def tokenize_windows(tokenizer, text: str, seq_len: int, max_windows: int) -> to
 
 def interleaved_windows(tokenizer, slices: list[TextSlice], seq_len: int, max_windows: int) -> torch.Tensor:
     """Calibration windows drawn from every slice in turn, so each slice is represented."""
-    per_slice = [tokenize_windows(tokenizer, s.text, seq_len, max_windows) for s in slices if s.text.strip()]
-    rows = [w[i] for i in range(max(len(w) for w in per_slice)) for w in per_slice if i < len(w)]
-    return torch.stack(rows[:max_windows])
+    return slice_windows(tokenizer, slices, seq_len, max_windows).tokens
+
+
+def window_quotas(weights: list[float], available: list[int], total: int) -> list[int]:
+    """Windows per slice: ``total`` shared in proportion to ``weights`` (largest remainders, ties
+    to the first slice), no slice given more than it has; what a short slice cannot use goes to the others."""
+    quotas = [0] * len(weights)
+    open_ = [i for i in range(len(weights)) if available[i] > 0]
+    left = min(total, sum(available))
+    while left > 0 and open_:
+        mass = sum(weights[i] for i in open_)
+        exact = {i: left * weights[i] / mass for i in open_}
+        share = {i: min(int(exact[i]), available[i] - quotas[i]) for i in open_}
+        order = sorted(open_, key=lambda i: (-(exact[i] - int(exact[i])), i))
+        spare = left - sum(share.values())
+        for i in order:
+            if spare and share[i] < available[i] - quotas[i]:
+                share[i] += 1
+                spare -= 1
+        for i in open_:
+            quotas[i] += share[i]
+        left = min(total, sum(available)) - sum(quotas)
+        open_ = [i for i in open_ if quotas[i] < available[i]]
+    return quotas
+
+
+def slice_windows(tokenizer, slices: list[TextSlice], seq_len: int, max_windows: int) -> SliceWindows:
+    """Up to ``max_windows`` calibration windows with their slices. Equal weights: every slice in
+    turn (a short slice drops out when it runs out). Otherwise each slice's share of the windows
+    follows its weight (:func:`window_quotas`), spread evenly through the sequence, so any prefix
+    keeps about the same shares."""
+    slices = [s for s in slices if s.text.strip()]
+    per_slice = [tokenize_windows(tokenizer, s.text, seq_len, max_windows) for s in slices]
+    weights = [s.weight for s in slices]
+    if len(set(weights)) <= 1:
+        order = [(i, k) for k in range(max(len(w) for w in per_slice)) for i, w in enumerate(per_slice) if k < len(w)][:max_windows]
+    else:
+        quotas = window_quotas(weights, [len(w) for w in per_slice], max_windows)
+        order = sorted(((i, k) for i, q in enumerate(quotas) for k in range(q)), key=lambda ik: ((ik[1] + 0.5) / quotas[ik[0]], ik[0]))
+    present = sorted({i for i, _ in order})  # a slice given no window is no slice of the profile
+    labels = tuple(present.index(i) for i, _ in order)
+    return SliceWindows(torch.stack([per_slice[i][k] for i, k in order]), labels, tuple(slices[i].name for i in present),
+                        slice_weights(labels, [weights[i] for i in present]))
+
+
+def slice_weights(labels: tuple[int, ...] | list[int], weights: list[float]) -> tuple[float, ...]:
+    """Each slice's weight in the aggregate score: its share of the windows when every slice has
+    the same weight (the pooled score of all tokens), else the user's weights normalised."""
+    if len(set(weights)) <= 1:
+        return tuple(labels.count(i) / len(labels) for i in range(len(weights)))
+    return tuple(w / sum(weights) for w in weights)
 
 
 def tokens_hash(tokens: torch.Tensor) -> str:
