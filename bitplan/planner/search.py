@@ -21,7 +21,7 @@ from bitplan.models.spec import ModelSpec
 from bitplan.planner.deployment import format_bytes
 from bitplan.profiles.tables import SensitivityTable
 
-Option = tuple[tuple[int, ...], int, float]  # (scheme column per row, total bytes, total score)
+Option = tuple[tuple[int, ...], int, float, tuple[float, ...]]  # (scheme column per row, total bytes, total score, limited slices' scores)
 
 
 @dataclass(frozen=True)
@@ -55,18 +55,26 @@ class Allocation:
 
 
 def pareto(options: list[Option]) -> tuple[Option, ...]:
-    """Keep options no other option beats on both bytes and score (ties: the first scheme)."""
+    """Keep options no other option beats on both bytes and score (ties: the first scheme); with
+    limited slices, on bytes, score and every limited slice's score."""
+    options = sorted(options, key=lambda o: (o[1], o[2], o[3], o[0]))
+    if options and options[0][3]:
+        costs = np.array([(o[1], o[2], *o[3]) for o in options])
+        no_worse = (costs[None, :, :] <= costs[:, None, :]).all(2)  # [i, j]: option j is no worse than i everywhere
+        earlier = np.tril(np.ones((len(options),) * 2, dtype=bool), -1)  # equal options: the first one stays
+        beaten = (no_worse & ((costs[None, :, :] < costs[:, None, :]).any(2) | earlier)).any(1)
+        return tuple(o for o, out in zip(options, beaten) if not out)
     frontier, best = [], float("inf")
-    for columns, size, score in sorted(options, key=lambda o: (o[1], o[2], o[0])):
-        if score < best:
-            frontier.append((columns, size, score))
-            best = score
+    for option in options:
+        if option[2] < best:
+            frontier.append(option)
+            best = option[2]
     return tuple(frontier)
 
 
 def combine(first: tuple[Option, ...], second: tuple[Option, ...]) -> tuple[Option, ...]:
     """The Pareto frontier of every pairing of two independent units' options."""
-    return pareto([(a[0] + b[0], a[1] + b[1], a[2] + b[2]) for a in first for b in second])
+    return pareto([(a[0] + b[0], a[1] + b[1], a[2] + b[2], tuple(x + y for x, y in zip(a[3], b[3]))) for a in first for b in second])
 
 
 def smoothing_columns(table: SensitivityTable) -> set[int]:
@@ -85,18 +93,25 @@ def smoothing_columns(table: SensitivityTable) -> set[int]:
 
 
 def build_units(table: SensitivityTable, spec: ModelSpec, tie_fused: bool, weights: np.ndarray | None = None,
-                extra_cost: np.ndarray | None = None) -> list[Unit]:
+                extra_cost: np.ndarray | None = None, limited: tuple[str, ...] = ()) -> list[Unit]:
     """Group rows into units and list each unit's feasible options.
 
     Rows share a unit when tied (``tie_fused``: one scheme for the fused group) or when they
     share a smoothing group and the table holds smoothing schemes (see the module docstring).
     ``weights`` multiplies each layer's scores (the refinement's knobs); ``extra_cost``
     ``[layers, schemes]`` is added to the weighted scores (e.g. predicted latency); bytes are untouched.
+    Each option carries its summed score on each slice in ``limited`` (unweighted).
     """
     scores = table.scores.numpy() * (np.ones(len(table.layers)) if weights is None else weights)[:, None]
     if extra_cost is not None:
         scores = scores + extra_cost
     sizes = table.bytes.numpy()
+    per_slice = [np.nan_to_num(table.slice_matrix(name).numpy()) for name in limited]
+
+    def option(rows: list[int], columns: tuple[int, ...]) -> Option:
+        return (columns, int(sum(sizes[r, c] for r, c in zip(rows, columns))), float(sum(scores[r, c] for r, c in zip(rows, columns))),
+                tuple(float(sum(m[r, c] for r, c in zip(rows, columns))) for m in per_slice))
+
     smoothing = smoothing_columns(table)
     tied: dict[str, list[int]] = defaultdict(list)  # rows that take one scheme together
     for row, name in enumerate(table.layers):
@@ -111,14 +126,13 @@ def build_units(table: SensitivityTable, spec: ModelSpec, tie_fused: bool, weigh
         rows = [r for key in keys for r in tied[key]]
         free: tuple[Option, ...] | None = None  # the members' independent non-smoothing choices
         for key in keys:
-            part = pareto([((column,) * len(tied[key]), int(sum(sizes[r, column] for r in tied[key])), float(sum(scores[r, column] for r in tied[key])))
-                           for column in range(len(table.schemes))
+            part = pareto([option(tied[key], (column,) * len(tied[key])) for column in range(len(table.schemes))
                            if column not in smoothing and all(sizes[r, column] >= 0 for r in tied[key])])
             free = part if free is None else combine(free, part)
         options = list(free)
         for column in sorted(smoothing):
             if all(sizes[r, column] >= 0 for r in rows):
-                options.append(((column,) * len(rows), int(sum(sizes[r, column] for r in rows)), float(sum(scores[r, column] for r in rows))))
+                options.append(option(rows, (column,) * len(rows)))
         if not options:
             raise BitplanError(f"no candidate scheme can store {group}: widen --groups (per-channel always fits)")
         units.append(Unit(group, tuple(rows), pareto(options)))
@@ -174,7 +188,7 @@ def _allocation(table: SensitivityTable, units: list[Unit], picks: list[int], st
     """The Allocation of one option per unit."""
     choice, total_bytes, total_score = {}, 0, 0.0
     for unit, option in zip(units, picks):
-        columns, unit_bytes, _ = unit.options[option]
+        columns, unit_bytes = unit.options[option][:2]
         for row, column in zip(unit.rows, columns):
             choice[table.layers[row]] = table.schemes[column]
             total_score += float(table.scores[row, column])
@@ -184,12 +198,18 @@ def _allocation(table: SensitivityTable, units: list[Unit], picks: list[int], st
 
 
 def allocate(table: SensitivityTable, spec: ModelSpec, weight_budget_bytes: int, tie_fused: bool = False,
-             weights: np.ndarray | None = None, extra_cost: np.ndarray | None = None) -> Allocation:
+             weights: np.ndarray | None = None, extra_cost: np.ndarray | None = None,
+             slice_bounds: dict[str, float] | None = None, budget_offset_bytes: int = 0) -> Allocation:
     """The minimum-cost assignment whose quantized-weight bytes fit ``weight_budget_bytes``.
 
     The cost is the (weighted) score plus ``extra_cost``; ``Allocation.score`` is the plain score.
+    ``slice_bounds`` adds one linear constraint per limited slice: the sum of that slice's
+    (unweighted) scores over the chosen cells stays at or below its bound. When they cannot be
+    met, one line names the slice and the smallest budget that meets it (``budget_offset_bytes``
+    is added to weight bytes to state a whole budget).
     """
-    units = build_units(table, spec, tie_fused, weights, extra_cost)
+    bounds = dict(sorted((slice_bounds or {}).items()))
+    units = build_units(table, spec, tie_fused, weights, extra_cost, tuple(bounds))
     floor = smallest_bytes(units)
     if floor > weight_budget_bytes:
         raise BitplanError(
@@ -198,21 +218,70 @@ def allocate(table: SensitivityTable, spec: ModelSpec, weight_budget_bytes: int,
         )
     index = [(u, o) for u, unit in enumerate(units) for o in range(len(unit.options))]
     cost = np.array([units[u].options[o][2] for u, o in index])
+    result = _solve(units, index, cost, weight_budget_bytes, bounds)
+    if result.x is None and bounds:
+        raise BitplanError(slice_limit_message(units, index, bounds, weight_budget_bytes, budget_offset_bytes))
+    if result.x is None:
+        raise BitplanError(f"the allocation found no plan within {format_bytes(weight_budget_bytes)}: {result.message}")
+    allocation = _allocation(table, units, _picks(units, index, result.x), "optimal" if result.status == 0 else result.message,
+                             float(getattr(result, "mip_gap", 0.0) or 0.0))
+    assert allocation.weight_bytes <= weight_budget_bytes and len(allocation.choice) == len(table.layers)
+    return allocation
+
+
+SLICE_SLACK = 1e-9  # relative: a bound met by a plan itself (the uniform reference at factor 1) stays feasible under HiGHS' tolerances
+
+
+def _solve(units: list[Unit], index: list[tuple[int, int]], cost: np.ndarray, weight_budget_bytes: float | None, bounds: dict[str, float]):
+    """``scipy.optimize.milp``: one option per unit, bytes within the budget (None: any), each bounded slice within its bound."""
     size = np.array([units[u].options[o][1] for u, o in index], dtype=float)
     pick_one = np.zeros((len(units), len(index)))
     for k, (u, _) in enumerate(index):
         pick_one[u, k] = 1.0
-    constraints = [LinearConstraint(pick_one, 1, 1), LinearConstraint(size[None, :], 0, float(weight_budget_bytes))]
-    result = milp(cost, constraints=constraints, integrality=np.ones(len(index)), bounds=Bounds(0, 1),
-                  options={"mip_rel_gap": 0.0, "presolve": True})
-    if result.x is None:
-        raise BitplanError(f"the allocation found no plan within {format_bytes(weight_budget_bytes)}: {result.message}")
-    chosen = np.round(result.x).astype(bool)
+    constraints = [LinearConstraint(pick_one, 1, 1)]
+    if weight_budget_bytes is not None:
+        constraints.append(LinearConstraint(size[None, :], 0, float(weight_budget_bytes)))
+    for position, bound in enumerate(bounds.values()):
+        per_slice = np.array([units[u].options[o][3][position] for u, o in index])
+        constraints.append(LinearConstraint(per_slice[None, :], -np.inf, bound * (1 + SLICE_SLACK)))
+    return milp(cost, constraints=constraints, integrality=np.ones(len(index)), bounds=Bounds(0, 1),
+                options={"mip_rel_gap": 0.0, "presolve": True})
+
+
+def _picks(units: list[Unit], index: list[tuple[int, int]], x: np.ndarray) -> list[int]:
     picks = [0] * len(units)
-    for k in np.flatnonzero(chosen):
+    for k in np.flatnonzero(np.round(x).astype(bool)):
         u, o = index[k]
         picks[u] = o
-    allocation = _allocation(table, units, picks, "optimal" if result.status == 0 else result.message,
-                             float(getattr(result, "mip_gap", 0.0) or 0.0))
-    assert allocation.weight_bytes <= weight_budget_bytes and len(allocation.choice) == len(table.layers)
-    return allocation
+    return picks
+
+
+def fewest_bytes(units: list[Unit], index: list[tuple[int, int]], bounds: dict[str, float]) -> int | None:
+    """The fewest weight bytes of a plan meeting ``bounds`` (None: no plan meets them at any budget)."""
+    size = np.array([units[u].options[o][1] for u, o in index], dtype=float)
+    result = _solve(units, index, size, None, bounds)
+    return None if result.x is None else int(sum(unit.options[o][1] for unit, o in zip(units, _picks(units, index, result.x))))
+
+
+def slice_limit_message(units: list[Unit], index: list[tuple[int, int]], bounds: dict[str, float], weight_budget_bytes: int,
+                        offset_bytes: int) -> str:
+    """One line: the slice whose bound the budget cannot meet and the smallest budget that meets it."""
+    names = list(bounds)
+    alone = {}
+    for position, name in enumerate(names):
+        least = sum(min(o[3][position] for o in unit.options) for unit in units)
+        if least > bounds[name] * (1 + SLICE_SLACK):
+            return (f"slice {name!r} cannot be held to a predicted KL of {bounds[name]:.4g} at any budget with these candidates "
+                    f"(the least it can reach is {least:.4g}): loosen its limit or add candidates with more bits")
+        alone[name] = fewest_bytes(units, index, {name: bounds[name]})
+    worst = max(names, key=lambda name: (alone[name], name))
+    joint = fewest_bytes(units, index, bounds)
+    budget = format_bytes(weight_budget_bytes + offset_bytes)
+    if alone[worst] > weight_budget_bytes:
+        together = "" if joint is None or len(names) == 1 else f" (every limit together: {format_bytes(joint + offset_bytes)})"
+        return (f"slice {worst!r} cannot be held to a predicted KL of {bounds[worst]:.4g} within the budget {budget}: the smallest "
+                f"budget that meets it is {format_bytes(alone[worst] + offset_bytes)}{together}; raise --budget or loosen the limit")
+    if joint is None:
+        return f"the slice limits on {', '.join(names)} cannot be met together at any budget with these candidates: loosen one of them"
+    return (f"the slice limits on {', '.join(names)} cannot be met together within the budget {budget}: the smallest budget "
+            f"that meets them all is {format_bytes(joint + offset_bytes)}; raise --budget or loosen a limit")
