@@ -20,16 +20,18 @@ from bitplan.methods.scheme import Scheme
 from bitplan.models.source import ModelSource, open_model
 from bitplan.planner.candidates import Candidates
 from bitplan.planner.deployment import Deployment, deployment_for, memory_breakdown, weight_budget_bytes
+from bitplan.planner.limits import SliceLimits
 from bitplan.planner.objective import assignment_sum, check_objective, objective_costs
 from bitplan.planner.plan import EngineRecord, FormatCount, ModelRef, Plan, Prediction, Provenance, SearchRecord
 from bitplan.planner.refine import Refinement, refine_measured
 from bitplan.planner.search import Allocation, SearchSettings, allocate, check_feasible
+from bitplan.planner.slices import SliceBounds, predicted_slice_kl, resolve_limits
 from bitplan.planner.speed import decode_prediction
-from bitplan.profiles.calibration import CalibrationSettings
+from bitplan.profiles.calibration import CalibrationSettings, calibration_slices
 from bitplan.profiles.sensitivity import sensitivity_table
 from bitplan.profiles.tables import SensitivityTable
 
-__all__ = ["CalibrationSettings", "Candidates", "emit", "evaluate", "load", "plan", "profile"]
+__all__ = ["CalibrationSettings", "Candidates", "SliceLimits", "emit", "evaluate", "load", "plan", "profile"]
 Progress = Callable[[str, int, int], None]
 EXACT_SOLVER = "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack"
 
@@ -61,6 +63,7 @@ def plan(
     engine: str = DEFAULT_ENGINE,
     study_storage: str | None = None,
     workers: int = 1,
+    slice_limits: SliceLimits | None = None,
 ) -> Plan:
     """Profile (or reuse the cached profile), allocate exactly under the engine's rules, refine, return the Plan.
 
@@ -69,7 +72,9 @@ def plan(
     ``quality`` minimises predicted KL; ``speed`` and ``balanced`` add the predicted decode time
     on ``target``, which they therefore need. ``study_storage`` (an RDB URL or a journal file path)
     shares refinement's Optuna study among workers running the same plan (``planner.study``);
-    ``workers`` processes share the profile (``profiles.distributed``).
+    ``workers`` processes share the profile (``profiles.distributed``). ``slice_limits``
+    (``planner.limits.parse_slice_limits``) bound each named calibration slice's predicted KL
+    (``planner.slices``): constraints of the allocation and of the refinement.
     """
     goal = resolve_target(engine, target)
     settings = SearchSettings(tie_fused or goal.rules.fused_share_scheme, trials, seed,
@@ -82,23 +87,30 @@ def plan(
     schemes = candidates.for_device(goal.device).schemes(goal.rules)
     check_feasible(source.spec, schemes, weight_budget, deployment.budget_bytes, settings.tie_fused,
                    allowed(goal.rules, source.spec, tensor_parallel))
+    limits = slice_limits or SliceLimits()
+    if limits:  # an unknown slice is refused before the profile
+        limits.check_slices(calibration_slices(source.folder, calibration).names)
     table = sensitivity_table(source, schemes, calibration, seed, progress, workers=workers)
     table = restrict_table(table, source.spec, goal.rules, tensor_parallel)
     times, extra_cost = objective_costs(settings.objective, table, source.spec, goal.device, deployment)
-    allocation = allocate(table, source.spec, weight_budget, settings.tie_fused, extra_cost=extra_cost)
+    bounds = resolve_limits(limits, table, weight_budget)
+    allocation = allocate(table, source.spec, weight_budget, settings.tie_fused, extra_cost=extra_cost, slice_bounds=bounds.bounds,
+                          budget_offset_bytes=deployment.budget_bytes - weight_budget)
     refinement = None
     if trials > 0:
-        refinement = refine_measured(source, table, weight_budget, settings, calibration, progress, extra_cost)
+        refinement = refine_measured(source, table, weight_budget, settings, calibration, progress, extra_cost, bounds.bounds)
         allocation = refinement[0].allocation
-    return assemble_plan(source, deployment, goal, table, allocation, refinement, times, calibration, settings)
+    return assemble_plan(source, deployment, goal, table, allocation, refinement, times, calibration, settings, limits, bounds)
 
 
 def assemble_plan(source: ModelSource, deployment: Deployment, goal: Target, table: SensitivityTable, allocation: Allocation,
                   refinement: tuple[Refinement, int] | None, times, calibration: CalibrationSettings,
-                  settings: SearchSettings) -> Plan:
+                  settings: SearchSettings, limits: SliceLimits | None = None, bounds: SliceBounds | None = None) -> Plan:
     """The Plan product of the stages' results."""
+    bounds = bounds or SliceBounds({})
     search = SearchRecord(EXACT_SOLVER, allocation.status, allocation.mip_gap, settings.tie_fused,
-                          weight_budget_bytes(source.spec, deployment), settings.objective)
+                          weight_budget_bytes(source.spec, deployment), settings.objective,
+                          slice_bounds=bounds.bounds or None, uniform_scheme=bounds.uniform_scheme)
     predicted = {"score_kl": allocation.score, "metric": table.provenance.get("metric")}
     if refinement is not None:
         found, tokens = refinement
@@ -123,4 +135,6 @@ def assemble_plan(source: ModelSource, deployment: Deployment, goal: Target, tab
         provenance=provenance,
         engine=EngineRecord(rules.engine, rules.platform, rules.loader, tuple(rules.summary())),
         formats={name: FormatCount(fmt, layers) for name, (fmt, layers) in format_counts(schemes).items()},
+        slice_limits=limits or None,
+        predicted_slice_kl=predicted_slice_kl(table, allocation.choice) or None,
     )

@@ -33,6 +33,11 @@ def add_commands(commands) -> None:
                                               "an RDB URL (sqlite:///refine.db, postgresql://...) or a journal file path on a "
                                               "shared file system; --trials is then the study's total")
     plan.add_argument("--out", type=Path, default=Path("plan.json"), help="where to write plan.json")
+    plan.add_argument("--max-slice-kl", metavar="SLICE=KL,...",
+                      help="bound each named calibration slice's predicted KL (nats/token), e.g. code=0.05,prose=0.1")
+    plan.add_argument("--max-slice-regression", metavar="SLICE=FACTOR,...",
+                      help="bound a slice's predicted KL at FACTOR times the best uniform plan's on that slice "
+                           "(the one scheme for all layers that fits the budget with least predicted KL), e.g. code=1.2")
     add_calibration_args(plan)
     plan.set_defaults(func=run_plan)
 
@@ -44,7 +49,10 @@ def add_commands(commands) -> None:
 
 
 def add_calibration_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text", action="append", type=Path, default=[], help="calibration text: .txt or .jsonl (repeatable); default: Python's documentation")
+    parser.add_argument("--text", action="append", default=[], metavar="PATH[:WEIGHT]",
+                        help="calibration text: .txt (one slice) or .jsonl (a slice per \"slice\" field), repeatable; WEIGHT "
+                             "(default 1) is the file's relative share of calibration windows and of the score, e.g. "
+                             "--text code.jsonl:3 --text chat.jsonl:1; default: Python's documentation")
     parser.add_argument("--samples", type=positive_int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration window")
     parser.add_argument("--methods", default=None,
@@ -78,25 +86,28 @@ def candidates_from(args):
 
 def calibration_from(args):
     from bitplan.api import CalibrationSettings
+    from bitplan.profiles.text import parse_text_arg, read_text_file
 
-    for path in args.text:
-        from bitplan.profiles.text import read_text_file
-
+    texts = [parse_text_arg(str(value)) for value in args.text]
+    for path, _ in texts:
         read_text_file(path)
-    return CalibrationSettings(tuple(args.text), args.samples, args.seq_len)
+    weights = tuple(weight for _, weight in texts) if any(weight != 1.0 for _, weight in texts) else ()
+    return CalibrationSettings(tuple(path for path, _ in texts), args.samples, args.seq_len, weights)
 
 
 def run_plan(args) -> int:
     from bitplan.api import plan
+    from bitplan.planner.limits import parse_slice_limits
 
     if args.trials < 0:
         raise BitplanError(f"--trials must be 0 or more, got {args.trials}")
+    limits = parse_slice_limits(args.max_slice_kl, args.max_slice_regression)
     console = Console(stderr=True)
     with progress_bars(console) as report:
         result = plan(args.model, args.budget, args.target, args.context, args.batch, args.kv_dtype, args.tp, args.overhead,
                       candidates_from(args), calibration_from(args), args.tie_fused, args.trials, args.seed, report,
                       objective=args.objective, engine=args.engine, study_storage=args.study_storage,
-                      workers=args.workers)
+                      workers=args.workers, slice_limits=limits)
     result.save(args.out)
     print_plan(result, Console())
     Console().print(f"plan written to {args.out}")
@@ -130,11 +141,32 @@ def print_plan(result, console: Console) -> None:
     if predicted.calibration_kl is not None:
         line += f"; measured on held-in text: {predicted.calibration_kl:.4f} (exact allocation: {predicted.exact_calibration_kl:.4f})"
     console.print(line)
+    print_slices(result, console)
     if predicted.decode_tokens_per_s is not None:
         batch, context = result.deployment.batch, result.deployment.context
         console.print(f"predicted decode on {result.target} ({result.search.objective} objective, roofline): "
                       f"{predicted.decode_tokens_per_s / batch:.1f} tokens/s per sequence at batch {batch}, context {context} "
                       f"({predicted.decode_tokens_per_s:.1f} tokens/s in all); {predicted.decode_ms_per_token_batch1:.3f} ms/token at batch 1")
+
+
+def print_slices(result, console: Console) -> None:
+    """Each calibration slice's predicted KL, against its bound where one is set."""
+    if not result.predicted_slice_kl:
+        return
+    bounds = result.search.slice_bounds or {}
+    limits = result.slice_limits
+    table = Table(title="predicted KL per calibration slice (nats/token)")
+    for column in ("slice", "predicted KL", "limit", "met"):
+        table.add_column(column, justify="left" if column == "slice" else "right")
+    for name, kl in result.predicted_slice_kl.items():
+        if name not in bounds:
+            table.add_row(name, f"{kl:.4f}", "", "")
+            continue
+        given = [f"{limits.max_kl[name]:g}"] if name in limits.max_kl else []
+        if name in limits.max_regression:
+            given.append(f"{limits.max_regression[name]:g} x {result.search.uniform_scheme}")
+        table.add_row(name, f"{kl:.4f}", f"{bounds[name]:.4f} ({', '.join(given)})", "yes" if kl <= bounds[name] * (1 + 1e-9) else "NO")
+    console.print(table)
 
 
 def run_profile(args) -> int:

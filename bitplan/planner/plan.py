@@ -18,6 +18,7 @@ from bitplan.atomic import write_text_atomic
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import Scheme
 from bitplan.planner.deployment import Deployment, MemoryBreakdown
+from bitplan.planner.limits import SliceLimits
 from bitplan.profiles.calibration import CalibrationSettings
 
 SCHEMA_VERSION = 2  # 2: the engine the plan was made for (name, platform, rules enforced)
@@ -88,6 +89,8 @@ class SearchRecord:
     refine_distinct_plans: int | None = None
     refine_tokens: int | None = None
     knobs: dict | None = None
+    slice_bounds: dict | None = None  # each limited slice's bound on predicted KL (``planner.slices``)
+    uniform_scheme: str | None = None  # the best uniform plan relative slice limits refer to
 
     def to_dict(self) -> dict:
         return _compact(asdict(self))
@@ -160,6 +163,8 @@ class Plan:
     provenance: Provenance
     engine: EngineRecord
     formats: dict[str, FormatCount] = field(default_factory=dict)  # scheme -> checkpoint format, layers
+    slice_limits: SliceLimits | None = None  # --max-slice-kl / --max-slice-regression, as given
+    predicted_slice_kl: dict[str, float] | None = None  # each calibration slice's predicted KL (nats/token)
     schema_version: int = SCHEMA_VERSION
     integrity: str = field(default="", compare=False)
 
@@ -170,7 +175,9 @@ class Plan:
         return {"model": self.model.to_dict(), "deployment": self.deployment.to_dict(), "target": self.target,
                 "assignments": dict(self.assignments), "memory": self.memory.to_dict(), "predicted": self.predicted.to_dict(),
                 "search": self.search.to_dict(), "provenance": self.provenance.to_dict(), "engine": self.engine.to_dict(),
-                "formats": {name: count.to_dict() for name, count in self.formats.items()}, "schema_version": self.schema_version}
+                "formats": {name: count.to_dict() for name, count in self.formats.items()}, "schema_version": self.schema_version,
+                **({"slice_limits": self.slice_limits.to_dict()} if self.slice_limits else {}),
+                **({"predicted_slice_kl": dict(sorted(self.predicted_slice_kl.items()))} if self.predicted_slice_kl else {})}
 
     def to_json(self) -> str:
         body = self.body()
@@ -190,6 +197,8 @@ class Plan:
                    predicted=Prediction.from_dict(data["predicted"]), search=SearchRecord.from_dict(data["search"]),
                    provenance=Provenance.from_dict(data["provenance"]), engine=EngineRecord.from_dict(data["engine"]),
                    formats={name: FormatCount(**count) for name, count in data.get("formats", {}).items()},
+                   slice_limits=SliceLimits.from_dict(data["slice_limits"]) if "slice_limits" in data else None,
+                   predicted_slice_kl=dict(data["predicted_slice_kl"]) if "predicted_slice_kl" in data else None,
                    schema_version=data["schema_version"], integrity=integrity)
 
 

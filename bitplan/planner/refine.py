@@ -11,6 +11,10 @@ With ``extra_cost`` (the latency term of ``--objective speed|balanced``, in scor
 ``planner.objective``) every allocation adds it to the scores, and a trial's value is the
 measured KL plus the same term summed over the plan's cells: the kept plan is never worse than
 the exact one on that sum, though its KL alone may be higher.
+
+With ``slice_bounds`` (``planner.slices``) every allocation carries the per-slice constraints, and
+a trial whose plan's predicted KL on a limited slice exceeds its bound is infeasible (Optuna's
+``constraints_func``; such a trial is never kept).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from bitplan.models.source import ModelSource
 from bitplan.models.spec import ModelSpec
 from bitplan.planner.objective import assignment_sum
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.planner.search import Allocation, SearchSettings, allocate
+from bitplan.planner.search import SLICE_SLACK, Allocation, SearchSettings, allocate
+from bitplan.planner.slices import predicted_slice_kl
 from bitplan.planner.streaming import StreamingMeter
 from bitplan.planner.study import STOP_STATES, counted_trials, finished_trials, open_study, study_name
 from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
@@ -79,6 +84,7 @@ def refine(
     progress: Callable[[str, int, int], None] | None = None,
     extra_cost: np.ndarray | None = None,
     storage: str | None = None,
+    slice_bounds: dict[str, float] | None = None,
 ) -> Refinement:
     """Run ``trials`` trials (at least the exact one) and keep the best; with ``storage``
     (``planner.study``), run trials in the shared study until it holds ``trials``, then keep the
@@ -90,9 +96,16 @@ def refine(
     report = progress or (lambda stage, done, total: None)
     total = max(trials, 1)
 
+    bounds = dict(slice_bounds or {})
+
+    def solve(knobs: dict[str, float]) -> Allocation:
+        return allocate(table, spec, weight_budget_bytes, tie_fused, layer_weights(table, spec, knobs), extra_cost, bounds)
+
     def objective(trial: optuna.Trial) -> float:
         knobs = {name: trial.suggest_float(name, *KNOB_RANGE, log=True) for name in knob_names}
-        allocation = allocate(table, spec, weight_budget_bytes, tie_fused, layer_weights(table, spec, knobs), extra_cost)
+        allocation = solve(knobs)
+        predicted = predicted_slice_kl(table, allocation.choice) if bounds else {}
+        trial.set_user_attr("slice_excess", [predicted[name] - bound * (1 + SLICE_SLACK) for name, bound in sorted(bounds.items())])
         key = tuple(allocation.choice.values())
         if key not in measured:
             meter.apply({name: Scheme.parse(s) for name, s in allocation.choice.items()})
@@ -105,17 +118,24 @@ def refine(
             return measured[key]
         return measured[key] + assignment_sum(table, allocation.choice, extra_cost)
 
-    study = open_study(storage, study_name(table, weight_budget_bytes, tie_fused, windows, seed, extra_cost), seed)
+    study = open_study(storage, study_name(table, weight_budget_bytes, tie_fused, windows, seed, extra_cost, bounds), seed,
+                       trial_excess if bounds else None)
     study.enqueue_trial({name: 1.0 for name in knob_names}, user_attrs={"exact": True}, skip_if_exists=True)
     if counted_trials(study) < total:
         stop = optuna.study.MaxTrialsCallback(total, states=STOP_STATES)
         study.optimize(objective, n_trials=total, callbacks=[stop])
     done = finished_trials(study)
     exact_kl = min((t for t in done if t.user_attrs.get("exact")), key=lambda t: t.number).user_attrs["kl"]
-    best = min(done, key=lambda t: (t.value, t.number))
+    feasible = [t for t in done if all(excess <= 0 for excess in trial_excess(t))]
+    best = min(feasible, key=lambda t: (t.value, t.number))
     knobs = {name: round(value, 6) for name, value in best.params.items()}
-    allocation = allocate(table, spec, weight_budget_bytes, tie_fused, layer_weights(table, spec, best.params), extra_cost)
+    allocation = solve(best.params)
     return Refinement(allocation, best.user_attrs["kl"], exact_kl, knobs, len(done), len({t.user_attrs["plan"] for t in done}))
+
+
+def trial_excess(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """How far the trial's plan exceeds each slice bound (> 0: infeasible): Optuna's ``constraints_func``."""
+    return list(trial.user_attrs.get("slice_excess", []))
 
 
 WHOLE_MODEL_SHARE = 0.25  # the whole-model meter while its two float32 copies take at most this share of RAM
@@ -133,7 +153,7 @@ def choose_meter(source: ModelSource) -> QualityMeter | StreamingMeter:
 
 def refine_measured(source: ModelSource, table: SensitivityTable, weight_budget_bytes: int, settings: SearchSettings,
                     calibration: CalibrationSettings, progress: Callable[[str, int, int], None] | None = None,
-                    extra_cost: np.ndarray | None = None) -> tuple[Refinement, int]:
+                    extra_cost: np.ndarray | None = None, slice_bounds: dict[str, float] | None = None) -> tuple[Refinement, int]:
     """Refine on held-in calibration windows (those after the profile's; the profile's own first
     ``REFINE_WINDOWS`` when the text has no more). Returns the refinement and the tokens it measured on.
     Plans are measured by :func:`choose_meter`'s meter."""
@@ -144,5 +164,5 @@ def refine_measured(source: ModelSource, table: SensitivityTable, weight_budget_
     if needs_calibration(schemes):
         meter.calibrate(windows[: calibration.samples])
     refinement = refine(table, source.spec, weight_budget_bytes, settings.tie_fused, meter, held_in, settings.trials,
-                        settings.seed, progress, extra_cost, settings.study_storage)
+                        settings.seed, progress, extra_cost, settings.study_storage, slice_bounds)
     return refinement, int(held_in.numel())

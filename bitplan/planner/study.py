@@ -30,12 +30,16 @@ STOP_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
 
 
 def study_name(table: SensitivityTable, weight_budget_bytes: int, tie_fused: bool, windows: torch.Tensor, seed: int,
-               extra_cost: np.ndarray | None) -> str:
+               extra_cost: np.ndarray | None, slice_bounds: dict[str, float] | None = None) -> str:
     """``refine-<hash>`` of everything a trial's value depends on: the table (layers, schemes,
-    scores, bytes, provenance), the budget, the ties, the measured tokens, the seed, the extra cost."""
+    scores, bytes, provenance), the budget, the ties, the measured tokens, the seed, the extra cost,
+    the slice bounds (with the per-slice scores)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([table.layers, table.schemes, table.provenance, weight_budget_bytes, tie_fused, tokens_hash(windows), seed],
-                             sort_keys=True).encode())
+    problem = [table.layers, table.schemes, table.provenance, weight_budget_bytes, tie_fused, tokens_hash(windows), seed]
+    if slice_bounds:
+        problem.append(sorted(slice_bounds.items()))
+        digest.update(table.slice_scores.numpy().tobytes())
+    digest.update(json.dumps(problem, sort_keys=True).encode())
     digest.update(table.scores.numpy().tobytes())
     digest.update(table.bytes.numpy().tobytes())
     if extra_cost is not None:
@@ -43,19 +47,20 @@ def study_name(table: SensitivityTable, weight_budget_bytes: int, tie_fused: boo
     return f"refine-{digest.hexdigest()[:24]}"
 
 
-def open_study(storage: str | None, name: str, seed: int) -> optuna.Study:
+def open_study(storage: str | None, name: str, seed: int, constraints_func=None) -> optuna.Study:
     """A new in-memory study (``storage`` None, TPE seeded by ``seed``), or the shared one named
     ``name`` in ``storage``, created by whichever worker comes first. Shared workers seed TPE with
-    ``seed`` and their process id, so they do not all propose the same knobs."""
+    ``seed`` and their process id, so they do not all propose the same knobs. ``constraints_func``
+    (a trial's constraint values, > 0 infeasible) goes to TPE."""
     if storage is None:
-        return optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+        return optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_func))
     if storage.startswith(RDB_SCHEMES):
         backend = optuna.storages.RDBStorage(storage)
     else:
         from optuna.storages.journal import JournalFileBackend
 
         backend = optuna.storages.JournalStorage(JournalFileBackend(storage))
-    sampler = optuna.samplers.TPESampler(seed=(seed * 1_000_003 + os.getpid()) % 2**32)
+    sampler = optuna.samplers.TPESampler(seed=(seed * 1_000_003 + os.getpid()) % 2**32, constraints_func=constraints_func)
     return optuna.create_study(storage=backend, study_name=name, direction="minimize", sampler=sampler, load_if_exists=True)
 
 
