@@ -81,11 +81,13 @@ class LayerStats:
         g2 = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64).pow(2)
         a = g2.sum(1)
         x = self.pending_input.to(torch.float64)
-        for s in self.pending_slices.unique().tolist():
+        present = self.pending_slices.unique().tolist()
+        for s in present:
             rows = self.pending_slices == s
-            self.hessian[s] += weighted_gram(x[rows], a[rows])
-            self.grad_sq[s] += g2[rows].sum(0)
-            self.slice_token_weight[s] += a[rows].sum()
+            xs, gs, as_ = (x, g2, a) if len(present) == 1 else (x[rows], g2[rows], a[rows])
+            self.hessian[s] += weighted_gram(xs, as_)
+            self.grad_sq[s] += gs.sum(0)
+            self.slice_token_weight[s] += as_.sum()
         self.pending_input = self.pending_slices = None
 
     def channel_weight(self, s: int | None = None) -> torch.Tensor:
