@@ -14,7 +14,7 @@ the exact one on that sum, though its KL alone may be higher.
 
 With ``slice_bounds`` (``planner.slices``) every allocation carries the per-slice constraints, and
 a trial whose plan's predicted KL on a limited slice exceeds its bound is infeasible (Optuna's
-``constraints_func``; such a trial is never kept).
+``Trial.set_constraint``, which TPE reads; such a trial is never kept).
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def refine(
         knobs = {name: trial.suggest_float(name, *KNOB_RANGE, log=True) for name in knob_names}
         allocation = solve(knobs)
         predicted = predicted_slice_kl(table, allocation.choice) if bounds else {}
-        trial.set_user_attr("slice_excess", [predicted[name] - bound * (1 + SLICE_SLACK) for name, bound in sorted(bounds.items())])
+        for name, bound in sorted(bounds.items()):
+            trial.set_constraint(f"slice_{name}", predicted[name] - bound * (1 + SLICE_SLACK))
         key = tuple(allocation.choice.values())
         if key not in measured:
             meter.apply({name: Scheme.parse(s) for name, s in allocation.choice.items()})
@@ -118,24 +119,18 @@ def refine(
             return measured[key]
         return measured[key] + assignment_sum(table, allocation.choice, extra_cost)
 
-    study = open_study(storage, study_name(table, weight_budget_bytes, tie_fused, windows, seed, extra_cost, bounds), seed,
-                       trial_excess if bounds else None)
+    study = open_study(storage, study_name(table, weight_budget_bytes, tie_fused, windows, seed, extra_cost, bounds), seed)
     study.enqueue_trial({name: 1.0 for name in knob_names}, user_attrs={"exact": True}, skip_if_exists=True)
     if counted_trials(study) < total:
         stop = optuna.study.MaxTrialsCallback(total, states=STOP_STATES)
         study.optimize(objective, n_trials=total, callbacks=[stop])
     done = finished_trials(study)
     exact_kl = min((t for t in done if t.user_attrs.get("exact")), key=lambda t: t.number).user_attrs["kl"]
-    feasible = [t for t in done if all(excess <= 0 for excess in trial_excess(t))]
+    feasible = [t for t in done if all(excess <= 0 for excess in t.constraints.values())]
     best = min(feasible, key=lambda t: (t.value, t.number))
     knobs = {name: round(value, 6) for name, value in best.params.items()}
     allocation = solve(best.params)
     return Refinement(allocation, best.user_attrs["kl"], exact_kl, knobs, len(done), len({t.user_attrs["plan"] for t in done}))
-
-
-def trial_excess(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """How far the trial's plan exceeds each slice bound (> 0: infeasible): Optuna's ``constraints_func``."""
-    return list(trial.user_attrs.get("slice_excess", []))
 
 
 WHOLE_MODEL_SHARE = 0.25  # the whole-model meter while its two float32 copies take at most this share of RAM

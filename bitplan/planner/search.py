@@ -280,8 +280,9 @@ def slice_limit_message(units: list[Unit], index: list[tuple[int, int]], bounds:
     if alone[worst] > weight_budget_bytes:
         together = "" if joint is None or len(names) == 1 else f" (every limit together: {format_bytes(joint + offset_bytes)})"
         return (f"slice {worst!r} cannot be held to a predicted KL of {bounds[worst]:.4g} within the budget {budget}: the smallest "
-                f"budget that meets it is {format_bytes(alone[worst] + offset_bytes)}{together}; raise --budget or loosen the limit")
+                f"budget that meets it is {format_bytes(alone[worst] + offset_bytes)} ({alone[worst] + offset_bytes} bytes, "
+                f"{format_bytes(alone[worst] - weight_budget_bytes)} more){together}; raise --budget or loosen the limit")
     if joint is None:
         return f"the slice limits on {', '.join(names)} cannot be met together at any budget with these candidates: loosen one of them"
     return (f"the slice limits on {', '.join(names)} cannot be met together within the budget {budget}: the smallest budget "
-            f"that meets them all is {format_bytes(joint + offset_bytes)}; raise --budget or loosen a limit")
+            f"that meets them all is {format_bytes(joint + offset_bytes)} ({joint + offset_bytes} bytes); raise --budget or loosen a limit")

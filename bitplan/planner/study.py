@@ -47,20 +47,19 @@ def study_name(table: SensitivityTable, weight_budget_bytes: int, tie_fused: boo
     return f"refine-{digest.hexdigest()[:24]}"
 
 
-def open_study(storage: str | None, name: str, seed: int, constraints_func=None) -> optuna.Study:
+def open_study(storage: str | None, name: str, seed: int) -> optuna.Study:
     """A new in-memory study (``storage`` None, TPE seeded by ``seed``), or the shared one named
     ``name`` in ``storage``, created by whichever worker comes first. Shared workers seed TPE with
-    ``seed`` and their process id, so they do not all propose the same knobs. ``constraints_func``
-    (a trial's constraint values, > 0 infeasible) goes to TPE."""
+    ``seed`` and their process id, so they do not all propose the same knobs."""
     if storage is None:
-        return optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_func))
+        return optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
     if storage.startswith(RDB_SCHEMES):
         backend = optuna.storages.RDBStorage(storage)
     else:
         from optuna.storages.journal import JournalFileBackend
 
         backend = optuna.storages.JournalStorage(JournalFileBackend(storage))
-    sampler = optuna.samplers.TPESampler(seed=(seed * 1_000_003 + os.getpid()) % 2**32, constraints_func=constraints_func)
+    sampler = optuna.samplers.TPESampler(seed=(seed * 1_000_003 + os.getpid()) % 2**32)
     return optuna.create_study(storage=backend, study_name=name, direction="minimize", sampler=sampler, load_if_exists=True)
 
 

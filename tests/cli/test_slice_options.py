@@ -4,6 +4,7 @@ profile; plan.json keeps the limits and the per-slice predictions, and older pla
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -68,3 +69,44 @@ def test_plan_file_roundtrip_with_limits(tmp_path):
     plan.save(tmp_path / "old.json")  # no limits: no new keys, as plans were written before
     assert "slice_limits" not in json.loads((tmp_path / "old.json").read_text())
     assert load_plan(tmp_path / "old.json").slice_limits is None
+
+
+def test_a_limited_plan_end_to_end_meets_its_bound_and_says_so(capsys, tmp_path, tiny_model, monkeypatch):
+    """The tiny model, two slices: the plain plan's predicted KL on code, then a plan held below it."""
+    from bitplan.api import CalibrationSettings, Candidates, plan
+    from bitplan.planner.baselines import assignment_bytes, uniform_assignment
+    from bitplan.planner.deployment import Deployment, memory_breakdown
+    from bitplan.methods.scheme import Scheme
+    from bitplan.models.spec import spec_from_folder
+
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "mixed.jsonl"
+    rows = [{"slice": "code", "text": f"def f{i}(x):\n    return [x * {i} for x in range({i})]\n" * 6} for i in range(30)]
+    rows += [{"slice": "prose", "text": f"The {i}th traveller walked slowly along the quiet road home. " * 6} for i in range(30)]
+    text.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    spec = spec_from_folder(tiny_model)
+    middle = sum(assignment_bytes(spec, uniform_assignment(spec, Scheme.parse(s))) for s in ("rtn-w2g32s", "rtn-w8g32s")) // 2
+    budget = memory_breakdown(spec, middle, Deployment(budget_bytes=0, context=64)).total_bytes
+    candidates = Candidates(("rtn",), (2, 4, 8), (32,), (True,))
+    calibration = CalibrationSettings((text,), 4, 32)
+    plain = plan(str(tiny_model), budget, context=64, candidates=candidates, calibration=calibration, trials=0, engine="bitplan")
+    bound = 0.8 * plain.predicted_slice_kl["code"]  # random weights: slices move together, so this needs more bytes
+
+    def argv(total: int) -> list[str]:
+        return ["plan", str(tiny_model), "--budget", f"{total}B", "--context", "64", "--methods", "rtn", "--bits", "2,4,8", "--groups", "32",
+                "--symmetric-only", "--samples", "4", "--seq-len", "32", "--text", str(text), "--trials", "2", "--engine", "bitplan",
+                "--max-slice-kl", f"code={bound:.6g}", "--out", str(tmp_path / "plan.json")]
+
+    assert main(argv(budget)) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "slice 'code' cannot be held" in line
+    smallest = int(re.search(r"\((\d+) bytes", line).group(1))
+    assert smallest > budget and main(argv(smallest - 1)) == 2
+    capsys.readouterr()
+    assert main(argv(smallest)) == 0
+    out = capsys.readouterr().out
+    assert "predicted KL per calibration slice" in out and "code" in out and "NO" not in out
+    limited = load_plan(tmp_path / "plan.json")
+    assert limited.slice_limits.max_kl == {"code": float(f"{bound:.6g}")}
+    assert limited.predicted_slice_kl["code"] <= float(f"{bound:.6g}") * (1 + 1e-9)
+    assert limited.memory.total_bytes <= smallest
