@@ -66,17 +66,18 @@ def tensor_scale(absmax: float) -> float:
 
 
 def _ggml_round(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """llama.cpp's q8_0 / q4_0 round trip along the last dimension, blocks of 32."""
+    """llama.cpp's q8_0 / q4_0 round trip along the last dimension, blocks of 32 (ggml-quants.c's
+    reference quantizers: codes from the float32 scale, the scale stored in float16)."""
     shape = x.shape
     blocks = x.reshape(*shape[:-1], shape[-1] // GGML_BLOCK, GGML_BLOCK)
     if bits == 8:
-        scale = (blocks.abs().amax(-1, keepdim=True) / 127).to(torch.float16).float()
-        codes = torch.round(blocks / torch.where(scale == 0, 1, scale)).clamp(-127, 127)
-    else:  # q4_0: d = (value of largest magnitude) / -8, codes in [-8, 7]
-        index = blocks.abs().argmax(-1, keepdim=True)
-        scale = (blocks.gather(-1, index) / -8).to(torch.float16).float()
-        codes = torch.round(blocks / torch.where(scale == 0, 1, scale)).clamp(-8, 7)
-    return (codes * scale).reshape(shape)
+        scale = blocks.abs().amax(-1, keepdim=True) / 127
+        scaled = blocks * torch.where(scale == 0, 0, 1 / scale)
+        codes = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)  # roundf: halves away from zero
+    else:  # q4_0: d = (value of largest magnitude) / -8, codes trunc(x / d + 8.5) in [0, 15], minus 8
+        scale = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)) / -8
+        codes = torch.trunc(blocks * torch.where(scale == 0, 0, 1 / scale) + 8.5).clamp(0, 15) - 8
+    return (codes * scale.to(torch.float16).float()).reshape(shape)
 
 
 def round_kv(x: torch.Tensor, name: str, scale: float | None = None) -> torch.Tensor:
