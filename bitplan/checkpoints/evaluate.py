@@ -103,6 +103,8 @@ def recorded_limits(prepared: PreparedEvaluation) -> SliceLimits:
     """The per-slice limits the plan recorded (plan.json's ``slice_limits``), none when it has none."""
     recorded = prepared.plan_data.get("slice_limits")
     try:
+        if recorded is not None and not isinstance(recorded, dict):
+            raise TypeError
         limits = SliceLimits.from_dict(recorded)
         for values in (limits.max_kl, limits.max_regression):
             if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -83,7 +83,7 @@ def run_eval(args) -> int:
     old = cards.load_scorecard(args.compare) if args.compare is not None else None
     prepared = prepare_evaluation(args.checkpoint, args.text or None, args.samples, args.seq_len)
     recorded = recorded_limits(prepared)
-    console, errors = Console(), Console(stderr=True)
+    console, errors = Console(), Console(stderr=True, soft_wrap=True)
     if recorded.max_regression and old is None:  # the planner's relative limits need a baseline to mean anything here
         errors.print(f"note: the plan's --max-slice-regression limits ({', '.join(sorted(recorded.max_regression))}) are not "
                      "checked without --compare OLD.json")
@@ -137,7 +137,7 @@ def print_scorecard(console: Console, card, old) -> None:
         console.print(diff)
     for verdict in card.verdicts:
         mark = "[green]pass[/green]" if verdict.passed else "[red]FAIL[/red]"
-        console.print(f"{mark} {verdict.describe()}", highlight=False)
+        console.print(f"{mark} {verdict.describe()}", highlight=False, soft_wrap=True)
 
 
 def run_check(args) -> int:
