@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from bitplan.checkpoints.load import load
+from bitplan.checkpoints.scorecard import Scorecard, check_limits, check_same_text, merge_limits, scorecard_of
 from bitplan.errors import BitplanError
 from bitplan.models.source import resolve_model
 from bitplan.planner.limits import SliceLimits
@@ -65,6 +68,9 @@ class Evaluation:
     def to_dict(self) -> dict:
         return {"checkpoint": self.checkpoint, "reference": self.reference,
                 "slices": {name: quality.to_dict() for name, quality in self.slices.items()}}
+
+
+log = logging.getLogger(__name__)
 
 
 def heldout_slices(texts: list[Path] | None):
@@ -128,3 +134,31 @@ def measure(prepared: PreparedEvaluation) -> Evaluation:
 def evaluate(checkpoint: str | os.PathLike, texts: list[Path] | None = None, samples: int = 16, seq_len: int = 512) -> Evaluation:
     """KL and perplexity of ``checkpoint`` against its original, on up to ``samples`` windows per slice."""
     return measure(prepare_evaluation(checkpoint, texts, samples, seq_len))
+
+
+def score(checkpoint: str | os.PathLike, texts: list[Path] | None = None, samples: int = 16, seq_len: int = 512,
+          limits: SliceLimits | None = None, baseline: Scorecard | None = None, baseline_name: str = "the baseline scorecard",
+          allow_different_text: bool = False, note: Callable[[str], None] = log.warning) -> Scorecard:
+    """Evaluate ``checkpoint`` and judge it: its scorecard, with a verdict per limit.
+
+    The limits are those the plan recorded (plan.json's ``slice_limits``), each overridden by
+    ``limits``' limit of the same kind and slice. Relative limits (``max_regression``) compare with
+    ``baseline``'s KL on the same slice; the plan's own are skipped (with a note) when there is no
+    baseline. Everything that can be refused is refused before a model loads: a limit on a slice
+    the text lacks, a relative limit without a baseline, a baseline scored on other token ids
+    (unless ``allow_different_text``, which only notes it).
+    """
+    prepared = prepare_evaluation(checkpoint, texts, samples, seq_len)
+    recorded = recorded_limits(prepared)
+    if recorded.max_regression and baseline is None:
+        note(f"note: the plan's --max-slice-regression limits ({', '.join(sorted(recorded.max_regression))}) are not checked "
+             "without --compare OLD.json")
+        recorded = SliceLimits(recorded.max_kl, {})
+    merged = merge_limits(recorded, limits or SliceLimits())
+    check_limits(merged, list(prepared.texts), baseline, baseline_name)
+    if baseline is not None:
+        hashes = {name: (text.text_sha256, text.tokens_sha256) for name, text in prepared.texts.items()}
+        warning = check_same_text(hashes, samples, seq_len, baseline, baseline_name, allow_different_text)
+        if warning:
+            note(warning)
+    return scorecard_of(measure(prepared), merged, baseline)

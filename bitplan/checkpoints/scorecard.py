@@ -20,14 +20,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bitplan.atomic import write_atomic, write_text_atomic
 from bitplan.errors import BitplanError
 from bitplan.planner.limits import SliceLimits
-
-if TYPE_CHECKING:
-    from bitplan.checkpoints.evaluate import Evaluation
 
 SCHEMA_VERSION = 1
 ABSOLUTE, RELATIVE = "max_kl", "max_regression"
@@ -157,8 +153,8 @@ class Scorecard:
         return json.dumps({**self.to_dict(), "integrity": self.content_sha256()}, indent=2, sort_keys=True) + "\n"
 
 
-def scorecard_of(evaluation: "Evaluation", limits: SliceLimits | None = None, baseline: Scorecard | None = None) -> Scorecard:
-    """The scorecard of an evaluation, its verdicts against ``limits`` (relative ones against ``baseline``)."""
+def scorecard_of(evaluation, limits: SliceLimits | None = None, baseline: Scorecard | None = None) -> Scorecard:
+    """The scorecard of an :class:`bitplan.checkpoints.evaluate.Evaluation`, its verdicts against ``limits`` (relative ones against ``baseline``)."""
     from bitplan import __version__
 
     slices = {name: SliceScore(q.kl, q.perplexity, q.reference_perplexity, q.tokens, int(evaluation.texts[name].windows.shape[0]),
@@ -189,25 +185,25 @@ def verdicts_for(kls: dict[str, float], limits: SliceLimits, baseline: Scorecard
     return tuple(verdicts)
 
 
-def check_limits(limits: SliceLimits, slices: list[str], baseline: Scorecard | None, baseline_path: Path | None) -> None:
+def check_limits(limits: SliceLimits, slices: list[str], baseline: Scorecard | None, baseline_name: Path | str | None) -> None:
     """Refuse, before anything is measured, limits that name a slice the text lacks, or a relative
     limit with no baseline slice to be relative to."""
     limits.check_slices(slices)
-    check_baseline(limits, baseline, baseline_path)
+    check_baseline(limits, baseline, baseline_name)
 
 
-def check_baseline(limits: SliceLimits, baseline: Scorecard | None, baseline_path: Path | None) -> None:
+def check_baseline(limits: SliceLimits, baseline: Scorecard | None, baseline_name: Path | str | None) -> None:
     """Relative limits need a baseline scorecard that scored their slices."""
     if limits.max_regression and baseline is None:
         raise BitplanError("--max-slice-regression compares with an earlier scorecard: pass --compare OLD.json "
                            "(or use --max-slice-kl for an absolute limit)")
     missing = sorted(set(limits.max_regression) - set(baseline.slices)) if baseline else []
     if missing:
-        raise BitplanError(f"--max-slice-regression limits slice {missing[0]!r}, which {baseline_path} did not score: "
+        raise BitplanError(f"--max-slice-regression limits slice {missing[0]!r}, which {baseline_name} did not score: "
                            f"compare with a scorecard of the same text")
 
 
-def check_same_text(texts: dict[str, tuple[str, str]], samples: int, seq_len: int, old: Scorecard, old_path: Path,
+def check_same_text(texts: dict[str, tuple[str, str]], samples: int, seq_len: int, old: Scorecard, old_path: Path | str,
                     allow_different: bool) -> str | None:
     """``texts``: slice -> (text sha256, tokens sha256) of this evaluation. Refuses (or, when
     ``allow_different``, returns a warning) unless ``old`` scored exactly the same token ids."""

@@ -73,29 +73,17 @@ def run_emit(args) -> int:
 def run_eval(args) -> int:
     """Exit 0: measured (and every limit held); 1: a limit is broken (the scorecard is still written); 2: bad input."""
     from bitplan.checkpoints import scorecard as cards
-    from bitplan.checkpoints.evaluate import measure, prepare_evaluation, recorded_limits
-    from bitplan.planner.limits import SliceLimits, parse_slice_limits
+    from bitplan.checkpoints.evaluate import score
+    from bitplan.planner.limits import parse_slice_limits
 
     command_line = parse_slice_limits(args.max_slice_kl, args.max_slice_regression)
     if args.compare is None:
         cards.check_baseline(command_line, None, None)
     png = scorecard_png_path(args.scorecard)
     old = cards.load_scorecard(args.compare) if args.compare is not None else None
-    prepared = prepare_evaluation(args.checkpoint, args.text or None, args.samples, args.seq_len)
-    recorded = recorded_limits(prepared)
     console, errors = Console(), Console(stderr=True, soft_wrap=True)
-    if recorded.max_regression and old is None:  # the planner's relative limits need a baseline to mean anything here
-        errors.print(f"note: the plan's --max-slice-regression limits ({', '.join(sorted(recorded.max_regression))}) are not "
-                     "checked without --compare OLD.json")
-        recorded = SliceLimits(recorded.max_kl, {})
-    limits = cards.merge_limits(recorded, command_line)
-    cards.check_limits(limits, list(prepared.texts), old, args.compare)
-    if old is not None:
-        hashes = {name: (text.text_sha256, text.tokens_sha256) for name, text in prepared.texts.items()}
-        warning = cards.check_same_text(hashes, args.samples, args.seq_len, old, args.compare, args.allow_different_text)
-        if warning:
-            errors.print(warning, style="yellow", markup=False)
-    card = cards.scorecard_of(measure(prepared), limits, old)
+    card = score(args.checkpoint, args.text or None, args.samples, args.seq_len, command_line, old, args.compare or "",
+                 args.allow_different_text, lambda line: errors.print(line, markup=False, highlight=False))
     print_scorecard(console, card, old)
     cards.write_scorecard(card, args.scorecard, png, old)
     if args.json_out:

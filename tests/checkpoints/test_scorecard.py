@@ -252,3 +252,14 @@ def test_bad_limits_get_one_line_and_status_2(case, world, tmp_path, capsys):
     code, _, err = run_eval(capsys, world, "b", *[a.format(baseline=world["a.json"]) for a in argv], "--scorecard", target)
     assert code == 2 and len(err) == 1 and err[0].startswith("bitplan: error:") and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_api_scores_and_judges(world):
+    from bitplan.api import load_scorecard as api_load_scorecard
+    from bitplan.api import score
+
+    notes = []
+    baseline = api_load_scorecard(world["a.json"])
+    card = score(world["b"], [world["text"]], 2, 32, SliceLimits({"prose": 10.0}, {"code": 1e6}), baseline, note=notes.append)
+    assert card.passed and not notes and card.baseline["scorecard_sha256"] == baseline.content_sha256()
+    assert {(v.slice, v.kind) for v in card.verdicts} == {("prose", "max_kl"), ("code", "max_regression")}
