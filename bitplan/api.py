@@ -1,4 +1,4 @@
-"""The Python API: ``plan``, ``profile``, ``emit``, ``load``, ``evaluate``.
+"""The Python API: ``plan``, ``profile``, ``emit``, ``load``, ``evaluate``, ``score`` (a scorecard: evaluate and judge).
 
 Each is a short pipeline of the stage functions that live in the rooms below (``models``,
 ``profiles``, ``engines``, ``planner``, ``checkpoints``); the CLI is a thin layer over these.
@@ -11,8 +11,9 @@ from dataclasses import replace
 
 from bitplan import __version__
 from bitplan.checkpoints.emit import emit
-from bitplan.checkpoints.evaluate import evaluate
+from bitplan.checkpoints.evaluate import evaluate, score
 from bitplan.checkpoints.load import load
+from bitplan.checkpoints.scorecard import Scorecard, load_scorecard
 from bitplan.engines import DEFAULT_ENGINE, Target, deployed_spec, resolve_target
 from bitplan.engines.formats import format_counts
 from bitplan.engines.rules import EngineRules, allowed, check_kv_dtype, check_tensor_parallel, kv_engine_flags, restrict_table
@@ -31,7 +32,7 @@ from bitplan.profiles.calibration import CalibrationSettings
 from bitplan.profiles.sensitivity import sensitivity_table
 from bitplan.profiles.tables import SensitivityTable
 
-__all__ = ["CalibrationSettings", "Candidates", "emit", "evaluate", "load", "plan", "profile"]
+__all__ = ["CalibrationSettings", "Candidates", "Scorecard", "emit", "evaluate", "load", "load_scorecard", "plan", "profile", "score"]
 Progress = Callable[[str, int, int], None]
 EXACT_SOLVER = "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack"
 
