@@ -51,7 +51,7 @@ def plan(
     target: str | None = None,
     context: int = 2048,
     batch: int = 1,
-    kv_dtype: str = "auto",
+    kv_dtype: str = "float16",
     tensor_parallel: int = 1,
     overhead: str | int | None = None,
     candidates: Candidates = Candidates(),

@@ -21,8 +21,8 @@ def add_commands(commands) -> None:
     plan.add_argument("--budget", help="memory budget, e.g. 150MB, 40GB, 40GiB (default: the target's usable memory)")
     plan.add_argument("--context", type=positive_int, default=2048, help="tokens per sequence the KV cache must hold")
     plan.add_argument("--batch", type=positive_int, default=1, help="concurrent sequences")
-    plan.add_argument("--kv-dtype", default="auto", choices=("auto", *KV_DTYPES),
-                      help="KV cache format; auto (default) lets the search trade KV bytes against weight bytes")
+    plan.add_argument("--kv-dtype", default="float16", choices=("auto", *KV_DTYPES),
+                      help="KV cache format (default float16); auto lets the search trade KV bytes against weight bytes")
     plan.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel devices")
     plan.add_argument("--overhead", help="runtime overhead to reserve, e.g. 1GiB (default: 1 GiB with --target, else 0)")
     plan.add_argument("--tie-fused", action="store_true", help="q/k/v and gate/up share one scheme (engines fuse them)")

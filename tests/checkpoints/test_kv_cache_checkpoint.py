@@ -53,7 +53,7 @@ def test_the_plan_counts_and_records_the_fp8_cache(planned, kv_folder):
 
 
 def test_auto_weighs_every_format_the_engine_runs(kv_folder):
-    auto = bitplan.plan(str(kv_folder), **SETTINGS)
+    auto = bitplan.plan(str(kv_folder), kv_dtype="auto", **SETTINGS)
     assert [o["dtype"] for o in auto.kv_cache.options] == ["bfloat16", "fp8_e4m3", "fp8_e5m2"]
     best = min((o for o in auto.kv_cache.options if "total_kl" in o), key=lambda o: o["total_kl"])
     assert auto.kv_cache.dtype == best["dtype"]
