@@ -66,6 +66,7 @@ class Prediction:
     decode_ms_per_token_batch1: float | None = None
     linear_decode_ms: float | None = None
     speed_model: str | None = None
+    kv_cache_kl: float | None = None  # the KV cache format's own measured cost, added to the weights'
 
     def to_dict(self) -> dict:
         return _compact(asdict(self))
@@ -141,6 +142,32 @@ class EngineRecord:
 
 
 @dataclass(frozen=True)
+class KVCacheRecord:
+    """The KV cache format the search chose, what it costs, and what the engine needs to run it.
+
+    ``k_scales``/``v_scales``: fp8_e4m3's per-layer scales (emit writes them as the checkpoint's
+    ``self_attn.k_scale``/``v_scale``); ``options``: every candidate format's outcome
+    (``planner.kv_choice.KVOption``); ``engine_flags``: what to pass the engine at run time."""
+
+    dtype: str
+    kl: float
+    tokens: int
+    options: tuple[dict, ...] = ()
+    k_scales: tuple[float, ...] = ()
+    v_scales: tuple[float, ...] = ()
+    engine_flags: str = ""
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "options": [dict(o) for o in self.options], "k_scales": list(self.k_scales),
+                "v_scales": list(self.v_scales)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KVCacheRecord":
+        return _build(cls, {**data, "options": tuple(data.get("options", ())), "k_scales": tuple(data.get("k_scales", ())),
+                            "v_scales": tuple(data.get("v_scales", ()))})
+
+
+@dataclass(frozen=True)
 class FormatCount:
     format: str
     layers: int
@@ -163,6 +190,7 @@ class Plan:
     provenance: Provenance
     engine: EngineRecord
     formats: dict[str, FormatCount] = field(default_factory=dict)  # scheme -> checkpoint format, layers
+    kv_cache: KVCacheRecord | None = None
     slice_limits: SliceLimits | None = None  # --max-slice-kl / --max-slice-regression, as given
     predicted_slice_kl: dict[str, float] | None = None  # each calibration slice's predicted KL (nats/token)
     schema_version: int = SCHEMA_VERSION
@@ -176,6 +204,7 @@ class Plan:
                 "assignments": dict(self.assignments), "memory": self.memory.to_dict(), "predicted": self.predicted.to_dict(),
                 "search": self.search.to_dict(), "provenance": self.provenance.to_dict(), "engine": self.engine.to_dict(),
                 "formats": {name: count.to_dict() for name, count in self.formats.items()}, "schema_version": self.schema_version,
+                **({"kv_cache": self.kv_cache.to_dict()} if self.kv_cache else {}),
                 **({"slice_limits": self.slice_limits.to_dict()} if self.slice_limits else {}),
                 **({"predicted_slice_kl": dict(sorted(self.predicted_slice_kl.items()))} if self.predicted_slice_kl else {})}
 
@@ -197,6 +226,7 @@ class Plan:
                    predicted=Prediction.from_dict(data["predicted"]), search=SearchRecord.from_dict(data["search"]),
                    provenance=Provenance.from_dict(data["provenance"]), engine=EngineRecord.from_dict(data["engine"]),
                    formats={name: FormatCount(**count) for name, count in data.get("formats", {}).items()},
+                   kv_cache=KVCacheRecord.from_dict(data["kv_cache"]) if data.get("kv_cache") else None,
                    slice_limits=SliceLimits.from_dict(data["slice_limits"]) if "slice_limits" in data else None,
                    predicted_slice_kl=dict(data["predicted_slice_kl"]) if "predicted_slice_kl" in data else None,
                    schema_version=data["schema_version"], integrity=integrity)
