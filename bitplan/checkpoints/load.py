@@ -60,6 +60,7 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: 
     if not safetensors_files(folder):
         raise BitplanError(f"{folder} has no *.safetensors files: re-run `bitplan emit`")
     model = skeleton_model(config).to_empty(device="cpu").to(dtype)
+    restore_buffers(model)
     reader = WeightReader(folder)
     modules = quantized_modules(quantization)
     for name, group in modules.items():
@@ -70,8 +71,14 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: 
     missing = [m for m in missing if m.rsplit(".", 1)[0] not in modules and not m.startswith("lm_head")]
     if missing or unexpected:
         raise BitplanError(f"{folder} does not match its config.json ({len(missing)} missing, {len(unexpected)} unexpected tensors): re-run `bitplan emit`")
-    if config.get("tie_word_embeddings"):
+    if getattr(model.config, "tie_word_embeddings", False):  # the config class's default when config.json omits it (Gemma)
         model.tie_weights()
-    rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config=rotary.config)
     return model.to(device).eval().requires_grad_(False)
+
+
+def restore_buffers(model: nn.Module) -> None:
+    """Recompute the buffers no checkpoint holds (rotary frequencies, Gemma's embedding scale),
+    left as garbage by ``to_empty``: transformers' own initialiser, on the modules that own them."""
+    for module in model.modules():
+        if module._non_persistent_buffers_set:
+            model._init_weights(module)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.models.architectures import FAMILIES, Family
+from bitplan.models.architectures import FAMILIES, REFUSED, Family
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # scales stored in the checkpoint dtype
@@ -110,12 +110,25 @@ def supported_model_types() -> list[str]:
 
 def family_for(config: dict) -> Family:
     model_type = config.get("model_type")
+    if model_type in REFUSED:
+        raise BitplanError(f"unsupported architecture {model_type!r}: {REFUSED[model_type]}")
     if model_type not in FAMILIES:
         raise BitplanError(
             f"unsupported architecture {model_type!r}: bitplan supports model_type "
             f"{', '.join(supported_model_types())}; open an issue to add yours"
         )
     return FAMILIES[model_type]
+
+
+def with_family_defaults(config: dict, family: Family) -> dict:
+    """``config`` with the fields its family's transformers config fills in when config.json omits them."""
+    return {**config, **{key: value for key, value in family.defaults if config.get(key) is None}}
+
+
+def norm_offset(model_type: str) -> float:
+    """What a family's RMSNorm adds to its weight (Gemma: x * (1 + w)); 0 for others and unknown types."""
+    family = FAMILIES.get(model_type)
+    return family.norm_offset if family else 0.0
 
 
 def config_dtype(config: dict) -> str:
@@ -139,6 +152,7 @@ def config_size(config: dict, name: str, default: int | None = None) -> int:
 def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
     """Build the ModelSpec of a Hugging Face config (a dict read from config.json)."""
     family = family_for(config)
+    config = with_family_defaults(config, family)
     hidden, intermediate, num_blocks, num_heads, vocab = (config_size(config, name) for name in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"))
     num_kv_heads = config_size(config, "num_key_value_heads", num_heads)
@@ -153,6 +167,8 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
         "q": num_heads * head_dim,
         "kv": num_kv_heads * head_dim,
         "intermediate": intermediate,
+        "qkv": (num_heads + 2 * num_kv_heads) * head_dim,
+        "gate_up": 2 * intermediate,
     }
     from bitplan.models.smoothing import smoothing_groups
 

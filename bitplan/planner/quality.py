@@ -20,7 +20,7 @@ from bitplan.kernels.numerics import fake_quant_activations
 from bitplan.methods.block import quantize_block
 from bitplan.methods.ggml import GGMLQuantized
 from bitplan.methods.scheme import DENSE, QuantizedWeight, Scheme
-from bitplan.models.spec import SCALE_DTYPES, ModelSpec
+from bitplan.models.spec import SCALE_DTYPES, ModelSpec, norm_offset
 
 
 def load_dense_model(folder: Path) -> nn.Module:
@@ -35,7 +35,7 @@ def block_variant(layers: list, assignments: dict[str, Scheme], read, stats: dic
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """One block under ``assignments``: its float32 tensors by full name (dequantized Linears,
     folded norms and biases) and the activation format of each W8A8 Linear."""
-    quantized = quantize_block(layers, assignments, read, stats, SCALE_DTYPES[spec.dtype])
+    quantized = quantize_block(layers, assignments, read, stats, SCALE_DTYPES[spec.dtype], norm_offset(spec.model_type))
     tensors = {f"{name}.weight": (w.dequantize() if isinstance(w, (QuantizedWeight, GGMLQuantized)) else w.to(torch.float32))
                for name, w in quantized.linears.items()}
     tensors.update({name: t.to(torch.float32) for name, t in quantized.replaced.items()})
