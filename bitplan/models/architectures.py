@@ -55,6 +55,22 @@ PHI3_BLOCK = (
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts block's experts, as checkpoints store them: one Linear per expert and
+    projection, ``{path}.{expert}.{suffix}``. ``projections``: (suffix, role, in_dim, out_dim) with
+    role gate/up/down and dims as in ``LinearTemplate`` ("expert" is the expert's intermediate
+    width). The router (``router``, hidden -> experts) stays dense. vLLM's FusedMoE holds all
+    experts of a block in one tensor under one quantization method, so they share a scheme."""
+
+    path: str  # inside the block, e.g. "mlp.experts"
+    router: str
+    projections: tuple[tuple[str, str, str, str], ...]
+    num_experts_key: str
+    experts_per_token_key: str
+    intermediate_key: str  # config key of one expert's intermediate width
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     block_prefix: str  # e.g. "model.layers"
@@ -68,6 +84,8 @@ class Family:
     embedding_scale: str = ""  # "sqrt_hidden": embeddings are multiplied by sqrt(hidden_size) (Gemma)
     attention: str = "sdpa"  # transformers attention implementation that runs the family exactly ("eager": soft-capping)
     defaults: tuple[tuple[str, object], ...] = ()  # config.json fields transformers fills in when absent
+    experts: Experts | None = None  # mixture of experts: every block's experts after its ``block`` Linears
+    measured: str = ""  # why bitplan cannot run it block by block (profile, emit, load); "" when it can
 
 
 _LLAMA = dict(
@@ -83,6 +101,13 @@ _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_
 _GEMMA = dict(_LLAMA, block=GEMMA_BLOCK, norm_offset=1.0, embedding_scale="sqrt_hidden",
               defaults=(("head_dim", 256), ("tie_word_embeddings", True)))
 
+_SWIGLU_EXPERT = (("gate_proj", "gate", "hidden", "expert"), ("up_proj", "up", "hidden", "expert"),
+                  ("down_proj", "down", "expert", "hidden"))
+_MIXTRAL_EXPERTS = Experts("block_sparse_moe.experts", "block_sparse_moe.gate",
+                           (("w1", "gate", "hidden", "expert"), ("w3", "up", "hidden", "expert"), ("w2", "down", "expert", "hidden")),
+                           "num_local_experts", "num_experts_per_tok", "intermediate_size")
+_QWEN_MOE_EXPERTS = Experts("mlp.experts", "mlp.gate", _SWIGLU_EXPERT, "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+
 # model_type in config.json -> family. Qwen3 and Gemma 3 add per-head q/k norms (head_dim each).
 FAMILIES: dict[str, Family] = {
     "llama": Family(name="llama", attention_bias=False, **_LLAMA),
@@ -93,6 +118,15 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(name="gemma2", attention_bias=False, **{**_GEMMA, "block_norms": _GEMMA_NORMS, "attention": "eager"}),
     "gemma3_text": Family(name="gemma3_text", attention_bias=False, **{**_GEMMA, "block_norms": _GEMMA_NORMS + _QK_NORMS}),
     "phi3": Family(name="phi3", attention_bias=False, **{**_LLAMA, "block": PHI3_BLOCK}),
+    # Mixtral checkpoints name the MoE block ``block_sparse_moe``, transformers' module ``mlp``
+    # (it renames on load), and its experts w1/w3/w2, which vLLM's compressed-tensors MoE
+    # matcher (``experts.0.gate_proj``) does not find among exact-name targets: planned only.
+    "mixtral": Family(name="mixtral", attention_bias=False, experts=_MIXTRAL_EXPERTS,
+                      measured="Mixtral is planned from its config only (capacity, compare): its checkpoint names differ from "
+                               "transformers' modules and vLLM's MoE matcher; quantize a Qwen3-MoE model end to end",
+                      **{**_LLAMA, "block": LLAMA_BLOCK[:4]}),
+    "qwen3_moe": Family(name="qwen3_moe", attention_bias=False, experts=_QWEN_MOE_EXPERTS,
+                        **{**_LLAMA, "block": LLAMA_BLOCK[:4], "block_norms": _LLAMA["block_norms"] + _QK_NORMS}),
 }
 
 # model_types bitplan recognises but does not plan, with what to do instead.

@@ -173,24 +173,22 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
     from bitplan.models.smoothing import smoothing_groups
 
     foldable = {linear: group.previous for group in smoothing_groups(family, num_heads, num_kv_heads) for linear in group.linears}
-    layers = [
-        LayerSpec(
-            name=f"{family.block_prefix}.{block}.{t.suffix}",
-            kind=t.kind,
-            block=block,
-            in_features=dims[t.in_dim],
-            out_features=dims[t.out_dim],
-            fused_group=t.fused_group,
-            smoothed_by=foldable.get(t.suffix, ""),
-        )
-        for block in range(num_blocks)
-        for t in family.block
-    ]
+    expert_width, num_experts = expert_shape(config, family)
+    dims["expert"] = expert_width
+    layers = []
+    for block in range(num_blocks):
+        layers += [
+            LayerSpec(name=f"{family.block_prefix}.{block}.{t.suffix}", kind=t.kind, block=block, in_features=dims[t.in_dim],
+                      out_features=dims[t.out_dim], fused_group=t.fused_group, smoothed_by=foldable.get(t.suffix, ""))
+            for t in family.block
+        ]
+        layers += expert_layers(family, block, dims, num_experts)
     if not tied:
         layers.append(LayerSpec(family.lm_head, "lm_head", -1, hidden, vocab, ""))
     norm_weights = num_blocks * sum(head_dim if "q_norm" in n or "k_norm" in n else hidden for n in family.block_norms)
     bias_weights = num_blocks * (dims["q"] + 2 * dims["kv"]) if family.attention_bias else 0
-    unquantized = (vocab * hidden + norm_weights + hidden + bias_weights) * DTYPE_BYTES[dtype]
+    router_weights = num_blocks * num_experts * hidden
+    unquantized = (vocab * hidden + norm_weights + hidden + bias_weights + router_weights) * DTYPE_BYTES[dtype]
     return ModelSpec(
         family=family.name,
         model_type=config["model_type"],
@@ -206,6 +204,34 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
         dtype=dtype,
         unquantized_bytes=unquantized,
     )
+
+
+EXPERT_KIND = "expert"
+EXPERT_GROUP = "experts"
+
+
+def expert_shape(config: dict, family: Family) -> tuple[int, int]:
+    """(one expert's intermediate width, experts per block); (0, 0) for a dense family."""
+    if family.experts is None:
+        return 0, 0
+    dense_layers = config.get("mlp_only_layers") or []
+    if dense_layers or int(config.get("decoder_sparse_step") or 1) != 1:
+        raise BitplanError(f"config.json makes some blocks dense (mlp_only_layers {dense_layers}, decoder_sparse_step "
+                           f"{config.get('decoder_sparse_step')}): bitplan plans {family.name} models whose every block is a mixture of experts")
+    return config_size(config, family.experts.intermediate_key), config_size(config, family.experts.num_experts_key)
+
+
+def expert_layers(family: Family, block: int, dims: dict[str, int], num_experts: int) -> list[LayerSpec]:
+    """Every expert's Linears of one block (kind "expert", one fused group per block: vLLM's FusedMoE)."""
+    if family.experts is None:
+        return []
+    prefix = f"{family.block_prefix}.{block}.{family.experts.path}"
+    return [
+        LayerSpec(name=f"{prefix}.{expert}.{suffix}", kind=EXPERT_KIND, block=block, in_features=dims[in_dim],
+                  out_features=dims[out_dim], fused_group=EXPERT_GROUP)
+        for expert in range(num_experts)
+        for suffix, _, in_dim, out_dim in family.experts.projections
+    ]
 
 
 def read_config(folder: Path) -> dict:
