@@ -27,6 +27,8 @@ TINY_CONFIGS = {
     "gemma3_text": dict(_SMALL, model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], sliding_window=16, query_pre_attn_scalar=16,
                         layer_types=["sliding_attention", "full_attention"], rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
                         hidden_activation="gelu_pytorch_tanh"),
+    "qwen3_moe": dict(_SMALL, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], moe_intermediate_size=32, num_experts=4,
+                      num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=True, hidden_act="silu"),
     "phi3": dict(_SMALL, model_type="phi3", architectures=["Phi3ForCausalLM"], num_key_value_heads=4, sliding_window=16,
                  tie_word_embeddings=False, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
@@ -54,12 +56,33 @@ def build_model(config: dict, seed: int = 0) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def checkpoint_state(model: torch.nn.Module, config: dict) -> dict[str, torch.Tensor]:
+    """The model's tensors as its checkpoints name them: transformers' fused experts
+    (``experts.gate_up_proj`` [experts, 2 x width, hidden], ``experts.down_proj``) split into one
+    tensor per expert and projection, as in the released files."""
+    from bitplan.models.architectures import FAMILIES
+
+    state = dict(model.state_dict())
+    experts = FAMILIES[config["model_type"]].experts
+    if experts is None:
+        return state
+    names = {role: suffix for suffix, role, _, _ in experts.projections}
+    for key in [k for k in state if k.endswith(".experts.gate_up_proj")]:
+        prefix = key.removesuffix(".gate_up_proj")
+        gate_up, down = state.pop(key), state.pop(f"{prefix}.down_proj")
+        for index in range(gate_up.shape[0]):
+            gate, up = gate_up[index].chunk(2, dim=0)
+            for role, tensor in (("gate", gate), ("up", up), ("down", down[index])):
+                state[f"{prefix}.{index}.{names[role]}.weight"] = tensor.clone()
+    return state
+
+
 def write_family_model(folder: Path, tokenizer_from: Path, config: dict, seed: int = 0) -> Path:
     """A Hugging Face folder of ``config``'s family: config.json, model.safetensors (bfloat16), SmolLM2's tokenizer."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = build_model(config, seed)
-    state = {name: tensor.to(torch.bfloat16).contiguous() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.to(torch.bfloat16).contiguous() for name, tensor in checkpoint_state(model, config).items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})

@@ -18,7 +18,7 @@ from bitplan.kernels.launch import WeightFormat
 from bitplan.kernels.qlinear import QuantLinear
 from bitplan.models.source import WeightReader, safetensors_files
 from bitplan.models.spec import family_for, read_config
-from bitplan.profiles.blocks import skeleton_model
+from bitplan.profiles.blocks import restore_buffers, skeleton_model
 
 FORMATS = {Format.PACKED: WeightFormat.INT, Format.INT: WeightFormat.W8A8, Format.FLOAT: WeightFormat.FP8,
            Format.NAIVE: WeightFormat.FP8, Format.NF4: WeightFormat.NF4}  # naive: bitplan writes it for weight-only FP8
@@ -75,10 +75,3 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: 
         model.tie_weights()
     return model.to(device).eval().requires_grad_(False)
 
-
-def restore_buffers(model: nn.Module) -> None:
-    """Recompute the buffers no checkpoint holds (rotary frequencies, Gemma's embedding scale),
-    left as garbage by ``to_empty``: transformers' own initialiser, on the modules that own them."""
-    for module in model.modules():
-        if module._non_persistent_buffers_set:
-            model._init_weights(module)

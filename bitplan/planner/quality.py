@@ -20,12 +20,20 @@ from bitplan.kernels.numerics import fake_quant_activations
 from bitplan.methods.block import quantize_block
 from bitplan.methods.ggml import GGMLQuantized
 from bitplan.methods.scheme import DENSE, QuantizedWeight, Scheme
-from bitplan.models.spec import SCALE_DTYPES, ModelSpec, norm_offset
+from bitplan.models.spec import SCALE_DTYPES, ModelSpec, family_for, norm_offset, read_config
 
 
 def load_dense_model(folder: Path) -> nn.Module:
-    """The unquantized model in float32 from safetensors (no remote code)."""
+    """The unquantized model in float32 from safetensors (no remote code). A mixture of experts
+    runs its experts unfused, one Linear each, as plans quantize them (``models.experts``)."""
     from transformers import AutoModelForCausalLM
+
+    config = read_config(folder)
+    if family_for(config).experts is not None:
+        from bitplan.models.source import WeightReader
+        from bitplan.profiles.blocks import unfused_dense_model
+
+        return unfused_dense_model(config, WeightReader(folder))
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
     return model.eval().requires_grad_(False)

@@ -19,7 +19,9 @@ import inspect
 import torch
 from torch import nn
 
+from bitplan.errors import BitplanError
 from bitplan.models.architectures import Family
+from bitplan.models.experts import unfuse_experts
 from bitplan.models.source import WeightReader
 from bitplan.models.spec import family_for
 
@@ -27,6 +29,8 @@ from bitplan.models.spec import family_for
 def hf_config(config: dict):
     from transformers import AutoConfig
 
+    if family_for(config).measured:
+        raise BitplanError(f"{config['model_type']}: {family_for(config).measured}")
     fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config", "architectures")}
     hf = AutoConfig.for_model(config["model_type"], **fields)
     hf._attn_implementation = family_for(config).attention
@@ -34,11 +38,39 @@ def hf_config(config: dict):
 
 
 def skeleton_model(config: dict) -> nn.Module:
-    """The model's modules on the meta device: shapes and code, no memory."""
+    """The model's modules on the meta device: shapes and code, no memory. A family bitplan plans
+    but cannot run (``Family.measured``) is refused here."""
     from transformers import AutoModelForCausalLM
 
+    family = family_for(config)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.float32)
+        if family.experts is not None:  # one Linear per expert, under the checkpoint's names
+            unfuse_experts(model, family.experts, family.block_prefix)
+    return model
+
+
+def restore_buffers(model: nn.Module) -> None:
+    """Recompute the buffers no checkpoint holds (rotary frequencies, Gemma's embedding scale),
+    left as garbage by ``to_empty``: transformers' own initialiser, on the modules that own them."""
+    for module in model.modules():
+        if module._non_persistent_buffers_set:
+            model._init_weights(module)
+
+
+def unfused_dense_model(config: dict, reader: WeightReader, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The whole unquantized model as bitplan runs it (a MoE family's experts unfused, see
+    ``models.experts``), filled from safetensors under the checkpoint's names."""
+    model = skeleton_model(config).to_empty(device="cpu").to(dtype)
+    restore_buffers(model)
+    state = {name: reader.tensor(name).to(dtype) for name in reader.location}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if unexpected or [name for name in missing if not (tied and name.startswith("lm_head"))]:
+        raise BitplanError(f"{reader.folder} does not match its config.json ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    if tied:
+        model.tie_weights()
+    return model.eval().requires_grad_(False)
 
 
 class BlockRunner:

@@ -1,4 +1,4 @@
-"""Gemma 2, Gemma 3 (text) and Phi-3 end to end on tiny random-weight models of their real structure.
+"""Gemma 2, Gemma 3 (text), Phi-3 and Qwen3-MoE end to end on tiny random-weight models of their real structure.
 
 Each family's model is what transformers builds from a config of that ``model_type`` (width 64,
 2 blocks, SmolLM2's tokenizer), so module names, norms, rotary and masks are the real ones:
@@ -6,15 +6,19 @@ Each family's model is what transformers builds from a config of that ``model_ty
 - the block runner (what profiling, the streaming meter and emit's calibration run) computes the
   whole transformers model's logits;
 - AWQ/SmoothQuant folding into Gemma's ``x * (1 + w)`` norms keeps the dense function;
-- plan -> emit -> ``bitplan.load`` gives the fake-quantized model's logits, and evaluate runs.
+- plan -> emit -> ``bitplan.load`` gives the fake-quantized model's logits, and evaluate runs;
+- a mixture of experts (4 experts, 2 per token) is planned expert by expert, its experts of one
+  block share a scheme, and its config is one vLLM's fused-MoE loader accepts.
 """
 
 import dataclasses
+import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from family_models import TINY_CONFIGS, build_model, write_family_model
+from family_models import TINY_CONFIGS, build_model, real_config, write_family_model
 
 import bitplan
 from bitplan.api import CalibrationSettings, Candidates
@@ -27,7 +31,7 @@ from bitplan.models.spec import spec_from_config, spec_from_folder
 from bitplan.planner.deployment import Deployment, memory_breakdown
 from bitplan.planner import quality
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.profiles.blocks import BlockRunner, run_block
+from bitplan.profiles.blocks import BlockRunner, hf_config, run_block
 from bitplan.profiles.calibration import calibration_windows
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -56,6 +60,8 @@ def test_block_runner_computes_the_whole_models_logits(family_folder):
 
 
 def test_sliding_window_blocks_get_their_own_mask(family_folder):
+    if not TINY_CONFIGS[family_folder.name].get("sliding_window"):
+        pytest.skip("no sliding window in this family's tiny config")
     runner = BlockRunner(TINY_CONFIGS[family_folder.name], WeightReader(family_folder))
     hidden = torch.zeros(1, 40, 64)
     sliding = runner.attention_mask("sliding_attention", hidden)
@@ -156,3 +162,31 @@ def assert_loaded_equals_fake_quantized(family_folder, plan, checkpoint):
     with torch.no_grad():
         ours, fake = model(IDS).logits, meter.working(IDS).logits
     assert (ours - fake).abs().max() < 1e-4
+
+
+def test_moe_checkpoint_config_is_what_vllms_fused_moe_loader_accepts(family_folder, emitted):
+    """vLLM's CompressedTensorsMoEMethod.get_moe_method looks up the scheme of ``{experts}.0.gate_proj``,
+    ``.0.up_proj`` and ``.0.down_proj`` for each FusedMoE layer and refuses a layer whose three differ;
+    the layer then holds every expert in one tensor under that scheme. The router stays dense."""
+    if TINY_CONFIGS[family_folder.name].get("num_experts") is None:
+        pytest.skip("not a mixture of experts")
+    plan, checkpoint = emitted
+    config = json.loads((checkpoint / "config.json").read_text())
+    group_of = {target: name for name, group in config["quantization_config"]["config_groups"].items() for target in group["targets"]}
+    spec = spec_from_folder(family_folder)
+    for block in range(spec.num_blocks):
+        experts = [layer.name for layer in spec.layers if layer.block == block and layer.kind == "expert"]
+        assert len(experts) == 4 * 3 and len({plan.assignments[name] for name in experts}) == 1
+        layer = f"model.layers.{block}.mlp.experts"
+        looked_up = {group_of.get(f"{layer}.0.{projection}") for projection in ("gate_proj", "up_proj", "down_proj")}
+        assert len(looked_up) == 1 and looked_up != {None}  # one scheme (this plan quantizes every expert)
+        assert {group_of[name] for name in experts} == looked_up
+        assert f"model.layers.{block}.mlp.gate" not in group_of
+    with safe_open(checkpoint / "model.safetensors", framework="pt") as handle:
+        assert handle.get_tensor("model.layers.0.mlp.gate.weight").dtype == torch.bfloat16
+        assert "model.layers.0.mlp.experts.3.down_proj.weight_packed" in handle.keys()
+
+
+def test_a_family_bitplan_cannot_run_is_refused_in_one_line():
+    with pytest.raises(BitplanError, match="Mixtral is planned from its config only"):
+        hf_config(real_config("mixtral-8x7b"))
