@@ -26,11 +26,12 @@ from bitplan.errors import BitplanError
 from bitplan.kernels.qlinear import QuantLinear
 from bitplan.methods.block import quantize_block
 from bitplan.methods.scheme import DENSE, Scheme
-from bitplan.models.source import WeightReader
+from bitplan.models.source import WeightReader, open_model
 from bitplan.models.spec import spec_from_config, spec_from_folder
 from bitplan.planner.deployment import Deployment, memory_breakdown
 from bitplan.planner import quality
 from bitplan.planner.quality import QualityMeter, load_dense_model
+from bitplan.planner.streaming import StreamingMeter
 from bitplan.profiles.blocks import BlockRunner, hf_config, run_block
 from bitplan.profiles.calibration import calibration_windows
 
@@ -190,3 +191,20 @@ def test_moe_checkpoint_config_is_what_vllms_fused_moe_loader_accepts(family_fol
 def test_a_family_bitplan_cannot_run_is_refused_in_one_line():
     with pytest.raises(BitplanError, match="Mixtral is planned from its config only"):
         hf_config(real_config("mixtral-8x7b"))
+
+
+def test_streaming_meter_measures_the_whole_model_meters_kl(family_folder, emitted, private_cache):
+    """Refinement's block-by-block meter (embedding scale, 1 + w final norm, soft-capped logits,
+    unfused experts) measures the plan as the whole fake-quantized model does."""
+    plan, _ = emitted
+    source = open_model(family_folder)
+    windows = calibration_windows(family_folder, CalibrationSettings((), 4, 48), 2)
+    whole = QualityMeter(load_dense_model(family_folder), source.spec)
+    streaming = StreamingMeter(family_folder, source.config, source.spec)
+    for meter in (whole, streaming):
+        meter.calibrate(windows[:4])
+        meter.apply(plan.schemes())
+    expected, measured = whole.measure(windows[4:]), streaming.measure(windows[4:])
+    assert expected.kl > 1e-5
+    assert measured.kl == pytest.approx(expected.kl, rel=1e-4)
+    assert measured.reference_perplexity == pytest.approx(expected.reference_perplexity, rel=1e-5)
