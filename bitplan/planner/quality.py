@@ -88,12 +88,14 @@ class QualityMeter:
 
     def calibrate(self, windows: torch.Tensor) -> None:
         """Gather every Linear's input statistics on ``windows`` (needed by calibrated methods)."""
-        from bitplan.methods.calibration_stats import PLANNER_SAMPLES, PLANNER_STRIDE, collect_input_stats
+        from bitplan.methods.calibration_stats import PLANNER_SAMPLES, PLANNER_STRIDE, collect_input_stats, planner_stats
 
         batches = list(windows.split(self.batch_size))
         names = [layer.name for layer in self.spec.layers]
         collected = collect_input_stats(self.reference, batches, names, max_samples=PLANNER_SAMPLES, sample_stride=PLANNER_STRIDE)
         self.stats = {name: {"input": stats} for name, stats in collected.items()}
+        for layer in self.spec.layers:  # a Linear no token reached (an expert the router never chose): empty statistics
+            self.stats.setdefault(layer.name, {"input": planner_stats(layer.in_features)})
         self.cache.clear()
 
     def read(self, name: str) -> torch.Tensor | None:

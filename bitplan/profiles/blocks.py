@@ -177,7 +177,8 @@ def block_input_stats(
     """Run one block over ``hidden`` while gathering each named Linear's ``InputStats``.
 
     Returns ({full Linear name: {"input": InputStats}}, the block's output). Linears that share
-    an input tensor (q/k/v, gate/up) share one accumulator.
+    an input tensor (q/k/v, gate/up) share one accumulator; one that no token reached (an expert
+    the router never chose) gets an empty one.
     """
     from bitplan.methods.calibration_stats import planner_stats
 
@@ -207,4 +208,6 @@ def block_input_stats(
     finally:
         for handle in handles:
             handle.remove()
+    for name in names:  # a Linear no token reached (an expert the router never chose): empty statistics
+        stats.setdefault(name, {"input": planner_stats(block.get_submodule(name[len(prefix):]).in_features)})
     return stats, torch.cat(outputs)

@@ -208,3 +208,14 @@ def test_streaming_meter_measures_the_whole_model_meters_kl(family_folder, emitt
     assert expected.kl > 1e-5
     assert measured.kl == pytest.approx(expected.kl, rel=1e-4)
     assert measured.reference_perplexity == pytest.approx(expected.reference_perplexity, rel=1e-5)
+
+
+def test_experts_no_calibration_token_reaches_still_plan_emit_and_load(smollm_folder, private_cache, tmp_path):
+    """32 experts, 1 per token, 16 calibration tokens: most experts see no token. GPTQ has no
+    Hessian for them and quantizes with H = I (RTN's numbers); the checkpoint still loads exactly."""
+    config = dict(TINY_CONFIGS["qwen3_moe"], num_experts=32, num_experts_per_tok=1)
+    folder = write_family_model(tmp_path / "qwen3_moe", smollm_folder, config)
+    plan = bitplan.plan(str(folder), budget=tight_budget(folder, 64), context=64, trials=0,
+                        candidates=Candidates(("gptq",), (4, 8), (32,), (True,)), calibration=CalibrationSettings((), 1, 16))
+    assert all(scheme != "none" for name, scheme in plan.assignments.items() if ".experts." in name)
+    assert_loaded_equals_fake_quantized(folder, plan, bitplan.emit(plan, tmp_path / "emitted"))
