@@ -29,6 +29,11 @@ TINY_CONFIGS = {
                         hidden_activation="gelu_pytorch_tanh"),
     "qwen3_moe": dict(_SMALL, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], moe_intermediate_size=32, num_experts=4,
                       num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=True, hidden_act="silu"),
+    "qwen2_moe": dict(_SMALL, model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], moe_intermediate_size=32, num_experts=4,
+                      num_experts_per_tok=2, shared_expert_intermediate_size=64, norm_topk_prob=False, tie_word_embeddings=True,
+                      hidden_act="silu", qkv_bias=True),
+    "olmoe": dict(_SMALL, model_type="olmoe", architectures=["OlmoeForCausalLM"], intermediate_size=32, num_experts=4,
+                  num_experts_per_tok=2, tie_word_embeddings=True, hidden_act="silu", clip_qkv=8.0, pad_token_id=1, eos_token_id=2),
     "phi3": dict(_SMALL, model_type="phi3", architectures=["Phi3ForCausalLM"], num_key_value_heads=4, sliding_window=16,
                  tie_word_embeddings=False, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 class LinearTemplate:
     suffix: str  # module path inside the block, e.g. "self_attn.q_proj"
     kind: str
-    in_dim: str  # "hidden", "q", "kv", "intermediate", "qkv", "gate_up"
+    in_dim: str  # "hidden", "q", "kv", "intermediate", "qkv", "gate_up", or a family's config_dims
     out_dim: str
     fused_group: str  # engines fuse Linears with the same group ("qkv", "gate_up") or "" for none
     norm: str  # the norm (or Linear) that feeds this Linear's input, for smoothing and AWQ; "" when nothing folds
@@ -68,6 +68,7 @@ class Experts:
     num_experts_key: str
     experts_per_token_key: str
     intermediate_key: str  # config key of one expert's intermediate width
+    shared_gate: str = ""  # a dense hidden -> 1 Linear gating a shared expert (Qwen2-MoE), "" when none
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class Family:
     defaults: tuple[tuple[str, object], ...] = ()  # config.json fields transformers fills in when absent
     experts: Experts | None = None  # mixture of experts: every block's experts after its ``block`` Linears
     measured: str = ""  # why bitplan cannot run it block by block (profile, emit, load); "" when it can
+    norm_widths: tuple[tuple[str, str], ...] = (("self_attn.q_norm", "head"), ("self_attn.k_norm", "head"))  # others: hidden
+    config_dims: tuple[tuple[str, str], ...] = ()  # more template dimensions, from config keys: (dim, key)
 
 
 _LLAMA = dict(
@@ -107,6 +110,13 @@ _MIXTRAL_EXPERTS = Experts("block_sparse_moe.experts", "block_sparse_moe.gate",
                            (("w1", "gate", "hidden", "expert"), ("w3", "up", "hidden", "expert"), ("w2", "down", "expert", "hidden")),
                            "num_local_experts", "num_experts_per_tok", "intermediate_size")
 _QWEN_MOE_EXPERTS = Experts("mlp.experts", "mlp.gate", _SWIGLU_EXPERT, "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+# Qwen2-MoE adds a shared expert every token runs, scaled by sigmoid(shared_expert_gate(x)). Its
+# input norm also feeds the router and the routed experts, so no scale folds there; up -> down does.
+_SHARED_EXPERT = (
+    LinearTemplate("mlp.shared_expert.gate_proj", "gate", "hidden", "shared_expert", "gate_up", ""),
+    LinearTemplate("mlp.shared_expert.up_proj", "up", "hidden", "shared_expert", "gate_up", ""),
+    LinearTemplate("mlp.shared_expert.down_proj", "down", "shared_expert", "hidden", "", "mlp.shared_expert.up_proj"),
+)
 
 # model_type in config.json -> family. Qwen3 and Gemma 3 add per-head q/k norms (head_dim each).
 FAMILIES: dict[str, Family] = {
@@ -127,6 +137,14 @@ FAMILIES: dict[str, Family] = {
                       **{**_LLAMA, "block": LLAMA_BLOCK[:4]}),
     "qwen3_moe": Family(name="qwen3_moe", attention_bias=False, experts=_QWEN_MOE_EXPERTS,
                         **{**_LLAMA, "block": LLAMA_BLOCK[:4], "block_norms": _LLAMA["block_norms"] + _QK_NORMS}),
+    "qwen2_moe": Family(name="qwen2_moe", attention_bias=True, config_dims=(("shared_expert", "shared_expert_intermediate_size"),),
+                        experts=Experts("mlp.experts", "mlp.gate", _SWIGLU_EXPERT, "num_experts", "num_experts_per_tok",
+                                        "moe_intermediate_size", shared_gate="mlp.shared_expert_gate"),
+                        **{**_LLAMA, "block": LLAMA_BLOCK[:4] + _SHARED_EXPERT}),
+    # OLMoE normalises whole q and k projections (widths q and kv), not each head.
+    "olmoe": Family(name="olmoe", attention_bias=False, norm_widths=(("self_attn.q_norm", "q"), ("self_attn.k_norm", "kv")),
+                    experts=Experts("mlp.experts", "mlp.gate", _SWIGLU_EXPERT, "num_experts", "num_experts_per_tok", "intermediate_size"),
+                    **{**_LLAMA, "block": LLAMA_BLOCK[:4], "block_norms": _LLAMA["block_norms"] + _QK_NORMS}),
 }
 
 # model_types bitplan recognises but does not plan, with what to do instead.

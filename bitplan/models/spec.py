@@ -169,6 +169,8 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
         "intermediate": intermediate,
         "qkv": (num_heads + 2 * num_kv_heads) * head_dim,
         "gate_up": 2 * intermediate,
+        "head": head_dim,
+        **{dim: config_size(config, key) for dim, key in family.config_dims},
     }
     from bitplan.models.smoothing import smoothing_groups
 
@@ -185,9 +187,11 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
         layers += expert_layers(family, block, dims, num_experts)
     if not tied:
         layers.append(LayerSpec(family.lm_head, "lm_head", -1, hidden, vocab, ""))
-    norm_weights = num_blocks * sum(head_dim if "q_norm" in n or "k_norm" in n else hidden for n in family.block_norms)
+    widths = dict(family.norm_widths)
+    norm_weights = num_blocks * sum(dims[widths.get(name, "hidden")] for name in family.block_norms)
     bias_weights = num_blocks * (dims["q"] + 2 * dims["kv"]) if family.attention_bias else 0
-    router_weights = num_blocks * num_experts * hidden
+    shared_gates = 1 if family.experts and family.experts.shared_gate else 0
+    router_weights = num_blocks * (num_experts + shared_gates) * hidden
     unquantized = (vocab * hidden + norm_weights + hidden + bias_weights + router_weights) * DTYPE_BYTES[dtype]
     return ModelSpec(
         family=family.name,

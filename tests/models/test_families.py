@@ -205,7 +205,7 @@ def test_streaming_meter_measures_the_whole_model_meters_kl(family_folder, emitt
         meter.calibrate(windows[:4])
         meter.apply(plan.schemes())
     expected, measured = whole.measure(windows[4:]), streaming.measure(windows[4:])
-    assert expected.kl > 1e-5
+    assert expected.kl > 1e-8  # the plan changes the model
     assert measured.kl == pytest.approx(expected.kl, rel=1e-4)
     assert measured.reference_perplexity == pytest.approx(expected.reference_perplexity, rel=1e-5)
 
