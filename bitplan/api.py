@@ -1,4 +1,4 @@
-"""The Python API: ``plan``, ``profile``, ``emit``, ``load``, ``evaluate``.
+"""The Python API: ``plan``, ``profile``, ``emit``, ``load``, ``evaluate``, ``score`` (a scorecard: evaluate and judge).
 
 Each is a short pipeline of the stage functions that live in the rooms below (``models``,
 ``profiles``, ``engines``, ``planner``, ``checkpoints``); the CLI is a thin layer over these.
@@ -11,25 +11,28 @@ from dataclasses import replace
 
 from bitplan import __version__
 from bitplan.checkpoints.emit import emit
-from bitplan.checkpoints.evaluate import evaluate
+from bitplan.checkpoints.evaluate import evaluate, score
 from bitplan.checkpoints.load import load
+from bitplan.checkpoints.scorecard import Scorecard, load_scorecard
 from bitplan.engines import DEFAULT_ENGINE, Target, deployed_spec, resolve_target
 from bitplan.engines.formats import format_counts
-from bitplan.engines.rules import EngineRules, allowed, check_tensor_parallel, restrict_table
+from bitplan.engines.rules import EngineRules, allowed, check_kv_dtype, check_tensor_parallel, kv_engine_flags, restrict_table
+from bitplan.methods.kv_cache import kv_format
 from bitplan.methods.scheme import Scheme
 from bitplan.models.source import ModelSource, open_model
 from bitplan.planner.candidates import Candidates
 from bitplan.planner.deployment import Deployment, deployment_for, memory_breakdown, weight_budget_bytes
 from bitplan.planner.objective import assignment_sum, check_objective, objective_costs
-from bitplan.planner.plan import EngineRecord, FormatCount, ModelRef, Plan, Prediction, Provenance, SearchRecord
+from bitplan.planner.kv_choice import AUTO, KVMeasured, choose_kv, kv_candidates, measure_kv
+from bitplan.planner.plan import EngineRecord, FormatCount, KVCacheRecord, ModelRef, Plan, Prediction, Provenance, SearchRecord
 from bitplan.planner.refine import Refinement, refine_measured
-from bitplan.planner.search import Allocation, SearchSettings, allocate, check_feasible
+from bitplan.planner.search import Allocation, SearchSettings, allocate, check_feasible, smallest_allocation
 from bitplan.planner.speed import decode_prediction
 from bitplan.profiles.calibration import CalibrationSettings
 from bitplan.profiles.sensitivity import sensitivity_table
 from bitplan.profiles.tables import SensitivityTable
 
-__all__ = ["CalibrationSettings", "Candidates", "emit", "evaluate", "load", "plan", "profile"]
+__all__ = ["CalibrationSettings", "Candidates", "Scorecard", "emit", "evaluate", "load", "load_scorecard", "plan", "profile", "score"]
 Progress = Callable[[str, int, int], None]
 EXACT_SOLVER = "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack"
 
@@ -69,7 +72,9 @@ def plan(
     ``quality`` minimises predicted KL; ``speed`` and ``balanced`` add the predicted decode time
     on ``target``, which they therefore need. ``study_storage`` (an RDB URL or a journal file path)
     shares refinement's Optuna study among workers running the same plan (``planner.study``);
-    ``workers`` processes share the profile (``profiles.distributed``).
+    ``workers`` processes share the profile (``profiles.distributed``). ``kv_dtype`` "auto" makes
+    the KV cache's format part of the search (``planner.kv_choice``): every format the engine runs
+    is tried, its cost measured on the calibration text; a named format is checked against the engine.
     """
     goal = resolve_target(engine, target)
     settings = SearchSettings(tie_fused or goal.rules.fused_share_scheme, trials, seed,
@@ -77,29 +82,48 @@ def plan(
     source = open_model(model)
     source = replace(source, spec=deployed_spec(source.spec, goal.rules))
     check_tensor_parallel(source.spec, goal.rules, tensor_parallel)
-    deployment = deployment_for(budget, goal.device, context, batch, kv_dtype, tensor_parallel, overhead)
-    weight_budget = weight_budget_bytes(source.spec, deployment)
+    if kv_dtype != AUTO:
+        check_kv_dtype(goal.rules, kv_dtype)
+    kv_dtypes = kv_candidates(kv_dtype, goal.rules.kv_cache_dtypes, source.spec)
+    smallest_kv = min(kv_dtypes, key=lambda d: kv_format(d).bytes_per_value)
+    deployment = deployment_for(budget, goal.device, context, batch, smallest_kv, tensor_parallel, overhead)
     schemes = candidates.for_device(goal.device).schemes(goal.rules)
-    check_feasible(source.spec, schemes, weight_budget, deployment.budget_bytes, settings.tie_fused,
+    check_feasible(source.spec, schemes, weight_budget_bytes(source.spec, deployment), deployment.budget_bytes, settings.tie_fused,
                    allowed(goal.rules, source.spec, tensor_parallel))
     table = sensitivity_table(source, schemes, calibration, seed, progress, workers=workers)
     table = restrict_table(table, source.spec, goal.rules, tensor_parallel)
     times, extra_cost = objective_costs(settings.objective, table, source.spec, goal.device, deployment)
-    allocation = allocate(table, source.spec, weight_budget, settings.tie_fused, extra_cost=extra_cost)
+    kv_measured = measure_kv(source, kv_dtypes, calibration)
+    kv_dtype, allocation, kv_options = choose_kv(
+        source.spec, deployment, kv_measured.kl,
+        lambda budget_bytes: allocate(table, source.spec, budget_bytes, settings.tie_fused, extra_cost=extra_cost),
+        smallest_allocation(table, source.spec, settings.tie_fused).weight_bytes)
+    deployment = replace(deployment, kv_dtype=kv_dtype)
+    weight_budget = weight_budget_bytes(source.spec, deployment)
+    kv_record = kv_cache_record(kv_dtype, kv_measured, kv_options, goal.rules)
     refinement = None
     if trials > 0:
         refinement = refine_measured(source, table, weight_budget, settings, calibration, progress, extra_cost)
         allocation = refinement[0].allocation
-    return assemble_plan(source, deployment, goal, table, allocation, refinement, times, calibration, settings)
+    return assemble_plan(source, deployment, goal, table, allocation, refinement, times, calibration, settings, kv_record)
+
+
+def kv_cache_record(dtype: str, measured: KVMeasured, options, rules: EngineRules) -> KVCacheRecord:
+    """What the plan says about its KV cache: format, cost, every option, scales and the engine's run-time flag."""
+    scaled = kv_format(dtype).scale == "tensor"
+    return KVCacheRecord(dtype, measured.kl[dtype], measured.tokens, tuple(o.to_dict() for o in options),
+                         measured.k_scales if scaled else (), measured.v_scales if scaled else (), kv_engine_flags(rules.engine, dtype))
 
 
 def assemble_plan(source: ModelSource, deployment: Deployment, goal: Target, table: SensitivityTable, allocation: Allocation,
                   refinement: tuple[Refinement, int] | None, times, calibration: CalibrationSettings,
-                  settings: SearchSettings) -> Plan:
+                  settings: SearchSettings, kv_record: KVCacheRecord | None = None) -> Plan:
     """The Plan product of the stages' results."""
     search = SearchRecord(EXACT_SOLVER, allocation.status, allocation.mip_gap, settings.tie_fused,
                           weight_budget_bytes(source.spec, deployment), settings.objective)
     predicted = {"score_kl": allocation.score, "metric": table.provenance.get("metric")}
+    if kv_record is not None:
+        predicted["kv_cache_kl"] = kv_record.kl
     if refinement is not None:
         found, tokens = refinement
         search = SearchRecord(**{**search.to_dict(), "refine_trials": found.trials, "refine_distinct_plans": found.distinct_plans,
@@ -123,4 +147,5 @@ def assemble_plan(source: ModelSource, deployment: Deployment, goal: Target, tab
         provenance=provenance,
         engine=EngineRecord(rules.engine, rules.platform, rules.loader, tuple(rules.summary())),
         formats={name: FormatCount(fmt, layers) for name, (fmt, layers) in format_counts(schemes).items()},
+        kv_cache=kv_record,
     )

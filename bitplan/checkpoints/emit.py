@@ -141,6 +141,32 @@ def quantization_config(assignments: dict[str, Scheme]) -> dict:
     }
 
 
+def kv_cache_scheme(plan: Plan) -> dict | None:
+    """compressed-tensors ``kv_cache_scheme`` for a plan whose KV cache is fp8_e4m3 with per-layer
+    scales (what vLLM loads, ``engines.vllm.KV_CUDA``); None otherwise (other formats are run-time
+    flags, ``plan.kv_cache.engine_flags``)."""
+    kv = plan.kv_cache
+    if kv is None or kv.dtype != "fp8_e4m3" or engine_rules_of(plan).loader != "compressed-tensors":
+        return None
+    return {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True,
+            "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
+
+
+def kv_scale_tensors(plan: Plan, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Each attention layer's calibrated K and V scales, named as llm-compressor writes them
+    (``...self_attn.k_scale``, which vLLM remaps to ``self_attn.attn.k_scale``)."""
+    kv = plan.kv_cache
+    if len(kv.k_scales) != spec.num_blocks or len(kv.v_scales) != spec.num_blocks:
+        raise BitplanError(f"the plan's fp8 KV cache has {len(kv.k_scales)} scales for {spec.num_blocks} layers: "
+                           "re-create it with `bitplan plan`")
+    prefix = family_for({"model_type": spec.model_type}).block_prefix
+    tensors = {}
+    for index in range(spec.num_blocks):
+        tensors[f"{prefix}.{index}.self_attn.k_scale"] = torch.tensor([kv.k_scales[index]], dtype=torch.float32)
+        tensors[f"{prefix}.{index}.self_attn.v_scale"] = torch.tensor([kv.v_scales[index]], dtype=torch.float32)
+    return tensors
+
+
 def mark_for_bitplan(config: dict) -> dict:
     """A checkpoint planned for ``--engine bitplan`` may hold what no other loader reads (NF4).
     Its config.json says so in a way others refuse cleanly: ``model_type`` "bitplan" (transformers
@@ -278,8 +304,12 @@ def write_checkpoint(folder: Path, config: dict, spec: ModelSpec, assignments: d
         for name in by_block[block]:
             linear_bytes += write_tensor(name, reader, quantized, writer)
         report("emit", done, len(by_block))
+    kv_scheme = kv_cache_scheme(plan)
+    if kv_scheme is not None:
+        for name, scale in kv_scale_tensors(plan, spec).items():
+            writer.add(name, scale)
     writer.finish()
-    config = {**config, "quantization_config": quantization_config(assignments)}
+    config = {**config, "quantization_config": {**quantization_config(assignments), "kv_cache_scheme": kv_scheme}}
     if engine_rules_of(plan).loader == "bitplan":
         config = mark_for_bitplan(config)
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

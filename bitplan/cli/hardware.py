@@ -20,7 +20,7 @@ from bitplan.errors import BitplanError
 from bitplan.models.moe import load_spec
 from bitplan.models.spec import read_config, read_config_file
 from bitplan.planner.compare import DEFAULT_SCHEMES, CompareSettings, Comparison, compare, write_plot
-from bitplan.planner.deployment import DEFAULT_PREFILL_CHUNK_TOKENS, KV_DTYPE_BYTES
+from bitplan.planner.deployment import DEFAULT_PREFILL_CHUNK_TOKENS, KV_DTYPES
 from bitplan.planner.objective import OBJECTIVES
 from bitplan.profiles.hardware import get_devices, load_catalog
 
@@ -45,7 +45,7 @@ def add_commands(subparsers) -> None:
     comp.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated device names or profile .toml paths")
     comp.add_argument("--context", type=int, default=8192, help="tokens per sequence (prompt + output)")
     comp.add_argument("--batch", type=int, default=1, help="concurrent sequences the plan must leave room for")
-    comp.add_argument("--kv-dtype", default="bfloat16", choices=sorted(KV_DTYPE_BYTES), help="KV cache dtype")
+    comp.add_argument("--kv-dtype", default="bfloat16", choices=KV_DTYPES, help="KV cache dtype")
     comp.add_argument("--tp", type=int, default=1, help="tensor-parallel devices of each target")
     comp.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK_TOKENS, help="tokens per prefill step")
     comp.add_argument("--objective", default="quality", choices=OBJECTIVES, help="what the plan optimizes (bitplan/planner/objective.py)")

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from bitplan.cli.common import group_list, int_list, positive_int, progress_bars
 from bitplan.errors import BitplanError
-from bitplan.planner.deployment import KV_DTYPE_BYTES, format_bytes
+from bitplan.planner.deployment import KV_DTYPES, format_bytes
 from bitplan.planner.objective import OBJECTIVES
 
 
@@ -21,7 +21,8 @@ def add_commands(commands) -> None:
     plan.add_argument("--budget", help="memory budget, e.g. 150MB, 40GB, 40GiB (default: the target's usable memory)")
     plan.add_argument("--context", type=positive_int, default=2048, help="tokens per sequence the KV cache must hold")
     plan.add_argument("--batch", type=positive_int, default=1, help="concurrent sequences")
-    plan.add_argument("--kv-dtype", default="float16", choices=sorted(KV_DTYPE_BYTES), help="KV cache dtype")
+    plan.add_argument("--kv-dtype", default="float16", choices=("auto", *KV_DTYPES),
+                      help="KV cache format (default float16); auto lets the search trade KV bytes against weight bytes")
     plan.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel devices")
     plan.add_argument("--overhead", help="runtime overhead to reserve, e.g. 1GiB (default: 1 GiB with --target, else 0)")
     plan.add_argument("--tie-fused", action="store_true", help="q/k/v and gate/up share one scheme (engines fuse them)")
@@ -130,11 +131,33 @@ def print_plan(result, console: Console) -> None:
     if predicted.calibration_kl is not None:
         line += f"; measured on held-in text: {predicted.calibration_kl:.4f} (exact allocation: {predicted.exact_calibration_kl:.4f})"
     console.print(line)
+    if result.kv_cache is not None:
+        print_kv(result, console)
     if predicted.decode_tokens_per_s is not None:
         batch, context = result.deployment.batch, result.deployment.context
         console.print(f"predicted decode on {result.target} ({result.search.objective} objective, roofline): "
                       f"{predicted.decode_tokens_per_s / batch:.1f} tokens/s per sequence at batch {batch}, context {context} "
                       f"({predicted.decode_tokens_per_s:.1f} tokens/s in all); {predicted.decode_ms_per_token_batch1:.3f} ms/token at batch 1")
+
+
+def print_kv(result, console: Console) -> None:
+    """Each KV cache format the search weighed: cache bytes, the weights' score beside it, its own cost."""
+    kv = result.kv_cache
+    if len(kv.options) > 1:
+        table = Table(title=f"KV cache formats at context {result.deployment.context} x batch {result.deployment.batch}")
+        for column in ("format", "KV cache", "weights' budget", "weights' score", "KV cost (measured)", "total"):
+            table.add_column(column, justify="left" if column == "format" else "right")
+        for option in kv.options:
+            chosen = " (chosen)" if option["dtype"] == kv.dtype else ""
+            score = f"{option['weight_score_kl']:.4f}" if "weight_score_kl" in option else "does not fit"
+            total = f"{option['total_kl']:.4f}" if "total_kl" in option else "-"
+            table.add_row(option["dtype"] + chosen, format_bytes(option["kv_cache_bytes"]), format_bytes(max(option["weight_budget_bytes"], 0)),
+                          score, f"{option['kv_kl']:.4f}", total)
+        console.print(table)
+    line = f"KV cache: {kv.dtype}, measured cost {kv.kl:.4f} nats/token on {kv.tokens} calibration tokens"
+    if kv.engine_flags:
+        line += f"; serve with {kv.engine_flags}"
+    console.print(line)
 
 
 def run_profile(args) -> int:

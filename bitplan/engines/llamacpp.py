@@ -56,6 +56,8 @@ RULES = EngineRules(
     sources={"lm_head": "output.weight takes any type", "fused": "src/models/llama.cpp: wq, wk, wv, ffn_gate, ffn_up are separate",
              "token_embd": TOKEN_EMBD_SOURCE},
     methods=("ggml",),
+    kv_cache_dtypes=("float16", "bfloat16", "q8_0", "q4_0"),
+    kv_cache_source="common/arg.cpp:304-314 kv_cache_types (--cache-type-k/-v f16, bf16, q8_0, q4_0; a quantized V cache needs -fa)",
 )
 
 

@@ -80,6 +80,9 @@ class EngineRules:
     tensor_parallel: bool
     sources: dict[str, str] = field(default_factory=dict)  # model-wide rule -> where it comes from
     methods: tuple[str, ...] = ()  # when set, the only methods whose formats it loads: its default candidates
+    # KV cache formats it runs (methods.kv_cache names); the 16-bit ones mean "the checkpoint's dtype"
+    kv_cache_dtypes: tuple[str, ...] = ("float16", "bfloat16")
+    kv_cache_source: str = "the KV cache is kept in the checkpoint's dtype"
 
     @property
     def key(self) -> str:
@@ -117,9 +120,34 @@ class EngineRules:
         lines.append("fused q/k/v and gate/up share one scheme" if self.fused_share_scheme else "no fused groups")
         lines.append("lm_head may be quantized" if self.quantized_lm_head else "lm_head stays unquantized")
         lines.append("tensor parallel: group sizes divide each partition" if self.tensor_parallel else "one device only (no tensor parallel)")
+        lines.append(f"KV cache: {', '.join(self.kv_cache_dtypes)} [{self.kv_cache_source}]")
         if "token_embd" in self.sources:
             lines.append(f"token embedding: {self.sources['token_embd']}")
         return lines
+
+
+def check_kv_dtype(rules: EngineRules, kv_dtype: str) -> str:
+    """The canonical name of ``kv_dtype`` when ``rules``' engine runs it; one line naming what it runs otherwise."""
+    from bitplan.methods.kv_cache import canonical_kv_dtype
+
+    name = canonical_kv_dtype(kv_dtype)
+    if name not in rules.kv_cache_dtypes:
+        raise BitplanError(f"{rules.engine} on {rules.platform} cannot keep the KV cache in {kv_dtype}: choose auto or one of "
+                           f"{', '.join(rules.kv_cache_dtypes)} ({rules.kv_cache_source})")
+    return name
+
+
+KV_ENGINE_FLAGS = {  # how each engine is told to keep its cache in a format the checkpoint cannot carry
+    "vllm": {"fp8_e5m2": "--kv-cache-dtype fp8_e5m2"},
+    "llama.cpp": {"q8_0": "-ctk q8_0 -ctv q8_0", "q4_0": "-fa on -ctk q4_0 -ctv q4_0"},
+}
+
+
+def kv_engine_flags(engine: str, kv_dtype: str) -> str:
+    """The run-time flags serving ``kv_dtype`` needs ("" when the checkpoint says it or it is the default).
+
+    vLLM reads fp8_e4m3 from the compressed-tensors ``kv_cache_scheme`` emit writes."""
+    return KV_ENGINE_FLAGS.get(engine, {}).get(kv_dtype, "")
 
 
 def describe(scheme: Scheme) -> str:

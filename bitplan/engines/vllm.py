@@ -64,9 +64,18 @@ CPU_FP8 = Kernel("ChannelWiseTorchFP8 W8A8", "vllm/model_executor/kernels/linear
                  frozenset({Format.FLOAT}), frozenset({8}), frozenset({0}), SYMMETRIC, activations=frozenset({"fp8"}))
 
 
+# KV cache formats (--kv-cache-dtype; fp8_e4m3 with per-layer scales read from a compressed-tensors kv_cache_scheme,
+# vllm/model_executor/layers/attention/attention.py:280-291).
+KV_CUDA = ("vllm/v1/attention/backends/flash_attn.py:288-294 (FlashAttention: fp8_e4m3), "
+           "triton_attn.py:302-312 (Triton backend: fp8_e4m3, fp8_e5m2)")
+KV_CPU = "vllm/v1/attention/backends/cpu_attn.py:57-62 (CPU attention: fp8, fp8_e4m3, fp8_e5m2)"
+KV_DTYPES = ("float16", "bfloat16", "fp8_e4m3", "fp8_e5m2")
+
+
 def _rules(platform: str, *kernels: Kernel) -> EngineRules:
     return EngineRules("vllm", platform, "compressed-tensors", kernels, fused_share_scheme=True, quantized_lm_head=True,
-                       tensor_parallel=True, sources={"fused": FUSED, "lm_head": LM_HEAD, "bits": WNA16})
+                       tensor_parallel=True, sources={"fused": FUSED, "lm_head": LM_HEAD, "bits": WNA16},
+                       kv_cache_dtypes=KV_DTYPES, kv_cache_source=KV_CPU if platform.startswith("cpu") else KV_CUDA)
 
 
 RULES = {

@@ -35,9 +35,10 @@ import re
 from dataclasses import asdict, dataclass
 
 from bitplan.errors import BitplanError
+from bitplan.methods.kv_cache import ALIASES, KV_FORMATS, kv_format
 from bitplan.models.spec import ModelSpec
 
-KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+KV_DTYPES = (*KV_FORMATS, *ALIASES)  # names --kv-dtype takes (formats and bytes: methods.kv_cache)
 DEFAULT_GPU_OVERHEAD_BYTES = 1 * 2**30  # CUDA context + allocator slack (see module notes)
 TENSOR_PARALLEL_OVERHEAD_BYTES = 2 * 2**30  # NCCL / custom all-reduce buffers per device
 DEFAULT_PREFILL_CHUNK_TOKENS = 512
@@ -118,8 +119,7 @@ class Deployment:
             raise BitplanError(f"batch must be at least 1, got {self.batch}")
         if self.tensor_parallel < 1:
             raise BitplanError(f"tensor parallel must be at least 1, got {self.tensor_parallel}")
-        if self.kv_dtype not in KV_DTYPE_BYTES:
-            raise BitplanError(f"unknown KV cache dtype {self.kv_dtype!r}: choose one of {', '.join(KV_DTYPE_BYTES)}")
+        kv_format(self.kv_dtype)  # one line for an unknown dtype
         if self.overhead_bytes < 0:
             raise BitplanError("overhead cannot be negative")
         if self.prefill_chunk_tokens < 1:
@@ -168,9 +168,10 @@ def kv_heads_per_device(spec: ModelSpec, tensor_parallel: int) -> int:
 
 
 def kv_bytes_per_token(spec: ModelSpec, kv_dtype: str, tensor_parallel: int = 1) -> int:
-    """K and V of one token in every block, on one device."""
+    """K and V of one token in every block, on one device (block formats' scales included)."""
     heads = kv_heads_per_device(spec, tensor_parallel)
-    return spec.num_blocks * 2 * heads * spec.head_dim * KV_DTYPE_BYTES[kv_dtype]
+    values = spec.num_blocks * 2 * heads * spec.head_dim
+    return -(-values * kv_format(kv_dtype).bytes_per_value.numerator // kv_format(kv_dtype).bytes_per_value.denominator)
 
 
 def kv_cache_bytes(spec: ModelSpec, deployment: Deployment) -> int:

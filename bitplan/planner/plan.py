@@ -65,6 +65,7 @@ class Prediction:
     decode_ms_per_token_batch1: float | None = None
     linear_decode_ms: float | None = None
     speed_model: str | None = None
+    kv_cache_kl: float | None = None  # the KV cache format's own measured cost, added to the weights'
 
     def to_dict(self) -> dict:
         return _compact(asdict(self))
@@ -138,6 +139,32 @@ class EngineRecord:
 
 
 @dataclass(frozen=True)
+class KVCacheRecord:
+    """The KV cache format the search chose, what it costs, and what the engine needs to run it.
+
+    ``k_scales``/``v_scales``: fp8_e4m3's per-layer scales (emit writes them as the checkpoint's
+    ``self_attn.k_scale``/``v_scale``); ``options``: every candidate format's outcome
+    (``planner.kv_choice.KVOption``); ``engine_flags``: what to pass the engine at run time."""
+
+    dtype: str
+    kl: float
+    tokens: int
+    options: tuple[dict, ...] = ()
+    k_scales: tuple[float, ...] = ()
+    v_scales: tuple[float, ...] = ()
+    engine_flags: str = ""
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "options": [dict(o) for o in self.options], "k_scales": list(self.k_scales),
+                "v_scales": list(self.v_scales)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KVCacheRecord":
+        return _build(cls, {**data, "options": tuple(data.get("options", ())), "k_scales": tuple(data.get("k_scales", ())),
+                            "v_scales": tuple(data.get("v_scales", ()))})
+
+
+@dataclass(frozen=True)
 class FormatCount:
     format: str
     layers: int
@@ -160,6 +187,7 @@ class Plan:
     provenance: Provenance
     engine: EngineRecord
     formats: dict[str, FormatCount] = field(default_factory=dict)  # scheme -> checkpoint format, layers
+    kv_cache: KVCacheRecord | None = None
     schema_version: int = SCHEMA_VERSION
     integrity: str = field(default="", compare=False)
 
@@ -170,7 +198,8 @@ class Plan:
         return {"model": self.model.to_dict(), "deployment": self.deployment.to_dict(), "target": self.target,
                 "assignments": dict(self.assignments), "memory": self.memory.to_dict(), "predicted": self.predicted.to_dict(),
                 "search": self.search.to_dict(), "provenance": self.provenance.to_dict(), "engine": self.engine.to_dict(),
-                "formats": {name: count.to_dict() for name, count in self.formats.items()}, "schema_version": self.schema_version}
+                "formats": {name: count.to_dict() for name, count in self.formats.items()}, "schema_version": self.schema_version,
+                **({"kv_cache": self.kv_cache.to_dict()} if self.kv_cache else {})}
 
     def to_json(self) -> str:
         body = self.body()
@@ -190,6 +219,7 @@ class Plan:
                    predicted=Prediction.from_dict(data["predicted"]), search=SearchRecord.from_dict(data["search"]),
                    provenance=Provenance.from_dict(data["provenance"]), engine=EngineRecord.from_dict(data["engine"]),
                    formats={name: FormatCount(**count) for name, count in data.get("formats", {}).items()},
+                   kv_cache=KVCacheRecord.from_dict(data["kv_cache"]) if data.get("kv_cache") else None,
                    schema_version=data["schema_version"], integrity=integrity)
 
 

@@ -21,6 +21,7 @@ from bitplan.methods.block import quantize_block
 from bitplan.methods.ggml import GGMLQuantized
 from bitplan.methods.scheme import DENSE, QuantizedWeight, Scheme
 from bitplan.models.spec import SCALE_DTYPES, ModelSpec, family_for, norm_offset, read_config
+from bitplan.profiles.kv_cache import kv_rounding
 
 
 def load_dense_model(folder: Path) -> nn.Module:
@@ -85,6 +86,7 @@ class QualityMeter:
         self.cache_bytes = cache_bytes
         self.changed: set[str] = set()
         self.hooks: list = []
+        self.kv = None  # K/V transform of the candidate's attention (profiles.kv_cache), or None
 
     def calibrate(self, windows: torch.Tensor) -> None:
         """Gather every Linear's input statistics on ``windows`` (needed by calibrated methods)."""
@@ -137,18 +139,20 @@ class QualityMeter:
                 self.hooks.append(self.working.get_submodule(name).register_forward_pre_hook(hook))
 
     def measure(self, windows: torch.Tensor) -> Quality:
-        return measure_pair(self.reference, self.working, windows, self.batch_size)
+        return measure_pair(self.reference, self.working, windows, self.batch_size, self.kv)
 
 
 @torch.no_grad()
-def measure_pair(reference: nn.Module, candidate: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> Quality:
-    """Mean KL(reference || candidate) per token and both perplexities on ``windows`` [n, seq_len]."""
+def measure_pair(reference: nn.Module, candidate: nn.Module, windows: torch.Tensor, batch_size: int = 4, kv=None) -> Quality:
+    """Mean KL(reference || candidate) per token and both perplexities on ``windows`` [n, seq_len];
+    ``kv`` rounds the candidate's K and V (``profiles.kv_cache.kv_rounding``)."""
     kl_sum = nll_q = nll_ref = 0.0
     count = 0
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size]
         ref = torch.log_softmax(reference(ids).logits.float(), dim=-1)
-        quant = torch.log_softmax(candidate(ids).logits.float(), dim=-1)
+        with kv_rounding(kv):
+            quant = torch.log_softmax(candidate(ids).logits.float(), dim=-1)
         kl_sum += float((ref.exp() * (ref - quant)).sum())
         targets = ids[:, 1:].unsqueeze(-1)
         nll_ref -= float(ref[:, :-1].gather(-1, targets).sum())

@@ -31,6 +31,7 @@ from bitplan.models.source import WeightReader, cache_dir
 from bitplan.models.spec import ModelSpec
 from bitplan.planner.quality import Quality, block_variant
 from bitplan.profiles.blocks import BlockRunner, block_input_stats, run_block
+from bitplan.profiles.kv_cache import kv_rounding
 from bitplan.profiles.text import tokens_hash
 
 
@@ -63,6 +64,7 @@ class StreamingMeter:
         self.calibrated = False
         self.assignments: dict[str, Scheme] = {}
         self.references: dict[str, torch.Tensor] = {}  # tokens hash -> reference final hidden states
+        self.kv = None  # K/V transform of the candidate's attention (profiles.kv_cache), or None
 
     def read(self, name: str) -> torch.Tensor | None:
         """A source tensor in float32 (a tied head reads the embedding), or None when absent."""
@@ -162,7 +164,8 @@ class StreamingMeter:
     def measure(self, windows: torch.Tensor) -> Quality:
         """Mean KL(reference || plan) per token and both perplexities on ``windows`` [n, seq_len]."""
         reference = self.reference(windows)
-        candidate = self.run_blocks(windows, quantized=True)
+        with kv_rounding(self.kv):
+            candidate = self.run_blocks(windows, quantized=True)
         ref_head, quant_head = self.heads()
         kl_sum = nll_q = nll_ref = 0.0
         for start in range(windows.shape[0]):  # one window's logits at a time

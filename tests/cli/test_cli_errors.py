@@ -96,3 +96,28 @@ def test_a_hand_made_plan_that_breaks_its_engines_rules_is_refused(tmp_path, cap
     assert code == 2 and len(lines) == 1, lines
     assert "breaks the rules of vllm@cuda-sm80: block 7 qkv: vllm runs qkv as one fused Linear" in lines[0]
     assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt*"))
+
+
+EVAL_CASES = {
+    "malformed slice limit": (["--max-slice-kl", "code"], "malformed limit 'code' in --max-slice-kl"),
+    "zero slice limit": (["--max-slice-regression", "code=0", "--compare", "{root}/old.json"], "malformed limit 'code=0'"),
+    "slice limited twice": (["--max-slice-kl", "code=0.1,code=0.2"], "slice 'code' is limited twice"),
+    "regression limit without a baseline": (["--max-slice-regression", "code=1.2"], "pass --compare OLD.json"),
+    "baseline scorecard missing": (["--compare", "{root}/nowhere.json"], "scorecard {root}/nowhere.json does not exist"),
+    "baseline scorecard not JSON": (["--compare", "{binary}"], "is not valid JSON"),
+    "baseline scorecard empty": (["--compare", "{empty}"], "is not valid JSON"),
+    "scorecard named .png": (["--scorecard", "{root}/out/score.png"], "name the JSON file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVAL_CASES))
+def test_bad_eval_input_gets_one_line_and_status_2_before_anything_loads(case, folders, capsys):
+    """Refused before the checkpoint is even read (here it does not exist): one line, exit 2, no scorecard."""
+    argv, message = EVAL_CASES[case]
+    argv = ["eval", "{root}/ckpt", *argv]
+    if "--scorecard" not in argv:
+        argv += ["--scorecard", "{root}/out/score.json"]
+    code, lines = run_cli(capsys, *[a.format(**folders) for a in argv])
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("bitplan: error:") and message.format(**folders) in lines[0], lines
+    assert not (folders["root"] / "out").exists()

@@ -16,11 +16,13 @@ import bitplan.api as api
 from bitplan.api import Candidates
 from bitplan.cli import main
 from bitplan.errors import BitplanError
+from bitplan.methods.kv_cache import kv_format
 from bitplan.models.moe import load_spec
 from bitplan.models.source import ModelSource
 from bitplan.models.spec import spec_from_config
 from bitplan.planner.compare import CompareSettings, compare
 from bitplan.planner.deployment import Deployment, memory_breakdown
+from bitplan.planner.kv_choice import KVMeasured
 from bitplan.planner.objective import (
     BALANCED_KL_SCALE,
     SPEED_SCORE_TIE,
@@ -171,6 +173,9 @@ def model_folder(tmp_path, spec, monkeypatch):
     # no weights: the model is its config, and the profile is the synthetic table
     monkeypatch.setattr(api, "open_model", lambda model: ModelSource(str(folder), folder, CONFIG, spec))
     monkeypatch.setattr(api, "sensitivity_table", lambda *args, **kwargs: synthetic_table(spec))
+    # no weights to run either: the KV formats' costs are given (planner/test_kv_choice.py measures real ones)
+    monkeypatch.setattr(api, "measure_kv", lambda source, dtypes, calibration: KVMeasured(
+        {d: 0.0 if kv_format(d).native else 0.01 for d in dtypes}, 0, (0.1,) * spec.num_blocks, (0.1,) * spec.num_blocks))
     return folder
 
 
