@@ -45,7 +45,7 @@ from bitplan.methods.block import quantize_block
 from bitplan.methods.registry import needs_calibration
 from bitplan.methods.scheme import Method, QuantizedWeight, Scheme
 from bitplan.models.source import TOKENIZER_FILES, WeightReader, folder_hash, resolve_model
-from bitplan.models.spec import SCALE_DTYPES, ModelSpec, family_for, read_config, spec_from_config
+from bitplan.models.spec import SCALE_DTYPES, ModelSpec, family_for, norm_offset, read_config, spec_from_config
 from bitplan.planner.plan import Plan, load_plan
 from bitplan.profiles.blocks import BlockRunner, block_input_stats
 from bitplan.profiles.calibration import calibration_windows
@@ -300,7 +300,7 @@ def write_checkpoint(folder: Path, config: dict, spec: ModelSpec, assignments: d
     for done, block in enumerate(sorted(by_block, key=lambda b: (b < 0, b)), 1):
         stats = calibration.block_stats(block, spec) if calibration else {}
         layers = [layer for layer in spec.layers if layer.block == block]
-        quantized = quantize_block(layers, assignments, read, stats, scale_dtype) if layers else None
+        quantized = quantize_block(layers, assignments, read, stats, scale_dtype, norm_offset(spec.model_type)) if layers else None
         for name in by_block[block]:
             linear_bytes += write_tensor(name, reader, quantized, writer)
         report("emit", done, len(by_block))

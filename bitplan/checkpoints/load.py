@@ -18,7 +18,7 @@ from bitplan.kernels.launch import WeightFormat
 from bitplan.kernels.qlinear import QuantLinear
 from bitplan.models.source import WeightReader, safetensors_files
 from bitplan.models.spec import family_for, read_config
-from bitplan.profiles.blocks import skeleton_model
+from bitplan.profiles.blocks import restore_buffers, skeleton_model
 from bitplan.profiles.kv_cache import KVRounding, attach_kv_rounding
 
 FORMATS = {Format.PACKED: WeightFormat.INT, Format.INT: WeightFormat.W8A8, Format.FLOAT: WeightFormat.FP8,
@@ -76,6 +76,7 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: 
     if not safetensors_files(folder):
         raise BitplanError(f"{folder} has no *.safetensors files: re-run `bitplan emit`")
     model = skeleton_model(config).to_empty(device="cpu").to(dtype)
+    restore_buffers(model)
     reader = WeightReader(folder)
     modules = quantized_modules(quantization)
     for name, group in modules.items():
@@ -87,10 +88,9 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: 
     missing = [m for m in missing if m.rsplit(".", 1)[0] not in modules and not m.startswith("lm_head")]
     if missing or unexpected:
         raise BitplanError(f"{folder} does not match its config.json ({len(missing)} missing, {len(unexpected)} unexpected tensors): re-run `bitplan emit`")
-    if config.get("tie_word_embeddings"):
+    if getattr(model.config, "tie_word_embeddings", False):  # the config class's default when config.json omits it (Gemma)
         model.tie_weights()
-    rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config=rotary.config)
     if quantization.get("kv_cache_scheme"):
         attach_kv_rounding(model, checkpoint_kv_rounding(folder, quantization["kv_cache_scheme"], reader, kv_scales, config))
     return model.to(device).eval().requires_grad_(False)
+

@@ -7,7 +7,8 @@ the measured model are the same numbers. Steps, in order:
    without grouped-query attention) whose members take AWQ or SmoothQuant get their scales from
    the unquantized weights; the feeding Linear's output rows (and bias) are divided by them.
 2. Smoothing groups fed by a norm get their scales (from the weights after step 1); the norm's
-   weight is divided by them, rounded to the checkpoint dtype.
+   weight is divided by them, rounded to the checkpoint dtype. A norm computing
+   ``x * (offset + w)`` (Gemma: offset 1) stores ``w' = (offset + w) / s - offset``.
 3. Every other Linear is quantized by its method on its (possibly row-folded) weight, or left
    dense in the checkpoint dtype.
 
@@ -84,12 +85,13 @@ def smoothing_groups(layers: list[LayerSpec], assignments: dict[str, Scheme]) ->
 
 
 def quantize_block(layers: list[LayerSpec], assignments: dict[str, Scheme], read: Callable[[str], torch.Tensor | None],
-                   stats: dict[str, dict], scale_dtype: torch.dtype) -> QuantizedBlock:
+                   stats: dict[str, dict], scale_dtype: torch.dtype, norm_offset: float = 0.0) -> QuantizedBlock:
     """Quantize one block's ``layers`` per ``assignments``.
 
     ``read(tensor_name)`` returns a source tensor (float32) or None when absent (e.g. a bias);
     ``stats[name]["input"]`` are a Linear's calibration statistics (needed by GPTQ, AWQ,
-    SmoothQuant); ``scale_dtype`` is the checkpoint dtype (scales, dense and folded tensors).
+    SmoothQuant); ``scale_dtype`` is the checkpoint dtype (scales, dense and folded tensors);
+    ``norm_offset`` is what the family's norms add to their weight (``models.spec.norm_offset``).
     """
     result = QuantizedBlock()
     names = {layer.name for layer in layers}
@@ -112,7 +114,7 @@ def quantize_block(layers: list[LayerSpec], assignments: dict[str, Scheme], read
                 result.replaced[f"{key}.bias"] = (bias.to(torch.float32) / group.scales).to(scale_dtype)
         else:
             norm = read(f"{key}.weight").to(torch.float32)
-            result.replaced[f"{key}.weight"] = (norm / group.scales).to(scale_dtype)
+            result.replaced[f"{key}.weight"] = ((norm + norm_offset) / group.scales - norm_offset).to(scale_dtype)
     for layer in layers:
         scheme = assignments[layer.name]
         if scheme.method in SMOOTHING and not layer.smoothed_by:

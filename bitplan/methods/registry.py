@@ -53,7 +53,10 @@ def _gptq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats:
         raise BitplanError("GPTQ needs calibration statistics for this layer: quantize it through bitplan.plan/emit")
     from bitplan.methods import gptq
 
-    return quantize_gptq(weight, stats["input"].hessian(), scheme, gptq.BLOCK, gptq.DAMP, gptq.ACT_ORDER, scale_dtype=scale_dtype)[0]
+    inputs = stats["input"]
+    # no calibration token reached it (an expert the router never chose): H = I, no error to spread, RTN's numbers
+    hessian = inputs.hessian() if inputs.count else torch.eye(weight.shape[1], dtype=torch.float32)
+    return quantize_gptq(weight, hessian, scheme, gptq.BLOCK, gptq.DAMP, gptq.ACT_ORDER, scale_dtype=scale_dtype)[0]
 
 
 def _nf4(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:

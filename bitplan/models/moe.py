@@ -1,44 +1,28 @@
-"""Mixture-of-experts models (Mixtral) as a ModelSpec, built from config.json alone.
+"""Mixture-of-experts models: routing, and the ModelSpec entry point for capacity planning.
 
-A Mixtral block is Mistral attention (q, k, v, o) followed by ``num_local_experts`` experts,
-each a SwiGLU MLP: ``w1`` (gate), ``w3`` (up), ``w2`` (down), and a router
-(``block_sparse_moe.gate``, hidden -> experts) that stays unquantized. Each token runs
-``num_experts_per_tok`` experts.
+Where a family keeps its experts is data (``architectures.Experts``): Mixtral's
+``block_sparse_moe.experts.{e}.w1/w3/w2``, Qwen3-MoE's ``mlp.experts.{e}.gate_proj/up_proj/down_proj``.
+``spec_from_config`` lists every expert's Linears (kind ``"expert"``, one fused group per block,
+since vLLM's FusedMoE keeps a block's experts in one tensor under one quantization method); the
+routers stay dense and count among the unquantized bytes. Each token runs ``experts_per_token``
+of a block's experts: the memory model counts every expert, the speed model the active ones.
 
-Expert Linears get kind ``"expert"`` and the fused group ``"experts"``: vLLM's FusedMoE keeps
-all experts of a block in one tensor with one quantization method, so they must share a scheme.
-
-``load_spec(config)`` is the one entry point for capacity planning: dense families go through
-``model_spec.spec_from_config``, MoE families through here, and it returns the routing (or None)
-that the memory and speed models need.
+``load_spec(config)`` is the one entry point for capacity planning: it returns the ModelSpec and
+the routing (None for a dense model) that the memory and speed models need.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from bitplan.errors import BitplanError
-from bitplan.models.spec import LayerSpec, ModelSpec, spec_from_config
+from bitplan.models.architectures import FAMILIES
+from bitplan.models.spec import EXPERT_GROUP, EXPERT_KIND, LayerSpec, ModelSpec, family_for, spec_from_config
 
-EXPERT_KIND = "expert"
-EXPERT_GROUP = "experts"
-EXPERT_ROLES = {"w1": "gate", "w3": "up", "w2": "down"}  # Mixtral's names -> SwiGLU roles
+__all__ = ["EXPERT_GROUP", "EXPERT_KIND", "EXPERT_ROLES", "Routing", "expert_role", "is_moe", "load_spec", "routing_from_config"]
 
-
-@dataclass(frozen=True)
-class MoeFamily:
-    """Where a MoE family keeps its experts and which config keys count them."""
-
-    attention_model_type: str  # a dense family with the same attention layout
-    experts_path: str  # inside the block, e.g. "block_sparse_moe.experts"
-    router_path: str
-    num_experts_key: str
-    experts_per_token_key: str
-
-
-MOE_FAMILIES = {
-    "mixtral": MoeFamily("mistral", "block_sparse_moe.experts", "block_sparse_moe.gate", "num_local_experts", "num_experts_per_tok"),
-}
+# checkpoint name of an expert projection -> its SwiGLU role, over every family
+EXPERT_ROLES = {suffix: role for family in FAMILIES.values() if family.experts for suffix, role, _, _ in family.experts.projections}
 
 
 @dataclass(frozen=True)
@@ -60,67 +44,29 @@ class Routing:
 
 
 def is_moe(config: dict) -> bool:
-    return config.get("model_type") in MOE_FAMILIES
+    family = FAMILIES.get(config.get("model_type"))
+    return family is not None and family.experts is not None
 
 
 def routing_from_config(config: dict) -> Routing | None:
     """The routing of a MoE config, None for a dense one."""
     if not is_moe(config):
         return None
-    family = MOE_FAMILIES[config["model_type"]]
+    experts = family_for(config).experts
     try:
-        experts = int(config[family.num_experts_key])
-        per_token = int(config[family.experts_per_token_key])
+        total = int(config[experts.num_experts_key])
+        per_token = int(config[experts.experts_per_token_key])
     except (KeyError, TypeError, ValueError) as exc:
         raise BitplanError(f"config.json lacks a usable {exc} field for a {config['model_type']} model: is the config complete?") from exc
-    if experts < 1 or not 1 <= per_token <= experts:
-        raise BitplanError(f"config.json has {per_token} experts per token out of {experts}: both must be >= 1 and per-token <= total")
-    return Routing(experts, per_token)
-
-
-def _expert_layers(prefix: str, block: int, family: MoeFamily, dims: dict, experts: int) -> list[LayerSpec]:
-    shapes = {"w1": ("hidden", "intermediate"), "w3": ("hidden", "intermediate"), "w2": ("intermediate", "hidden")}
-    return [
-        LayerSpec(
-            name=f"{prefix}.{block}.{family.experts_path}.{expert}.{weight}",
-            kind=EXPERT_KIND,
-            block=block,
-            in_features=dims[shapes[weight][0]],
-            out_features=dims[shapes[weight][1]],
-            fused_group=EXPERT_GROUP,
-        )
-        for expert in range(experts)
-        for weight in ("w1", "w3", "w2")
-    ]
-
-
-def spec_from_moe_config(config: dict, dtype: str | None = None) -> ModelSpec:
-    """The ModelSpec of a MoE config: attention Linears, then every expert's w1, w3, w2."""
-    family = MOE_FAMILIES[config["model_type"]]
-    routing = routing_from_config(config)
-    dense = spec_from_config({**config, "model_type": family.attention_model_type}, dtype)
-    dims = {"hidden": dense.hidden_size, "intermediate": dense.intermediate_size}
-    prefix = dense.layers[0].name.split(".")[0] + "." + dense.layers[0].name.split(".")[1]
-    layers: list[LayerSpec] = []
-    for block in range(dense.num_blocks):
-        layers += [lay for lay in dense.layers if lay.block == block and lay.kind in ("q", "k", "v", "o")]
-        layers += _expert_layers(prefix, block, family, dims, routing.num_experts)
-    layers += [lay for lay in dense.layers if lay.block == -1]
-    router_bytes = dense.num_blocks * routing.num_experts * dense.hidden_size * dense.dtype_bytes
-    return replace(
-        dense,
-        family=config["model_type"],
-        model_type=config["model_type"],
-        layers=tuple(layers),
-        unquantized_bytes=dense.unquantized_bytes + router_bytes,
-    )
+    if total < 1 or not 1 <= per_token <= total:
+        raise BitplanError(f"config.json has {per_token} experts per token out of {total}: both must be >= 1 and per-token <= total")
+    return Routing(total, per_token)
 
 
 def load_spec(config: dict, dtype: str | None = None) -> tuple[ModelSpec, Routing | None]:
     """ModelSpec and routing for any supported config.json (dense or mixture-of-experts)."""
-    if is_moe(config):
-        return spec_from_moe_config(config, dtype), routing_from_config(config)
-    return spec_from_config(config, dtype), None
+    routing = routing_from_config(config)
+    return spec_from_config(config, dtype), routing
 
 
 def expert_role(layer: LayerSpec) -> str:

@@ -37,6 +37,8 @@ def smoothing_groups(family: Family | str, num_heads: int | None = None, num_kv_
     norms = set(fam.block_norms)
     by_previous: dict[str, list] = {}
     for template in fam.block:
+        if not template.norm:
+            continue  # nothing to fold into (a fused feeder such as Phi-3's qkv_proj)
         by_previous.setdefault(template.norm, []).append(template)
     groups = []
     for previous, templates in by_previous.items():

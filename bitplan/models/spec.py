@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.models.architectures import FAMILIES, Family
+from bitplan.models.architectures import FAMILIES, REFUSED, Family
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # scales stored in the checkpoint dtype
@@ -110,12 +110,25 @@ def supported_model_types() -> list[str]:
 
 def family_for(config: dict) -> Family:
     model_type = config.get("model_type")
+    if model_type in REFUSED:
+        raise BitplanError(f"unsupported architecture {model_type!r}: {REFUSED[model_type]}")
     if model_type not in FAMILIES:
         raise BitplanError(
             f"unsupported architecture {model_type!r}: bitplan supports model_type "
             f"{', '.join(supported_model_types())}; open an issue to add yours"
         )
     return FAMILIES[model_type]
+
+
+def with_family_defaults(config: dict, family: Family) -> dict:
+    """``config`` with the fields its family's transformers config fills in when config.json omits them."""
+    return {**config, **{key: value for key, value in family.defaults if config.get(key) is None}}
+
+
+def norm_offset(model_type: str) -> float:
+    """What a family's RMSNorm adds to its weight (Gemma: x * (1 + w)); 0 for others and unknown types."""
+    family = FAMILIES.get(model_type)
+    return family.norm_offset if family else 0.0
 
 
 def config_dtype(config: dict) -> str:
@@ -139,6 +152,7 @@ def config_size(config: dict, name: str, default: int | None = None) -> int:
 def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
     """Build the ModelSpec of a Hugging Face config (a dict read from config.json)."""
     family = family_for(config)
+    config = with_family_defaults(config, family)
     hidden, intermediate, num_blocks, num_heads, vocab = (config_size(config, name) for name in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"))
     num_kv_heads = config_size(config, "num_key_value_heads", num_heads)
@@ -153,28 +167,32 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
         "q": num_heads * head_dim,
         "kv": num_kv_heads * head_dim,
         "intermediate": intermediate,
+        "qkv": (num_heads + 2 * num_kv_heads) * head_dim,
+        "gate_up": 2 * intermediate,
+        "head": head_dim,
+        **{dim: config_size(config, key) for dim, key in family.config_dims},
     }
     from bitplan.models.smoothing import smoothing_groups
 
     foldable = {linear: group.previous for group in smoothing_groups(family, num_heads, num_kv_heads) for linear in group.linears}
-    layers = [
-        LayerSpec(
-            name=f"{family.block_prefix}.{block}.{t.suffix}",
-            kind=t.kind,
-            block=block,
-            in_features=dims[t.in_dim],
-            out_features=dims[t.out_dim],
-            fused_group=t.fused_group,
-            smoothed_by=foldable.get(t.suffix, ""),
-        )
-        for block in range(num_blocks)
-        for t in family.block
-    ]
+    expert_width, num_experts = expert_shape(config, family)
+    dims["expert"] = expert_width
+    layers = []
+    for block in range(num_blocks):
+        layers += [
+            LayerSpec(name=f"{family.block_prefix}.{block}.{t.suffix}", kind=t.kind, block=block, in_features=dims[t.in_dim],
+                      out_features=dims[t.out_dim], fused_group=t.fused_group, smoothed_by=foldable.get(t.suffix, ""))
+            for t in family.block
+        ]
+        layers += expert_layers(family, block, dims, num_experts)
     if not tied:
         layers.append(LayerSpec(family.lm_head, "lm_head", -1, hidden, vocab, ""))
-    norm_weights = num_blocks * sum(head_dim if "q_norm" in n or "k_norm" in n else hidden for n in family.block_norms)
+    widths = dict(family.norm_widths)
+    norm_weights = num_blocks * sum(dims[widths.get(name, "hidden")] for name in family.block_norms)
     bias_weights = num_blocks * (dims["q"] + 2 * dims["kv"]) if family.attention_bias else 0
-    unquantized = (vocab * hidden + norm_weights + hidden + bias_weights) * DTYPE_BYTES[dtype]
+    shared_gates = 1 if family.experts and family.experts.shared_gate else 0
+    router_weights = num_blocks * (num_experts + shared_gates) * hidden
+    unquantized = (vocab * hidden + norm_weights + hidden + bias_weights + router_weights) * DTYPE_BYTES[dtype]
     return ModelSpec(
         family=family.name,
         model_type=config["model_type"],
@@ -190,6 +208,34 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
         dtype=dtype,
         unquantized_bytes=unquantized,
     )
+
+
+EXPERT_KIND = "expert"
+EXPERT_GROUP = "experts"
+
+
+def expert_shape(config: dict, family: Family) -> tuple[int, int]:
+    """(one expert's intermediate width, experts per block); (0, 0) for a dense family."""
+    if family.experts is None:
+        return 0, 0
+    dense_layers = config.get("mlp_only_layers") or []
+    if dense_layers or int(config.get("decoder_sparse_step") or 1) != 1:
+        raise BitplanError(f"config.json makes some blocks dense (mlp_only_layers {dense_layers}, decoder_sparse_step "
+                           f"{config.get('decoder_sparse_step')}): bitplan plans {family.name} models whose every block is a mixture of experts")
+    return config_size(config, family.experts.intermediate_key), config_size(config, family.experts.num_experts_key)
+
+
+def expert_layers(family: Family, block: int, dims: dict[str, int], num_experts: int) -> list[LayerSpec]:
+    """Every expert's Linears of one block (kind "expert", one fused group per block: vLLM's FusedMoE)."""
+    if family.experts is None:
+        return []
+    prefix = f"{family.block_prefix}.{block}.{family.experts.path}"
+    return [
+        LayerSpec(name=f"{prefix}.{expert}.{suffix}", kind=EXPERT_KIND, block=block, in_features=dims[in_dim],
+                  out_features=dims[out_dim], fused_group=EXPERT_GROUP)
+        for expert in range(num_experts)
+        for suffix, _, in_dim, out_dim in family.experts.projections
+    ]
 
 
 def read_config(folder: Path) -> dict:

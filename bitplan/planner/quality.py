@@ -20,13 +20,21 @@ from bitplan.kernels.numerics import fake_quant_activations
 from bitplan.methods.block import quantize_block
 from bitplan.methods.ggml import GGMLQuantized
 from bitplan.methods.scheme import DENSE, QuantizedWeight, Scheme
-from bitplan.models.spec import SCALE_DTYPES, ModelSpec
+from bitplan.models.spec import SCALE_DTYPES, ModelSpec, family_for, norm_offset, read_config
 from bitplan.profiles.kv_cache import kv_rounding
 
 
 def load_dense_model(folder: Path) -> nn.Module:
-    """The unquantized model in float32 from safetensors (no remote code)."""
+    """The unquantized model in float32 from safetensors (no remote code). A mixture of experts
+    runs its experts unfused, one Linear each, as plans quantize them (``models.experts``)."""
     from transformers import AutoModelForCausalLM
+
+    config = read_config(folder)
+    if family_for(config).experts is not None:
+        from bitplan.models.source import WeightReader
+        from bitplan.profiles.blocks import unfused_dense_model
+
+        return unfused_dense_model(config, WeightReader(folder))
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
     return model.eval().requires_grad_(False)
@@ -36,7 +44,7 @@ def block_variant(layers: list, assignments: dict[str, Scheme], read, stats: dic
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """One block under ``assignments``: its float32 tensors by full name (dequantized Linears,
     folded norms and biases) and the activation format of each W8A8 Linear."""
-    quantized = quantize_block(layers, assignments, read, stats, SCALE_DTYPES[spec.dtype])
+    quantized = quantize_block(layers, assignments, read, stats, SCALE_DTYPES[spec.dtype], norm_offset(spec.model_type))
     tensors = {f"{name}.weight": (w.dequantize() if isinstance(w, (QuantizedWeight, GGMLQuantized)) else w.to(torch.float32))
                for name, w in quantized.linears.items()}
     tensors.update({name: t.to(torch.float32) for name, t in quantized.replaced.items()})
@@ -82,12 +90,14 @@ class QualityMeter:
 
     def calibrate(self, windows: torch.Tensor) -> None:
         """Gather every Linear's input statistics on ``windows`` (needed by calibrated methods)."""
-        from bitplan.methods.calibration_stats import PLANNER_SAMPLES, PLANNER_STRIDE, collect_input_stats
+        from bitplan.methods.calibration_stats import PLANNER_SAMPLES, PLANNER_STRIDE, collect_input_stats, planner_stats
 
         batches = list(windows.split(self.batch_size))
         names = [layer.name for layer in self.spec.layers]
         collected = collect_input_stats(self.reference, batches, names, max_samples=PLANNER_SAMPLES, sample_stride=PLANNER_STRIDE)
         self.stats = {name: {"input": stats} for name, stats in collected.items()}
+        for layer in self.spec.layers:  # a Linear no token reached (an expert the router never chose): empty statistics
+            self.stats.setdefault(layer.name, {"input": planner_stats(layer.in_features)})
         self.cache.clear()
 
     def read(self, name: str) -> torch.Tensor | None:

@@ -41,7 +41,7 @@ def log_probs(runner: BlockRunner, hidden: torch.Tensor, norm_weight: torch.Tens
     normed = runner.final_norm(hidden, norm_weight)
     if activation:
         normed = fake_quant_activations(normed, activation)
-    return torch.log_softmax((normed @ head_weight.T).float(), dim=-1)
+    return torch.log_softmax(runner.logits(normed, head_weight).float(), dim=-1)
 
 
 class StreamingMeter:

@@ -3,16 +3,25 @@
 transformers supplies the block modules (built on the meta device, then filled from
 safetensors); bitplan supplies the order. Peak memory is one block's weights plus the hidden
 states of the tokens in flight, whatever the model's depth.
+
+What the whole model does around its blocks comes from the family's data and the transformers
+config, so the blocks see exactly what they see inside the model: the embedding scale (Gemma's
+sqrt(hidden)), rotary embeddings per layer type (Gemma 3's local and global), the attention mask
+of each block's layer type (causal or sliding window, built by transformers' own mask functions),
+the final norm's offset (Gemma's ``1 + w``) and the final logit soft-capping (Gemma 2).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
 
+from bitplan.errors import BitplanError
 from bitplan.models.architectures import Family
+from bitplan.models.experts import unfuse_experts
 from bitplan.models.source import WeightReader
 from bitplan.models.spec import family_for
 
@@ -20,18 +29,48 @@ from bitplan.models.spec import family_for
 def hf_config(config: dict):
     from transformers import AutoConfig
 
+    if family_for(config).measured:
+        raise BitplanError(f"{config['model_type']}: {family_for(config).measured}")
     fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config", "architectures")}
     hf = AutoConfig.for_model(config["model_type"], **fields)
-    hf._attn_implementation = "sdpa"
+    hf._attn_implementation = family_for(config).attention
     return hf
 
 
 def skeleton_model(config: dict) -> nn.Module:
-    """The model's modules on the meta device: shapes and code, no memory."""
+    """The model's modules on the meta device: shapes and code, no memory. A family bitplan plans
+    but cannot run (``Family.measured``) is refused here."""
     from transformers import AutoModelForCausalLM
 
+    family = family_for(config)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.float32)
+        if family.experts is not None:  # one Linear per expert, under the checkpoint's names
+            unfuse_experts(model, family.experts, family.block_prefix)
+    return model
+
+
+def restore_buffers(model: nn.Module) -> None:
+    """Recompute the buffers no checkpoint holds (rotary frequencies, Gemma's embedding scale),
+    left as garbage by ``to_empty``: transformers' own initialiser, on the modules that own them."""
+    for module in model.modules():
+        if module._non_persistent_buffers_set:
+            model._init_weights(module)
+
+
+def unfused_dense_model(config: dict, reader: WeightReader, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The whole unquantized model as bitplan runs it (a MoE family's experts unfused, see
+    ``models.experts``), filled from safetensors under the checkpoint's names."""
+    model = skeleton_model(config).to_empty(device="cpu").to(dtype)
+    restore_buffers(model)
+    state = {name: reader.tensor(name).to(dtype) for name in reader.location}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if unexpected or [name for name in missing if not (tied and name.startswith("lm_head"))]:
+        raise BitplanError(f"{reader.folder} does not match its config.json ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    if tied:
+        model.tie_weights()
+    return model.eval().requires_grad_(False)
 
 
 class BlockRunner:
@@ -42,30 +81,66 @@ class BlockRunner:
         self.family: Family = family_for(config)
         self.reader = reader
         self.skeleton = skeleton_model(config)
+        self.hf = hf_config(config)
         rotary = self.skeleton.model.rotary_emb
-        self.rotary = type(rotary)(config=hf_config(config))
+        self.rotary = type(rotary)(config=self.hf)
         self.num_blocks = int(config["num_hidden_layers"])
 
     def block_prefix(self, index: int) -> str:
         return f"{self.family.block_prefix}.{index}."
 
+    def layer_type(self, index: int) -> str:
+        """"full_attention" or "sliding_attention", as the whole model picks the block's mask."""
+        layer_types = getattr(self.hf, "layer_types", None)
+        if layer_types:
+            return layer_types[index]
+        return "sliding_attention" if getattr(self.hf, "sliding_window", None) else "full_attention"
+
+    def attention_mask(self, layer_type: str, hidden: torch.Tensor):
+        """The mask transformers builds for ``layer_type`` over ``hidden`` [sequences, tokens, width] (None: causal)."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        make = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
+        positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+        return make(config=self.hf, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions)
+
     def load_block(self, index: int, overrides: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """Decoder block ``index`` with its weights (float32); ``overrides`` replaces some by suffix."""
+        """Decoder block ``index`` with its weights (float32); ``overrides`` replaces some by suffix.
+
+        Called as ``block(hidden, position_embeddings=...)`` with what :meth:`position_embeddings`
+        returns; a pre-hook picks the block's layer type's rotary and gives it its attention mask.
+        """
         block = copy.deepcopy(self.skeleton.model.layers[index]).to_empty(device="cpu")
         state = self.reader.tensors(self.block_prefix(index))
         state.update(overrides or {})
         block.load_state_dict(state, strict=True)
         block.eval().requires_grad_(False)
+        layer_type = self.layer_type(index)
+
+        def as_in_model(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            positions = kwargs.get("position_embeddings")
+            if isinstance(positions, dict):
+                positions = positions[layer_type]
+            return args, {**kwargs, "position_embeddings": positions, "attention_mask": self.attention_mask(layer_type, hidden)}
+
+        block.register_forward_pre_hook(as_in_model, with_kwargs=True)
         return block
 
     def embedding_weight(self) -> torch.Tensor:
         return self.reader.tensor(f"{self.family.embedding}.weight")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(input_ids, self.embedding_weight())
+        hidden = nn.functional.embedding(input_ids, self.embedding_weight())
+        if self.family.embedding_scale == "sqrt_hidden":
+            hidden = hidden * torch.tensor(self.hf.hidden_size**0.5, dtype=hidden.dtype)
+        return hidden
 
-    def position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def position_embeddings(self, hidden: torch.Tensor):
+        """(cos, sin) for the whole model, or {layer type: (cos, sin)} when they differ by layer type (Gemma 3)."""
         positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+        if "layer_type" in inspect.signature(self.rotary.forward).parameters:
+            return {kind: self.rotary(hidden, positions, kind) for kind in sorted(set(self.hf.layer_types))}
         return self.rotary(hidden, positions)
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +151,15 @@ class BlockRunner:
         return norm, head
 
     def final_norm(self, hidden: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
-        eps = float(self.config.get("rms_norm_eps", 1e-6))
+        eps = float(getattr(self.hf, "rms_norm_eps", None) or 1e-6)
         variance = hidden.pow(2).mean(-1, keepdim=True)
-        return hidden * torch.rsqrt(variance + eps) * norm_weight
+        return hidden * torch.rsqrt(variance + eps) * (self.family.norm_offset + norm_weight)
+
+    def logits(self, normed: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+        """The head's logits from final-normed hidden states, soft-capped where the family caps them (Gemma 2)."""
+        logits = normed @ head_weight.T
+        cap = getattr(self.hf, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, position_embeddings, batch_size: int = 4) -> torch.Tensor:
@@ -96,7 +177,8 @@ def block_input_stats(
     """Run one block over ``hidden`` while gathering each named Linear's ``InputStats``.
 
     Returns ({full Linear name: {"input": InputStats}}, the block's output). Linears that share
-    an input tensor (q/k/v, gate/up) share one accumulator.
+    an input tensor (q/k/v, gate/up) share one accumulator; one that no token reached (an expert
+    the router never chose) gets an empty one.
     """
     from bitplan.methods.calibration_stats import planner_stats
 
@@ -126,4 +208,6 @@ def block_input_stats(
     finally:
         for handle in handles:
             handle.remove()
+    for name in names:  # a Linear no token reached (an expert the router never chose): empty statistics
+        stats.setdefault(name, {"input": planner_stats(block.get_submodule(name[len(prefix):]).in_features)})
     return stats, torch.cat(outputs)

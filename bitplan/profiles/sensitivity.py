@@ -136,7 +136,7 @@ def head_gradient(
     for start in range(0, hidden.shape[0], chunk):
         h = hidden[start : start + chunk].detach().clone().requires_grad_(True)
         normed = runner.final_norm(h, norm_weight)
-        logits = normed @ head_weight.T
+        logits = runner.logits(normed, head_weight)
         if head_stats is not None:
             head_stats.forward_hook(None, (normed,), logits)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
