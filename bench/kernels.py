@@ -172,26 +172,26 @@ def dequant_w4_sym(spec: dict, n: int, k: int) -> torch.Tensor:
     return (codes.view(n, -1, group) * spec["scale"].float().unsqueeze(-1)).reshape(n, k).half()
 
 
-def time_pair(m: int, n: int, k: int, specs: list[dict], configs: dict | None) -> tuple[float, float]:
+def time_pair(m: int, n: int, k: int, specs: list[dict], tuned: dict | None) -> tuple[float, float]:
     """(quantized us, fp16 us) per call, each over enough weight copies to defeat the L2 cache."""
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-    config = None if configs is None else configs.get(launch.path_for(m))
+    config = None if tuned is None else tuned.get(launch.path_for(m))
     t_q = graph_us([run_quant(x, spec, n, config) for spec in specs])
     weights16 = [torch.randn(n, k, device=DEVICE, dtype=torch.float16) for _ in range(copies_for(2 * n * k))]
     t_16 = graph_us([lambda w=w: F.linear(x, w) for w in weights16])
     return t_q, t_16
 
 
-def decode_rows(shapes, bandwidth: float | None, configs: dict | None = None) -> list[dict]:
+def decode_rows(shapes, bandwidth: float | None, tuned: dict | None = None) -> list[dict]:
     rows = []
     for model, layer, n, k in shapes:
         spec = int_weight(n, k, 4, 128, True)
         specs = [spec] + [int_weight(n, k, 4, 128, True) for _ in range(copies_for(weight_bytes(spec)) - 1)]
         for m in DECODE_M:
             x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-            config = None if configs is None else configs.get(launch.path_for(m))
+            config = None if tuned is None else tuned.get(launch.path_for(m))
             err = checked_error(x, spec, n, dequant_w4_sym(spec, n, k), config)
-            t_q, t_16 = time_pair(m, n, k, specs, configs)
+            t_q, t_16 = time_pair(m, n, k, specs, tuned)
             t_q, t_16 = t_q * 1e-3, t_16 * 1e-3
             moved = weight_bytes(spec) + 2 * m * (k + n)
             gbs = moved / (t_q * 1e-3) / 1e9
@@ -202,16 +202,16 @@ def decode_rows(shapes, bandwidth: float | None, configs: dict | None = None) ->
     return rows
 
 
-def prefill_rows(shapes, configs: dict | None = None) -> list[dict]:
+def prefill_rows(shapes, tuned: dict | None = None) -> list[dict]:
     rows = []
     for model, layer, n, k in shapes:
         specs = [int_weight(n, k, 4, 128, True) for _ in range(2 if DEVICE == "cuda" else 1)]
         weight16 = dequant_w4_sym(specs[0], n, k)
         for m in PREFILL_M:
             x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-            config = None if configs is None else configs.get(launch.path_for(m))
+            config = None if tuned is None else tuned.get(launch.path_for(m))
             err = checked_error(x, specs[0], n, weight16, config)
-            t_q, t_16 = time_pair(m, n, k, specs, configs)
+            t_q, t_16 = time_pair(m, n, k, specs, tuned)
             t_q, t_16 = t_q * 1e-3, t_16 * 1e-3
             flop = 2 * m * n * k
             row = dict(model=model, layer=layer, n=n, k=k, m=m, scheme="w4g128s", us=t_q * 1e3, fp16_us=t_16 * 1e3,
@@ -220,7 +220,7 @@ def prefill_rows(shapes, configs: dict | None = None) -> list[dict]:
             if configs.PREFILL_DEQUANT_MIN_M == 0:  # the alternative: dequantize to fp16, then torch's matmul
                 configs.PREFILL_DEQUANT_MIN_M = 1
                 try:
-                    config = None if configs is None else configs.get(launch.path_for(m))
+                    config = None if tuned is None else tuned.get(launch.path_for(m))
                     row["dequant_rel_err"] = checked_error(x, specs[0], n, weight16, config)
                     t_d = graph_us([run_quant(x, spec, n, config) for spec in specs]) * 1e-3
                     row.update(dequant_us=t_d * 1e3, dequant_tflops=flop / (t_d * 1e-3) / 1e12, dequant_ratio=t_16 / t_d)
@@ -230,12 +230,12 @@ def prefill_rows(shapes, configs: dict | None = None) -> list[dict]:
     return rows
 
 
-def format_rows(n: int, k: int, bandwidth: float | None, configs: dict | None = None) -> list[dict]:
+def format_rows(n: int, k: int, bandwidth: float | None, tuned: dict | None = None) -> list[dict]:
     rows = []
     weights16 = [torch.randn(n, k, device=DEVICE, dtype=torch.float16) for _ in range(copies_for(2 * n * k))]
     for m in (1, 16, 2048):
         x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-        config = None if configs is None else configs.get(launch.path_for(m))
+        config = None if tuned is None else tuned.get(launch.path_for(m))
         t_16 = graph_us([lambda w=w: F.linear(x, w) for w in weights16]) * 1e-3
         for name in ("w4g128s", "w4g128a", "w4g32s", "w3g128s", "w2g64a", "w8gcs", "nf4", "fp8", "w8a8"):
             if name == "w8a8":
@@ -413,16 +413,16 @@ def main() -> None:
     result = {"device": dict(name=name, catalog_key=key, datasheet_gb_per_s=None if peak is None else peak / 1e9,
                              copy_gb_per_s=copy_bandwidth() / 1e9, sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
                              triton=triton.__version__, torch=torch.__version__)}
-    configs = None
+    tuned = None
     if args.sweep:
         result["sweep"] = sweep_rows()
-        configs = best_configs(result["sweep"])
-        result["configs_used"] = {path: config.to_dict() for path, config in configs.items()}
+        tuned = best_configs(result["sweep"])
+        result["configs_used"] = {path: config.to_dict() for path, config in tuned.items()}
     result["knobs"] = dict(fast_split_per_sm=dict(configs.FAST_SPLIT_PER_SM), gemv_nibbles_in_place=configs.GEMV_NIBBLES_IN_PLACE,
                            prefill_dequant_min_m=configs.PREFILL_DEQUANT_MIN_M)
-    result["decode"] = decode_rows(shapes, peak, configs)
-    result["prefill"] = prefill_rows(PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES, configs)
-    result["formats"] = format_rows(8192, 8192, peak, configs)
+    result["decode"] = decode_rows(shapes, peak, tuned)
+    result["prefill"] = prefill_rows(PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES, tuned)
+    result["formats"] = format_rows(8192, 8192, peak, tuned)
     result["seconds"] = round(time.time() - started, 1)
     out = args.out or ROOT / "bench" / "results" / f"kernels-{key}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
