@@ -37,7 +37,7 @@ from bitplan.planner.search import allocate, smallest_allocation  # noqa: E402
 from bitplan.profiles.kv_cache import KVRounding  # noqa: E402
 
 CONFIGS = Path(__file__).parents[1] / "tests" / "data" / "configs"
-SMOLLM = dict(budget="150MB", context=2048, engine="vllm", target="cpu-avx512", trials=0,
+SMOLLM = dict(budget="150MB", context=2048, engine="vllm", target="cpu-avx512", trials=0, kv_dtype="auto",
               candidates=Candidates(("rtn",), (4, 8), (64, 0), (True,)), calibration=CalibrationSettings((), 8, 512))
 
 

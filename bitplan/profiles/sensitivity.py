@@ -283,7 +283,7 @@ def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_w
                 if scheme.fits(layer.in_features):
                     layer_stats = stats[layer.name]
                     effective = quantize(weights[layer.name], scheme, scale_dtype, {"input": layer_stats.input}).dequantize()
-                    record(layer, column, effective, layer_stats.input.samples, fmt)
+                    record(layer, column, effective, layer_stats.input.samples if fmt else None, fmt)
             continue
         groups: dict[str, list] = {}
         for layer in layers:
@@ -295,7 +295,7 @@ def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_w
                                              foldable=bool(members[0].smoothed_by))
             for member in members:
                 folded = group.quantized[member.name].dequantize()
-                record(member, column, folded / group.scales, inputs.samples / group.scales, fmt)
+                record(member, column, folded / group.scales, inputs.samples / group.scales if fmt else None, fmt)
 
 
 def sensitivity_table(source: ModelSource, schemes: list[Scheme], calibration: CalibrationSettings, seed: int = 0,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,6 @@ from bitplan.checkpoints.scorecard import (SCHEMA_VERSION, Scorecard, SliceScore
 from bitplan.cli import main
 from bitplan.errors import BitplanError
 from bitplan.planner.limits import SliceLimits
-from bitplan.planner.plan import Plan
 from bitplan.profiles.text import user_slices
 
 BUDGETS = {"a": "7.68MB", "b": "7.645MB"}  # the tiny model's Linears mostly at 8 bits, all at 4 bits
@@ -188,7 +187,6 @@ def test_malformed_recorded_limits_are_one_line(world, recorded):
         recorded_limits(replace(prepared, plan_data={**prepared.plan_data, "slice_limits": recorded}))
 
 
-@pytest.mark.skipif("slice_limits" not in {f.name for f in fields(Plan)}, reason="the Plan type does not record slice_limits yet")
 def test_limits_recorded_in_a_real_plan_file_apply(world, tmp_path, capsys):
     import shutil
 
