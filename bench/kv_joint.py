@@ -40,6 +40,8 @@ CONFIGS = Path(__file__).parents[1] / "tests" / "data" / "configs"
 SMOLLM = dict(budget="150MB", context=2048, engine="vllm", target="cpu-avx512", trials=0, kv_dtype="auto",
               candidates=Candidates(("rtn",), (4, 8), (64, 0), (True,)), calibration=CalibrationSettings((), 8, 512))
 
+TOLERANCE = 1.25  # measured/predicted KL of the chosen weights + KV format, either way (the weights' score is issue 11's)
+
 
 def llama8b(kv_kl: dict[str, float]) -> dict:
     config = json.loads((CONFIGS / "llama-3-8b.json").read_text())
@@ -85,10 +87,12 @@ def smollm() -> dict:
     print(f"held-out KL ({windows.numel()} tokens): weights alone {weights_only:.4f}, KV alone {kv_only:.4f} "
           f"(calibration: {kv.kl:.4f}), both {both:.4f}; weights + KV measured apart {weights_only + kv_only:.4f} "
           f"(ratio {both / (weights_only + kv_only):.3f}); the plan's prediction (score + KV) {predicted:.4f} "
-          f"(ratio measured/predicted {both / predicted:.3f})")
+          f"(ratio measured/predicted {both / predicted:.3f}; stated tolerance {TOLERANCE}: "
+          f"{'met' if 1 / TOLERANCE <= both / predicted <= TOLERANCE else 'NOT met'})")
     return {"kv_dtype": kv.dtype, "options": list(kv.options), "heldout_tokens": int(windows.numel()),
             "weights_only_kl": weights_only, "kv_only_kl": kv_only, "kv_calibration_kl": kv.kl, "both_kl": both,
-            "additivity_ratio": both / (weights_only + kv_only), "predicted_kl": predicted, "measured_over_predicted": both / predicted}
+            "additivity_ratio": both / (weights_only + kv_only), "predicted_kl": predicted, "measured_over_predicted": both / predicted,
+            "tolerance": TOLERANCE}
 
 
 def main() -> None:
