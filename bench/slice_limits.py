@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=8)
+    parser.add_argument("--factors", default=",".join(map(str, FACTORS)), help="limit = factor x the plain plan's predicted KL, tried in turn")
     args = parser.parse_args()
 
     folder = resolve_model("smollm2-135m")
@@ -74,7 +75,7 @@ def main() -> None:
     plain = run("plain")
     gate = (1 - args.margin) * plain["heldout_kl"][args.slice]
     rows, met = [plain], None
-    for factor in FACTORS:
+    for factor in map(float, args.factors.split(",")):
         bound = factor * plain["predicted_slice_kl"][args.slice]
         row = run(f"--max-slice-kl {args.slice}={bound:.4g}", max_kl=f"{args.slice}={bound:.6g}")
         rows.append({**row, "factor": factor})
