@@ -10,7 +10,8 @@
 - a block whose expert-0 projections differ is refused by both; experts differing beyond
   expert 0 pass vLLM's lookup (it reads expert 0 only) but not bitplan's rules, since they load
   into one tensor under one method;
-- a tiny Qwen3-MoE planned and emitted for sm_90 and for this CPU passes the selection block by block.
+- a tiny Qwen3-MoE planned and emitted for sm_90 and for this CPU passes the selection block by block;
+- one planned for this CPU loads in ``vllm.LLM``, generates, and agrees with ``bitplan.load``.
 """
 
 import json
@@ -137,3 +138,27 @@ def test_an_emitted_tiny_moe_passes_vllms_fused_moe_selection(vllm_python, platf
     for block in answer["blocks"]:
         assert block["ok"], block
         assert block["method"] == ("UnquantizedFusedMoEMethod" if platform.startswith("cpu") else "CompressedTensorsWNA16MoEMethod")
+
+
+def test_a_tiny_moe_planned_for_this_cpu_loads_in_vllm_generates_and_agrees(vllm_python, smollm_folder, private_cache, tmp_path):
+    """vllm.LLM on this CPU (head_dim 64: its CPU attention has no head_dim 16) loads a Qwen3-MoE whose
+    attention is quantized and whose experts stay dense (no AMX), greedy-decodes, and scores its tokens
+    as ``bitplan.load`` does (which equals bitplan's fake-quantized model: tests/models/test_families.py)."""
+    import torch
+
+    from bitplan.checkpoints.verify import vllm_generation_agreement
+
+    platform = "cpu-avx512" if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else "cpu-avx2"
+    config = {**TINY_CONFIGS["qwen3_moe"], "hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64}
+    folder = write_family_model(tmp_path / "qwen3_moe", smollm_folder, config)
+    spec = spec_from_config(config)
+    attention = sum(layer.num_weights for layer in spec.layers if layer.kind != EXPERT_KIND)
+    rest = memory_breakdown(spec, 0, Deployment(budget_bytes=10**9, context=64)).total_bytes
+    budget = rest + (spec.linear_weights - attention) * 2 + attention * 5 // 8  # dense experts, attention at 5 bits
+    plan = bitplan.plan(str(folder), budget=budget, context=64, trials=0, target=platform,
+                        candidates=Candidates(("rtn", "smoothquant"), (4, 8), (32, 0)), calibration=CalibrationSettings((), 2, 64))
+    assert any(not Scheme.parse(s).is_dense for s in plan.assignments.values())
+    checkpoint = bitplan.emit(plan, tmp_path / "emitted")
+    result = vllm_generation_agreement(checkpoint, vllm_python, max_tokens=8)
+    assert result.ok, result.detail
+    assert result.top1_agreement >= 0.9, result.detail
