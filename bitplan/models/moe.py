@@ -5,7 +5,7 @@ Where a family keeps its experts is data (``architectures.Experts``): Mixtral's
 ``spec_from_config`` lists every expert's Linears (kind ``"expert"``, one fused group per block,
 since vLLM's FusedMoE keeps a block's experts in one tensor under one quantization method); the
 routers stay dense and count among the unquantized bytes. Each token runs ``experts_per_token``
-of a block's experts: the memory model counts every expert, the speed model the active ones.
+of a block's experts (``ModelSpec.routing``): the memory model counts every expert, the speed model the active ones.
 
 ``load_spec(config)`` is the one entry point for capacity planning: it returns the ModelSpec and
 the routing (None for a dense model) that the memory and speed models need.

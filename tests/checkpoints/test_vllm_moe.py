@@ -10,7 +10,8 @@
 - a block whose expert-0 projections differ is refused by both; experts differing beyond
   expert 0 pass vLLM's lookup (it reads expert 0 only) but not bitplan's rules, since they load
   into one tensor under one method;
-- a tiny Qwen3-MoE planned and emitted for sm_90 and for this CPU passes the selection block by block;
+- a tiny Qwen3-MoE planned and emitted for sm_90 and for this CPU, and a tiny Mixtral (``block_sparse_moe.experts.N.w1``)
+  for sm_90, pass the selection block by block;
 - one planned for this CPU loads in ``vllm.LLM``, generates, and agrees with ``bitplan.load``.
 """
 
@@ -114,14 +115,14 @@ def test_experts_with_two_schemes_in_a_block(vllm_python, tmp_path):
         assert problem.startswith("block 0 experts:")
 
 
-@pytest.mark.parametrize("platform", ["cuda-sm90", "cpu"])
-def test_an_emitted_tiny_moe_passes_vllms_fused_moe_selection(vllm_python, platform, smollm_folder, private_cache, tmp_path):
+@pytest.mark.parametrize("family, platform", [("qwen3_moe", "cuda-sm90"), ("qwen3_moe", "cpu"), ("mixtral", "cuda-sm90")])
+def test_an_emitted_tiny_moe_passes_vllms_fused_moe_selection(vllm_python, family, platform, smollm_folder, private_cache, tmp_path):
     import torch
 
     if platform == "cpu":
         platform = "cpu-avx512" if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else "cpu-avx2"
-    folder = write_family_model(tmp_path / "qwen3_moe", smollm_folder, TINY_CONFIGS["qwen3_moe"])
-    spec = spec_from_config(TINY_CONFIGS["qwen3_moe"])
+    folder = write_family_model(tmp_path / family, smollm_folder, TINY_CONFIGS[family])
+    spec = spec_from_config(TINY_CONFIGS[family])
     rest = memory_breakdown(spec, 0, Deployment(budget_bytes=10**9, context=64)).total_bytes
     budget = "400MB" if platform.startswith("cpu") else rest + spec.linear_weights * 6 // 8  # tight: experts must shrink on sm_90
     plan = bitplan.plan(str(folder), budget=budget, context=64, trials=0, target=platform,
