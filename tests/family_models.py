@@ -34,6 +34,8 @@ TINY_CONFIGS = {
                       hidden_act="silu", qkv_bias=True),
     "olmoe": dict(_SMALL, model_type="olmoe", architectures=["OlmoeForCausalLM"], intermediate_size=32, num_experts=4,
                   num_experts_per_tok=2, tie_word_embeddings=True, hidden_act="silu", clip_qkv=8.0, pad_token_id=1, eos_token_id=2),
+    "mixtral": dict(_SMALL, model_type="mixtral", architectures=["MixtralForCausalLM"], intermediate_size=32, num_local_experts=4,
+                    num_experts_per_tok=2, tie_word_embeddings=True, hidden_act="silu", sliding_window=None),
     "phi3": dict(_SMALL, model_type="phi3", architectures=["Phi3ForCausalLM"], num_key_value_heads=4, sliding_window=16,
                  tie_word_embeddings=False, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
@@ -62,13 +64,16 @@ def build_model(config: dict, seed: int = 0) -> torch.nn.Module:
 
 
 def checkpoint_state(model: torch.nn.Module, config: dict) -> dict[str, torch.Tensor]:
-    """The model's tensors as its checkpoints name them: transformers' fused experts
+    """The model's tensors as its checkpoints name them (``Family.module_renames`` undone): transformers' fused experts
     (``experts.gate_up_proj`` [experts, 2 x width, hidden], ``experts.down_proj``) split into one
     tensor per expert and projection, as in the released files."""
     from bitplan.models.architectures import FAMILIES
 
+    family = FAMILIES[config["model_type"]]
     state = dict(model.state_dict())
-    experts = FAMILIES[config["model_type"]].experts
+    for checkpoint_name, module_name in family.module_renames:  # Mixtral: transformers' mlp is block_sparse_moe on disk
+        state = {key.replace(f".{module_name}.", f".{checkpoint_name}."): value for key, value in state.items()}
+    experts = family.experts
     if experts is None:
         return state
     names = {role: suffix for suffix, role, _, _ in experts.projections}

@@ -28,6 +28,13 @@ Run with the vLLM venv's interpreter (never bitplan's): it imports vLLM, not bit
       under --dtype float32 fails at the first forward ("cpu_gemm_wna16" not implemented
       for 'Float'); the int4 CPU op exists only in the AVX512 builds of _C.
 
+  vllm_judge.py moe PATH [PATH...] --capability 80|90|cpu [--dtype ...] [--layers K] [--traceback]
+      A mixture of experts (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral): for every block, the fused-MoE
+      quantization method vLLM picks (CompressedTensorsMoEMethod.get_moe_method, what
+      CompressedTensorsConfig.get_quant_method returns for a RoutedExperts layer), whose
+      constructor runs vLLM's expert-kernel oracle for the platform. Per block "ok", "method",
+      "kernel" or "error" (vLLM's own refusal: projections with differing schemes, no kernel).
+
   vllm_judge.py generate CHECKPOINT --prompts prompts.json --max-tokens N [--dtype bfloat16|float32]
       prompts.json: a list of token-id lists (or {"prompts": [...]}).
       Loads with vllm.LLM on this CPU and greedy-decodes; prints per prompt the generated
@@ -134,6 +141,12 @@ def main(argv=None) -> int:
     k.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     k.add_argument("--layers", type=int, default=None, help="judge only the first N blocks")
     k.add_argument("--traceback", action="store_true")
+    m = sub.add_parser("moe", help="which fused-MoE method/kernel vLLM picks per MoE block")
+    m.add_argument("path", nargs="+", help="checkpoint folder(s) or config.json file(s); several give {\"runs\": [...]}")
+    m.add_argument("--capability", required=True, choices=["80", "90", "cpu"])
+    m.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    m.add_argument("--layers", type=int, default=None)
+    m.add_argument("--traceback", action="store_true")
     g = sub.add_parser("generate", help="greedy-decode token-id prompts with vllm.LLM on CPU")
     g.add_argument("checkpoint")
     g.add_argument("--prompts", required=True)
@@ -150,7 +163,12 @@ def main(argv=None) -> int:
     os.dup2(2, 1)
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            res = kernels_command()(args) if args.cmd == "kernels" else cmd_generate(args)
+            if args.cmd == "moe":
+                from vllm_judge_moe import cmd_moe
+
+                res = cmd_moe(args)
+            else:
+                res = kernels_command()(args) if args.cmd == "kernels" else cmd_generate(args)
     finally:
         sys.stdout.flush()
         os.dup2(json_fd, 1)

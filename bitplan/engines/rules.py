@@ -15,6 +15,12 @@ Shapes are per tensor-parallel partition, as the engine's kernels see them:
   ``MergedColumnParallelLinear``); k and v are replicated when ``tp`` exceeds the KV heads;
 - row-parallel Linears (o, down) split ``in_features``; a group may not straddle two
   partitions, so the group size must divide ``in_features / tp``.
+
+Mixture-of-experts Linears (kind ``expert``) run in the engine's fused-MoE kernel, not its Linear
+kernels: ``expert_kernels`` lists those (None: the same as ``kernels``). A fused-MoE kernel holds
+every expert of a block in one tensor, so the experts of a block are one fused group there
+(``ModelSpec`` gives them the group ``experts``); its partition is one expert's width split over
+``tp`` and the full hidden size.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import torch
 from bitplan.engines.formats import Format, activation_type, checkpoint_format, weight_type
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import Scheme
-from bitplan.models.spec import LayerSpec, ModelSpec
+from bitplan.models.moe import expert_role
+from bitplan.models.spec import EXPERT_GROUP, EXPERT_KIND, LayerSpec, ModelSpec
 from bitplan.profiles.tables import SensitivityTable
 
 ROW_PARALLEL_KINDS = frozenset({"o", "down"})  # vLLM llama.py: o_proj and down_proj are RowParallelLinear
@@ -50,6 +57,7 @@ class Kernel:
     activations: frozenset[str] = frozenset({"16"})
     k_multiple: int = 1
     n_multiple: int = 1
+    hidden_multiple: int = 1  # fused-MoE kernels: the hidden size must be a multiple of this
 
     def takes(self, scheme: Scheme) -> bool:
         """Whether this kernel runs the scheme's storage at all, whatever the shape."""
@@ -64,6 +72,15 @@ class Kernel:
             return f"{self.name} needs in_features per partition to be a multiple of {self.k_multiple}, got {k}"
         if n % self.n_multiple:
             return f"{self.name} needs out_features per partition to be a multiple of {self.n_multiple}, got {n}"
+        return None
+
+    def expert_shape_refusal(self, scheme: Scheme, hidden: int, width: int) -> str | None:
+        """Why this fused-MoE kernel cannot run the scheme on experts of ``hidden`` x ``width`` (per partition), or None."""
+        if hidden % self.hidden_multiple:
+            return f"{self.name} needs the hidden size to be a multiple of {self.hidden_multiple}, got {hidden}"
+        for dim, size in (("hidden size", hidden), ("expert width per partition", width)):
+            if scheme.group_size and size % scheme.group_size:
+                return f"group {scheme.group_size} does not divide the {dim} {size}"
         return None
 
 
@@ -83,6 +100,7 @@ class EngineRules:
     # KV cache formats it runs (methods.kv_cache names); the 16-bit ones mean "the checkpoint's dtype"
     kv_cache_dtypes: tuple[str, ...] = ("float16", "bfloat16")
     kv_cache_source: str = "the KV cache is kept in the checkpoint's dtype"
+    expert_kernels: tuple[Kernel, ...] | None = None  # fused-MoE kernels; None: experts run on ``kernels``
 
     @property
     def key(self) -> str:
@@ -98,6 +116,8 @@ class EngineRules:
             return None
         if layer.kind == "lm_head" and not self.quantized_lm_head:
             return f"lm_head stays unquantized in {self.engine} ({self.sources.get('lm_head', '')})"
+        if layer.kind == EXPERT_KIND and self.expert_kernels is not None:
+            return self._expert_refusal(layer, scheme, tp)
         takers = [kernel for kernel in self.kernels if kernel.takes(scheme)]
         if not takers:
             return f"no kernel of {self.engine} on {self.platform} runs {describe(scheme)}"
@@ -106,6 +126,15 @@ class EngineRules:
         if any(reason is None for reason in reasons):
             return None
         return reasons[0]
+
+    def _expert_refusal(self, layer: LayerSpec, scheme: Scheme, tp: int) -> str | None:
+        takers = [kernel for kernel in self.expert_kernels or () if kernel.takes(scheme)]
+        if not takers:
+            return (f"no fused-MoE kernel of {self.engine} on {self.platform} runs {describe(scheme)}: experts stay dense there "
+                    f"or take a scheme its MoE kernels run ({self.sources.get('experts', '')})")
+        hidden, width = _expert_dims(layer)
+        reasons = [kernel.expert_shape_refusal(scheme, hidden, width // tp) for kernel in takers]
+        return None if any(reason is None for reason in reasons) else reasons[0]
 
     def summary(self) -> list[str]:
         """The rules in words, for the plan file and the plan printout."""
@@ -117,13 +146,30 @@ class EngineRules:
                              f", N%{kernel.n_multiple}" if kernel.n_multiple > 1 else ""])
             lines.append(f"{kernel.name}: {'/'.join(sorted(kernel.formats))} {','.join(map(str, sorted(kernel.bits)))}-bit "
                          f"{sym}, groups {groups}, activations {'/'.join(sorted(kernel.activations))}{shape} [{kernel.source}]")
+        for kernel in self.expert_kernels or ():
+            groups = ",".join("channel" if g == 0 else str(g) for g in sorted(kernel.group_sizes))
+            sym = "/".join(sorted("sym" if s else "asym" for s in kernel.symmetric))
+            lines.append(f"experts (fused MoE) {kernel.name}: {'/'.join(sorted(kernel.formats))} {','.join(map(str, sorted(kernel.bits)))}-bit "
+                         f"{sym}, groups {groups}, activations {'/'.join(sorted(kernel.activations))}, hidden%{kernel.hidden_multiple} "
+                         f"[{kernel.source}]")
+        if self.expert_kernels == ():
+            lines.append(f"experts (fused MoE) stay dense: {self.sources.get('experts', '')}")
         lines.append("fused q/k/v and gate/up share one scheme" if self.fused_share_scheme else "no fused groups")
+        if self.fused_share_scheme and self.expert_kernels is not None:
+            lines.append(f"all experts of a block share one scheme [{self.sources.get('experts_share', '')}]")
         lines.append("lm_head may be quantized" if self.quantized_lm_head else "lm_head stays unquantized")
         lines.append("tensor parallel: group sizes divide each partition" if self.tensor_parallel else "one device only (no tensor parallel)")
         lines.append(f"KV cache: {', '.join(self.kv_cache_dtypes)} [{self.kv_cache_source}]")
         if "token_embd" in self.sources:
             lines.append(f"token embedding: {self.sources['token_embd']}")
         return lines
+
+
+def _expert_dims(layer: LayerSpec) -> tuple[int, int]:
+    """(hidden size, expert width) of an expert Linear: gate/up map hidden -> width, down width -> hidden."""
+    if expert_role(layer) == "down":
+        return layer.out_features, layer.in_features
+    return layer.in_features, layer.out_features
 
 
 def check_kv_dtype(rules: EngineRules, kv_dtype: str) -> str:
@@ -214,8 +260,10 @@ def assignment_violations(rules: EngineRules, spec: ModelSpec, assignments: dict
         for key, names in sorted(groups.items()):
             if len(names) > 1:
                 block, group = key.split(".", 1)
-                problems.append(f"block {block} {group}: {rules.engine} runs {group} as one fused Linear, which needs one scheme, "
-                                f"got {', '.join(sorted(names))} ({rules.sources.get('fused', '')})")
+                what = "a fused-MoE layer holding every expert" if group == EXPERT_GROUP else "one fused Linear"
+                source = rules.sources.get("experts_share" if group == EXPERT_GROUP else "fused", rules.sources.get("fused", ""))
+                problems.append(f"block {block} {group}: {rules.engine} runs {group} as {what}, which needs one scheme, "
+                                f"got {', '.join(sorted(names))} ({source})")
     return problems
 
 

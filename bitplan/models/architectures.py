@@ -89,6 +89,9 @@ class Family:
     measured: str = ""  # why bitplan cannot run it block by block (profile, emit, load); "" when it can
     norm_widths: tuple[tuple[str, str], ...] = (("self_attn.q_norm", "head"), ("self_attn.k_norm", "head"))  # others: hidden
     config_dims: tuple[tuple[str, str], ...] = ()  # more template dimensions, from config keys: (dim, key)
+    # (checkpoint name, transformers module name) of block submodules transformers renames on load;
+    # bitplan keeps the checkpoint's name (``models.experts.rename_modules``)
+    module_renames: tuple[tuple[str, str], ...] = ()
 
 
 _LLAMA = dict(
@@ -128,12 +131,11 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(name="gemma2", attention_bias=False, **{**_GEMMA, "block_norms": _GEMMA_NORMS, "attention": "eager"}),
     "gemma3_text": Family(name="gemma3_text", attention_bias=False, **{**_GEMMA, "block_norms": _GEMMA_NORMS + _QK_NORMS}),
     "phi3": Family(name="phi3", attention_bias=False, **{**_LLAMA, "block": PHI3_BLOCK}),
-    # Mixtral checkpoints name the MoE block ``block_sparse_moe``, transformers' module ``mlp``
-    # (it renames on load), and its experts w1/w3/w2, which vLLM's compressed-tensors MoE
-    # matcher (``experts.0.gate_proj``) does not find among exact-name targets: planned only.
-    "mixtral": Family(name="mixtral", attention_bias=False, experts=_MIXTRAL_EXPERTS,
-                      measured="Mixtral is planned from its config only (capacity, compare): its checkpoint names differ from "
-                               "transformers' modules and vLLM's MoE matcher; quantize a Qwen3-MoE model end to end",
+    # Mixtral checkpoints name the MoE block ``block_sparse_moe`` and its experts w1/w3/w2; transformers
+    # renames the block ``mlp`` on load (conversion_mapping.py: WeightRenaming(".block_sparse_moe.", ".mlp.")),
+    # bitplan runs it under the checkpoint's name, which vLLM's MixtralMoE also uses (models/mixtral.py:
+    # prefix ".block_sparse_moe.experts", ckpt_names ("w1", "w2", "w3")).
+    "mixtral": Family(name="mixtral", attention_bias=False, experts=_MIXTRAL_EXPERTS, module_renames=(("block_sparse_moe", "mlp"),),
                       **{**_LLAMA, "block": LLAMA_BLOCK[:4]}),
     "qwen3_moe": Family(name="qwen3_moe", attention_bias=False, experts=_QWEN_MOE_EXPERTS,
                         **{**_LLAMA, "block": LLAMA_BLOCK[:4], "block_norms": _LLAMA["block_norms"] + _QK_NORMS}),

@@ -9,10 +9,12 @@ the checkpoint's own names (``{expert}.{suffix}``), with transformers' routing l
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from bitplan.models.architectures import Experts
+from bitplan.models.architectures import Experts, Family
 
 
 class UnfusedExperts(nn.Module):
@@ -57,3 +59,25 @@ def unfuse_experts(model: nn.Module, experts: Experts, block_prefix: str) -> Non
     blocks = model.get_submodule(block_prefix)
     for block in blocks:
         block.set_submodule(experts.path, UnfusedExperts.like(block.get_submodule(experts.path), experts))
+
+
+def rename_modules(model: nn.Module, family: Family) -> None:
+    """Give every block's submodules the checkpoint's names where transformers renames them
+    (``Family.module_renames``, e.g. Mixtral's ``block_sparse_moe`` for transformers' ``mlp``), in
+    place: the module moves to the checkpoint's name, and the block's own code still reaches it
+    under transformers' name through a property of a per-family subclass."""
+    if not family.module_renames:
+        return
+    for block in model.get_submodule(family.block_prefix):
+        for checkpoint_name, module_name in family.module_renames:
+            module = block.get_submodule(module_name)
+            delattr(block, module_name)
+            block.add_module(checkpoint_name, module)
+        block.__class__ = _renamed_class(type(block), family.module_renames)
+
+
+@functools.cache
+def _renamed_class(cls: type, renames: tuple[tuple[str, str], ...]) -> type:
+    """``cls`` with each transformers module name a read-only alias of the checkpoint's name (one class per pair)."""
+    aliases = {module_name: property(lambda self, name=checkpoint_name: getattr(self, name)) for checkpoint_name, module_name in renames}
+    return type(cls.__name__, (cls,), {**aliases, "__module__": cls.__module__})

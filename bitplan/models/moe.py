@@ -5,7 +5,7 @@ Where a family keeps its experts is data (``architectures.Experts``): Mixtral's
 ``spec_from_config`` lists every expert's Linears (kind ``"expert"``, one fused group per block,
 since vLLM's FusedMoE keeps a block's experts in one tensor under one quantization method); the
 routers stay dense and count among the unquantized bytes. Each token runs ``experts_per_token``
-of a block's experts: the memory model counts every expert, the speed model the active ones.
+of a block's experts (``ModelSpec.routing``): the memory model counts every expert, the speed model the active ones.
 
 ``load_spec(config)`` is the one entry point for capacity planning: it returns the ModelSpec and
 the routing (None for a dense model) that the memory and speed models need.
@@ -13,34 +13,13 @@ the routing (None for a dense model) that the memory and speed models need.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from bitplan.errors import BitplanError
 from bitplan.models.architectures import FAMILIES
-from bitplan.models.spec import EXPERT_GROUP, EXPERT_KIND, LayerSpec, ModelSpec, family_for, spec_from_config
+from bitplan.models.spec import EXPERT_GROUP, EXPERT_KIND, LayerSpec, ModelSpec, Routing, spec_from_config
 
 __all__ = ["EXPERT_GROUP", "EXPERT_KIND", "EXPERT_ROLES", "Routing", "expert_role", "is_moe", "load_spec", "routing_from_config"]
 
 # checkpoint name of an expert projection -> its SwiGLU role, over every family
 EXPERT_ROLES = {suffix: role for family in FAMILIES.values() if family.experts for suffix, role, _, _ in family.experts.projections}
-
-
-@dataclass(frozen=True)
-class Routing:
-    """How tokens reach experts: each token runs ``experts_per_token`` of ``num_experts``."""
-
-    num_experts: int
-    experts_per_token: int
-
-    @property
-    def active_fraction(self) -> float:
-        """Share of a block's expert weights one token multiplies with."""
-        return self.experts_per_token / self.num_experts
-
-    def touched_fraction(self, tokens: int) -> float:
-        """Expected share of a block's experts that at least one of ``tokens`` tokens uses,
-        with uniform independent routing: 1 - (1 - k/E)^tokens. Decode reads only these."""
-        return 1.0 - (1.0 - self.active_fraction) ** max(0, tokens)
 
 
 def is_moe(config: dict) -> bool:
@@ -50,23 +29,13 @@ def is_moe(config: dict) -> bool:
 
 def routing_from_config(config: dict) -> Routing | None:
     """The routing of a MoE config, None for a dense one."""
-    if not is_moe(config):
-        return None
-    experts = family_for(config).experts
-    try:
-        total = int(config[experts.num_experts_key])
-        per_token = int(config[experts.experts_per_token_key])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BitplanError(f"config.json lacks a usable {exc} field for a {config['model_type']} model: is the config complete?") from exc
-    if total < 1 or not 1 <= per_token <= total:
-        raise BitplanError(f"config.json has {per_token} experts per token out of {total}: both must be >= 1 and per-token <= total")
-    return Routing(total, per_token)
+    return spec_from_config(config).routing if is_moe(config) else None
 
 
 def load_spec(config: dict, dtype: str | None = None) -> tuple[ModelSpec, Routing | None]:
     """ModelSpec and routing for any supported config.json (dense or mixture-of-experts)."""
-    routing = routing_from_config(config)
-    return spec_from_config(config, dtype), routing
+    spec = spec_from_config(config, dtype)
+    return spec, spec.routing
 
 
 def expert_role(layer: LayerSpec) -> str:

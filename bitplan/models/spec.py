@@ -51,6 +51,24 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
+class Routing:
+    """How tokens reach a mixture of experts' experts: each token runs ``experts_per_token`` of ``num_experts``."""
+
+    num_experts: int
+    experts_per_token: int
+
+    @property
+    def active_fraction(self) -> float:
+        """Share of a block's expert weights one token multiplies with."""
+        return self.experts_per_token / self.num_experts
+
+    def touched_fraction(self, tokens: int) -> float:
+        """Expected share of a block's experts that at least one of ``tokens`` tokens uses,
+        with uniform independent routing: 1 - (1 - k/E)^tokens. Decode reads only these."""
+        return 1.0 - (1.0 - self.active_fraction) ** max(0, tokens)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A model's shape: enough to count bytes and plan without loading a weight."""
 
@@ -67,6 +85,15 @@ class ModelSpec:
     tie_word_embeddings: bool
     dtype: str  # the checkpoint's dtype for tensors left unquantized and for scales
     unquantized_bytes: int  # embeddings, norms, biases, and lm_head when it is not a candidate
+    # mixture of experts (0 for a dense model): experts per block, and how many each token runs
+    num_experts: int = 0
+    experts_per_token: int = 0
+
+    @property
+    def routing(self) -> Routing | None:
+        """How tokens reach the experts (None for a dense model): the speed model counts the
+        active experts' bytes, the memory model every expert's."""
+        return Routing(self.num_experts, self.experts_per_token) if self.num_experts else None
 
     @property
     def dtype_bytes(self) -> int:
@@ -176,6 +203,7 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
 
     foldable = {linear: group.previous for group in smoothing_groups(family, num_heads, num_kv_heads) for linear in group.linears}
     expert_width, num_experts = expert_shape(config, family)
+    experts_per_token = experts_per_token_of(config, family, num_experts)
     dims["expert"] = expert_width
     layers = []
     for block in range(num_blocks):
@@ -207,6 +235,8 @@ def spec_from_config(config: dict, dtype: str | None = None) -> ModelSpec:
         tie_word_embeddings=tied,
         dtype=dtype,
         unquantized_bytes=unquantized,
+        num_experts=num_experts,
+        experts_per_token=experts_per_token,
     )
 
 
@@ -223,6 +253,17 @@ def expert_shape(config: dict, family: Family) -> tuple[int, int]:
         raise BitplanError(f"config.json makes some blocks dense (mlp_only_layers {dense_layers}, decoder_sparse_step "
                            f"{config.get('decoder_sparse_step')}): bitplan plans {family.name} models whose every block is a mixture of experts")
     return config_size(config, family.experts.intermediate_key), config_size(config, family.experts.num_experts_key)
+
+
+def experts_per_token_of(config: dict, family: Family, num_experts: int) -> int:
+    """How many of a block's ``num_experts`` experts each token runs (the family's config key); 0 for a dense family."""
+    if family.experts is None:
+        return 0
+    per_token = config_size(config, family.experts.experts_per_token_key)
+    if per_token > num_experts:
+        raise BitplanError(f"config.json has {per_token} experts per token ({family.experts.experts_per_token_key}) out of "
+                           f"{num_experts} ({family.experts.num_experts_key}): per-token must be at most the total")
+    return per_token
 
 
 def expert_layers(family: Family, block: int, dims: dict[str, int], num_experts: int) -> list[LayerSpec]:

@@ -114,7 +114,7 @@ def compare_device(spec: ModelSpec, routing: Routing | None, table: SensitivityT
     deployment = settings.deployment(device)
     experts = routing.experts_per_token if routing else 1
     budget = weight_budget_bytes(spec, deployment, experts)
-    times = decode_time_matrix(spec, table.layers, table.schemes, table.bytes.numpy() >= 0, device, deployment, routing)
+    times = decode_time_matrix(spec, table.layers, table.schemes, table.bytes.numpy() >= 0, device, deployment)
     extra_cost = latency_cost(settings.objective, table, times)
     try:
         allocation, fits = allocate(table, spec, budget, tie_fused=True, extra_cost=extra_cost), True
@@ -123,8 +123,8 @@ def compare_device(spec: ModelSpec, routing: Routing | None, table: SensitivityT
     plan = {name: Scheme.parse(scheme) for name, scheme in allocation.choice.items()}
     weights = allocation.weight_bytes
     largest = max_batch(spec, weights, deployment, experts)
-    speed = estimate(spec, plan, device, deployment, routing) if fits else None
-    at_max = estimate(spec, plan, device, Deployment(**{**deployment.to_dict(), "batch": largest}), routing) if largest else None
+    speed = estimate(spec, plan, device, deployment) if fits else None
+    at_max = estimate(spec, plan, device, Deployment(**{**deployment.to_dict(), "batch": largest})) if largest else None
     return DeviceResult(
         device=device.key, device_name=device.name, usable_memory_bytes=device.usable_memory_bytes, fits=fits,
         weight_budget_bytes=budget,

@@ -185,11 +185,13 @@ def prefill_step_tokens(deployment: Deployment) -> int:
     return min(deployment.prefill_chunk_tokens, deployment.context * deployment.batch)
 
 
-def prefill_activation_bytes(spec: ModelSpec, deployment: Deployment, experts_per_token: int = 1) -> int:
+def prefill_activation_bytes(spec: ModelSpec, deployment: Deployment, experts_per_token: int | None = None) -> int:
     """Activations alive during one prefill step's MLP (see the module notes).
 
-    ``experts_per_token`` > 1 for mixture-of-experts blocks: each token runs that many experts.
+    ``experts_per_token`` > 1 for mixture-of-experts blocks: each token runs that many experts
+    (None: the spec's routing, 1 for a dense model).
     """
+    experts_per_token = experts_per_token or spec.experts_per_token or 1
     tp = deployment.tensor_parallel
     per_token = experts_per_token * 3 * spec.intermediate_size // tp + 4 * spec.hidden_size
     return prefill_step_tokens(deployment) * per_token * spec.dtype_bytes
@@ -200,13 +202,13 @@ def sampler_bytes(spec: ModelSpec, deployment: Deployment) -> int:
     return deployment.batch * spec.vocab_size * SAMPLER_BYTES_PER_LOGIT
 
 
-def workspace_bytes(spec: ModelSpec, deployment: Deployment, experts_per_token: int = 1) -> int:
+def workspace_bytes(spec: ModelSpec, deployment: Deployment, experts_per_token: int | None = None) -> int:
     """Peak transient memory: the larger of a prefill step's activations and the sampler's."""
     return max(prefill_activation_bytes(spec, deployment, experts_per_token), sampler_bytes(spec, deployment))
 
 
 def memory_breakdown(
-    spec: ModelSpec, quantized_weights_bytes: int, deployment: Deployment, experts_per_token: int = 1
+    spec: ModelSpec, quantized_weights_bytes: int, deployment: Deployment, experts_per_token: int | None = None
 ) -> MemoryBreakdown:
     """The memory one device holds for a plan whose quantized Linears take the given bytes."""
     tp = deployment.tensor_parallel
@@ -219,18 +221,18 @@ def memory_breakdown(
     )
 
 
-def weight_budget_bytes(spec: ModelSpec, deployment: Deployment, experts_per_token: int = 1) -> int:
+def weight_budget_bytes(spec: ModelSpec, deployment: Deployment, experts_per_token: int | None = None) -> int:
     """Bytes left for quantized Linear weights (all devices together) once everything else is
     counted; may be negative when even the KV cache and overhead do not fit."""
     rest = memory_breakdown(spec, 0, deployment, experts_per_token)
     return (deployment.budget_bytes - rest.total_bytes) * deployment.tensor_parallel
 
 
-def fits(spec: ModelSpec, quantized_weights_bytes: int, deployment: Deployment, experts_per_token: int = 1) -> bool:
+def fits(spec: ModelSpec, quantized_weights_bytes: int, deployment: Deployment, experts_per_token: int | None = None) -> bool:
     return memory_breakdown(spec, quantized_weights_bytes, deployment, experts_per_token).total_bytes <= deployment.budget_bytes
 
 
-def max_batch(spec: ModelSpec, quantized_weights_bytes: int, deployment: Deployment, experts_per_token: int = 1) -> int:
+def max_batch(spec: ModelSpec, quantized_weights_bytes: int, deployment: Deployment, experts_per_token: int | None = None) -> int:
     """The largest batch that fits at the deployment's context (0 when not even one sequence does).
 
     Memory grows monotonically with the batch, so a doubling then bisection search is exact.

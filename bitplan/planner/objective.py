@@ -58,7 +58,6 @@ import numpy as np
 
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import Scheme
-from bitplan.models.moe import Routing
 from bitplan.models.spec import ModelSpec
 from bitplan.planner.speed import Efficiency, Roofline, linear_decode_time_s
 from bitplan.profiles.hardware import HardwareProfile
@@ -122,7 +121,7 @@ def cost_weights(objective: str, score_ref: float, time_ref: float) -> CostWeigh
 
 
 def decode_time_matrix(spec: ModelSpec, layers: Sequence[str], schemes: Sequence[str], valid: np.ndarray,
-                       profile: HardwareProfile, deployment, routing: Routing | None = None) -> np.ndarray:
+                       profile: HardwareProfile, deployment) -> np.ndarray:
     """Seconds each Linear adds to a decode step under each scheme, ``[layers, schemes]``; 0 where not ``valid``."""
     roof = Roofline(profile, Efficiency.for_profile(profile), spec.dtype)
     parsed = [Scheme.parse(name) for name in schemes]
@@ -135,7 +134,7 @@ def decode_time_matrix(spec: ModelSpec, layers: Sequence[str], schemes: Sequence
                 continue
             key = (layer.in_features, layer.out_features, layer.kind, column)
             if key not in cache:
-                cache[key] = linear_decode_time_s(roof, spec, layer, scheme, deployment, routing)
+                cache[key] = linear_decode_time_s(roof, spec, layer, scheme, deployment)
             times[row, column] = cache[key]
     return times
 

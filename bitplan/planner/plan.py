@@ -64,6 +64,7 @@ class Prediction:
     decode_step_ms: float | None = None
     decode_tokens_per_s: float | None = None
     decode_ms_per_token_batch1: float | None = None
+    decode_weight_bytes_batch1: float | None = None  # weights one token reads: a mixture of experts' active experts only
     linear_decode_ms: float | None = None
     speed_model: str | None = None
     kv_cache_kl: float | None = None  # the KV cache format's own measured cost, added to the weights'

@@ -10,8 +10,11 @@ the exact checkpoint bytes of its scheme and the peak is that of the path the sc
   runs weight-only (Marlin-style W8A16) on fp16 units;
 - attention: decode reads the KV cache once per step; prefill is causal (T^2 / 2 products).
 
-Mixture-of-experts: a decode step of B tokens reads only the experts some token is routed to
-(expected share ``1 - (1 - k/E)^B``) and multiplies each token with k of E experts.
+Mixture-of-experts (``ModelSpec.routing``, read from the family's config keys such as
+``num_experts_per_tok`` of ``num_experts``/``num_local_experts``): a decode step of B tokens reads
+only the experts some token is routed to (expected share ``1 - (1 - k/E)^B``; at batch 1 the
+active k of E) and multiplies each token with k of E experts. Shared experts and routers run for
+every token, like dense Linears. The memory model (``planner.deployment``) counts every expert.
 Tensor parallelism divides bytes and FLOPs by N and adds two all-reduces per block.
 
 Efficiency factors (``Efficiency``) have these documented defaults, fractions of the profile's
@@ -45,8 +48,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import DENSE, Method, Scheme
-from bitplan.models.moe import EXPERT_KIND, Routing
-from bitplan.models.spec import LayerSpec, ModelSpec
+from bitplan.models.spec import EXPERT_KIND, LayerSpec, ModelSpec, Routing
 from bitplan.planner.deployment import Deployment, kv_cache_bytes
 from bitplan.profiles.hardware import HardwareProfile
 
@@ -161,15 +163,21 @@ def _layer_weight_bytes(layer: LayerSpec, scheme: Scheme, spec: ModelSpec) -> in
     return scheme.weight_bytes(layer.out_features, layer.in_features, spec.dtype_bytes)
 
 
-def _linear_time_s(roof: Roofline, spec: ModelSpec, layer: LayerSpec, scheme: Scheme, step: "_Step") -> float:
+def _linear_read_bytes(spec: ModelSpec, layer: LayerSpec, scheme: Scheme, step: "_Step") -> float:
+    """Expected bytes of one Linear a device reads per weight pass: an expert only when a token is routed to it."""
     weight = _layer_weight_bytes(layer, scheme, spec) / step.tp
-    flops = 2.0 * step.tokens * layer.in_features * layer.out_features / step.tp
     if layer.kind == EXPERT_KIND and step.routing is not None:
         weight *= step.routing.touched_fraction(step.tokens_per_read)
+    return weight
+
+
+def _linear_time_s(roof: Roofline, spec: ModelSpec, layer: LayerSpec, scheme: Scheme, step: "_Step") -> float:
+    flops = 2.0 * step.tokens * layer.in_features * layer.out_features / step.tp
+    if layer.kind == EXPERT_KIND and step.routing is not None:
         flops *= step.routing.active_fraction
     if layer.kind == "lm_head":
         flops = 2.0 * step.logit_rows * layer.in_features * layer.out_features / step.tp
-    return roof.time_s(scheme, weight * step.weight_reads, flops)
+    return roof.time_s(scheme, _linear_read_bytes(spec, layer, scheme, step) * step.weight_reads, flops)
 
 
 @dataclass(frozen=True)
@@ -184,11 +192,10 @@ class _Step:
     routing: Routing | None
 
 
-def linear_decode_time_s(roof: Roofline, spec: ModelSpec, layer: LayerSpec, scheme: Scheme, deployment: Deployment,
-                         routing: Routing | None = None) -> float:
+def linear_decode_time_s(roof: Roofline, spec: ModelSpec, layer: LayerSpec, scheme: Scheme, deployment: Deployment) -> float:
     """Seconds one Linear adds to a decode step under a scheme (the search's per-option time)."""
     batch = deployment.batch
-    return _linear_time_s(roof, spec, layer, scheme, _Step(batch, batch, 1, batch, deployment.tensor_parallel, routing))
+    return _linear_time_s(roof, spec, layer, scheme, _Step(batch, batch, 1, batch, deployment.tensor_parallel, spec.routing))
 
 
 def _weights_time_s(roof: Roofline, spec: ModelSpec, plan: dict[str, Scheme], step: _Step) -> float:
@@ -203,6 +210,16 @@ def _weights_time_s(roof: Roofline, spec: ModelSpec, plan: dict[str, Scheme], st
     if spec.tie_word_embeddings:  # logits reuse the embedding matrix, read as a dense GEMV
         head = LayerSpec("lm_head", "lm_head", -1, spec.hidden_size, spec.vocab_size, "")
         total += _linear_time_s(roof, spec, head, DENSE_SCHEME, step)
+    return total
+
+
+def decode_weight_bytes(spec: ModelSpec, plan: dict[str, Scheme], batch: int = 1) -> float:
+    """Expected weight bytes one decode step of ``batch`` tokens reads (all devices together): every
+    dense Linear, the experts some token is routed to (k of E at batch 1), and a tied lm_head."""
+    step = _Step(batch, batch, 1, batch, 1, spec.routing)
+    total = sum(_linear_read_bytes(spec, layer, scheme_of(plan, layer), step) for layer in spec.layers)
+    if spec.tie_word_embeddings:
+        total += spec.vocab_size * spec.hidden_size * spec.dtype_bytes
     return total
 
 
@@ -228,12 +245,12 @@ class SpeedEstimate:
 
 
 def decode_step_s(spec: ModelSpec, plan: dict[str, Scheme], profile: HardwareProfile, deployment: Deployment,
-                  routing: Routing | None = None, efficiency: Efficiency | None = None) -> float:
+                  efficiency: Efficiency | None = None) -> float:
     """Seconds for one decode step: one new token for each of ``batch`` sequences at full context."""
     eff = efficiency or Efficiency.for_profile(profile)
     roof = Roofline(profile, eff, spec.dtype)
     batch, tp = deployment.batch, deployment.tensor_parallel
-    step = _Step(batch, batch, 1, batch, tp, routing)
+    step = _Step(batch, batch, 1, batch, tp, spec.routing)
     kv_bytes = kv_cache_bytes(spec, deployment)
     attention_flops = 4.0 * batch * deployment.context * spec.num_heads * spec.head_dim * spec.num_blocks / tp
     return (
@@ -245,7 +262,7 @@ def decode_step_s(spec: ModelSpec, plan: dict[str, Scheme], profile: HardwarePro
 
 
 def prefill_s(spec: ModelSpec, plan: dict[str, Scheme], profile: HardwareProfile, deployment: Deployment,
-              routing: Routing | None = None, efficiency: Efficiency | None = None) -> float:
+              efficiency: Efficiency | None = None) -> float:
     """Seconds to prefill ``batch`` prompts of ``context`` tokens in chunks of ``prefill_chunk_tokens``.
 
     Weights are read once per chunk; logits are computed for the last token of each prompt only.
@@ -256,7 +273,7 @@ def prefill_s(spec: ModelSpec, plan: dict[str, Scheme], profile: HardwareProfile
     chunk = min(deployment.prefill_chunk_tokens, tokens)
     chunks = math.ceil(tokens / chunk)
     tp = deployment.tensor_parallel
-    step = _Step(tokens, chunk, chunks, deployment.batch, tp, routing)
+    step = _Step(tokens, chunk, chunks, deployment.batch, tp, spec.routing)
     context = deployment.context
     attention_flops = 2.0 * deployment.batch * context * context * spec.num_heads * spec.head_dim * spec.num_blocks / tp
     kv_bytes = kv_cache_bytes(spec, deployment) * (chunks + 1) / 2  # each chunk reads the KV written so far
@@ -269,11 +286,11 @@ def prefill_s(spec: ModelSpec, plan: dict[str, Scheme], profile: HardwareProfile
 
 
 def estimate(spec: ModelSpec, plan: dict[str, Scheme], profile: HardwareProfile, deployment: Deployment,
-             routing: Routing | None = None, efficiency: Efficiency | None = None) -> SpeedEstimate:
+             efficiency: Efficiency | None = None) -> SpeedEstimate:
     """Decode and prefill speed of a plan on a device for a deployment."""
     eff = efficiency or Efficiency.for_profile(profile)
-    step_s = decode_step_s(spec, plan, profile, deployment, routing, eff)
-    fill_s = prefill_s(spec, plan, profile, deployment, routing, eff)
+    step_s = decode_step_s(spec, plan, profile, deployment, eff)
+    fill_s = prefill_s(spec, plan, profile, deployment, eff)
     paths = {s.name: kernel_path(s, profile, spec.dtype).name for s in {scheme_of(plan, lay) for lay in spec.layers}}
     return SpeedEstimate(
         decode_step_s=step_s,
@@ -291,4 +308,6 @@ def decode_prediction(spec: ModelSpec, choice: dict[str, str], device: HardwareP
     step_s = decode_step_s(spec, schemes, device, deployment)
     single_s = decode_step_s(spec, schemes, device, replace(deployment, batch=1))
     return {"decode_step_ms": 1e3 * step_s, "decode_tokens_per_s": deployment.batch / step_s,
-            "decode_ms_per_token_batch1": 1e3 * single_s, "speed_model": "roofline (bitplan.planner.speed)"}
+            "decode_ms_per_token_batch1": 1e3 * single_s,
+            "decode_weight_bytes_batch1": decode_weight_bytes(spec, schemes, 1),
+            "speed_model": "roofline (bitplan.planner.speed)"}

@@ -21,7 +21,7 @@ from torch import nn
 
 from bitplan.errors import BitplanError
 from bitplan.models.architectures import Family
-from bitplan.models.experts import unfuse_experts
+from bitplan.models.experts import rename_modules, unfuse_experts
 from bitplan.models.source import WeightReader
 from bitplan.models.spec import family_for
 
@@ -45,6 +45,7 @@ def skeleton_model(config: dict) -> nn.Module:
     family = family_for(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.float32)
+        rename_modules(model, family)  # under the checkpoint's names (Mixtral's block_sparse_moe)
         if family.experts is not None:  # one Linear per expert, under the checkpoint's names
             unfuse_experts(model, family.experts, family.block_prefix)
     return model

@@ -1,4 +1,4 @@
-"""Gemma 2, Gemma 3 (text), Phi-3 and Qwen3-MoE end to end on tiny random-weight models of their real structure.
+"""Gemma 2, Gemma 3 (text), Phi-3 and the mixtures of experts (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral) end to end on tiny random-weight models of their real structure.
 
 Each family's model is what transformers builds from a config of that ``model_type`` (width 64,
 2 blocks, SmolLM2's tokenizer), so module names, norms, rotary and masks are the real ones:
@@ -26,6 +26,7 @@ from bitplan.errors import BitplanError
 from bitplan.kernels.qlinear import QuantLinear
 from bitplan.methods.block import quantize_block
 from bitplan.methods.scheme import DENSE, Scheme
+from bitplan.models.architectures import FAMILIES as FAMILY_DATA
 from bitplan.models.source import WeightReader, open_model
 from bitplan.models.spec import spec_from_config, spec_from_folder
 from bitplan.planner.deployment import Deployment, memory_breakdown
@@ -169,27 +170,33 @@ def test_moe_checkpoint_config_is_what_vllms_fused_moe_loader_accepts(family_fol
     """vLLM's CompressedTensorsMoEMethod.get_moe_method looks up the scheme of ``{experts}.0.gate_proj``,
     ``.0.up_proj`` and ``.0.down_proj`` for each FusedMoE layer and refuses a layer whose three differ;
     the layer then holds every expert in one tensor under that scheme. The router stays dense."""
-    if TINY_CONFIGS[family_folder.name].get("num_experts") is None:
+    if FAMILY_DATA[TINY_CONFIGS[family_folder.name]["model_type"]].experts is None:
         pytest.skip("not a mixture of experts")
     plan, checkpoint = emitted
     config = json.loads((checkpoint / "config.json").read_text())
     group_of = {target: name for name, group in config["quantization_config"]["config_groups"].items() for target in group["targets"]}
     spec = spec_from_folder(family_folder)
+    experts_data = FAMILY_DATA[TINY_CONFIGS[family_folder.name]["model_type"]].experts
     for block in range(spec.num_blocks):
         experts = [layer.name for layer in spec.layers if layer.block == block and layer.kind == "expert"]
         assert len(experts) == 4 * 3 and len({plan.assignments[name] for name in experts}) == 1
-        layer = f"model.layers.{block}.mlp.experts"
-        looked_up = {group_of.get(f"{layer}.0.{projection}") for projection in ("gate_proj", "up_proj", "down_proj")}
+        layer = f"model.layers.{block}.{experts_data.path}"
+        looked_up = {group_of.get(f"{layer}.0.{suffix}") for suffix, _, _, _ in experts_data.projections}
         assert len(looked_up) == 1 and looked_up != {None}  # one scheme (this plan quantizes every expert)
         assert {group_of[name] for name in experts} == looked_up
-        assert f"model.layers.{block}.mlp.gate" not in group_of
+        assert f"model.layers.{block}.{experts_data.router}" not in group_of
+    down = next(suffix for suffix, role, _, _ in experts_data.projections if role == "down")
     with safe_open(checkpoint / "model.safetensors", framework="pt") as handle:
-        assert handle.get_tensor("model.layers.0.mlp.gate.weight").dtype == torch.bfloat16
-        assert "model.layers.0.mlp.experts.3.down_proj.weight_packed" in handle.keys()
+        assert handle.get_tensor(f"model.layers.0.{experts_data.router}.weight").dtype == torch.bfloat16
+        assert f"model.layers.0.{experts_data.path}.3.{down}.weight_packed" in handle.keys()
 
 
-def test_a_family_bitplan_cannot_run_is_refused_in_one_line():
-    with pytest.raises(BitplanError, match="Mixtral is planned from its config only"):
+def test_a_family_bitplan_cannot_run_is_refused_in_one_line(monkeypatch):
+    from bitplan.models import architectures
+
+    why = "planned from its config only: run it elsewhere"
+    monkeypatch.setitem(architectures.FAMILIES, "mixtral", dataclasses.replace(architectures.FAMILIES["mixtral"], measured=why))
+    with pytest.raises(BitplanError, match=why):
         hf_config(real_config("mixtral-8x7b"))
 
 

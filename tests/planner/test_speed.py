@@ -15,6 +15,7 @@ The efficiency defaults were chosen with the TINYCHAT INT4 points in view (they 
 W4A16 factor: 0.70 on the 4090, 0.57 on the A6000); the LLAMACPP and TRTLLM points were not used.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,8 +24,8 @@ import pytest
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import DENSE, Scheme
 from bitplan.models.moe import load_spec
-from bitplan.planner.deployment import Deployment
-from bitplan.planner.speed import Efficiency, decode_step_s, estimate, kernel_path, prefill_s
+from bitplan.planner.deployment import Deployment, memory_breakdown
+from bitplan.planner.speed import Efficiency, decode_prediction, decode_step_s, decode_weight_bytes, estimate, kernel_path, prefill_s
 from bitplan.profiles.hardware import get_device
 
 CONFIGS = Path(__file__).resolve().parents[1] / "data" / "configs"
@@ -110,11 +111,40 @@ def test_moe_decode_reads_only_routed_experts():
     spec, routing = load_spec(json.loads((CONFIGS / "mixtral-8x7b.json").read_text()))
     b200 = get_device("b200")
     one = Deployment(budget_bytes=b200.usable_memory_bytes, context=1024, batch=1)
-    step_moe = decode_step_s(spec, {}, b200, one, routing)
-    step_all_experts = decode_step_s(spec, {}, b200, one, None)
+    step_moe = decode_step_s(spec, {}, b200, one)
+    step_all_experts = decode_step_s(dataclasses.replace(spec, num_experts=0, experts_per_token=0), {}, b200, one)
     assert step_moe < 0.4 * step_all_experts  # 2 of 8 experts: about 12.9B of 46.7B parameters
-    assert routing.touched_fraction(1) == pytest.approx(0.25)
+    assert routing == spec.routing and routing.touched_fraction(1) == pytest.approx(0.25)
     assert routing.touched_fraction(64) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_qwen3_30b_a3b_decode_reads_active_parameters_memory_counts_all():
+    """Qwen3-30B-A3B: 30.5B parameters, 3.3B active (8 of 128 experts per token; Qwen's model card).
+    A decode token reads the active ones (embeddings aside: one row); memory holds them all. A dense
+    model of the same total reads all of them."""
+    config = json.loads((CONFIGS / "qwen3-30b-a3b.json").read_text())
+    spec, routing = load_spec(config)
+    assert (routing.num_experts, routing.experts_per_token) == (128, 8)
+    total_params = spec.linear_weights + spec.unquantized_bytes / spec.dtype_bytes
+    embedding_params = spec.vocab_size * spec.hidden_size
+    assert total_params == pytest.approx(30.5e9, rel=0.01)
+    read = decode_weight_bytes(spec, {}) / spec.dtype_bytes
+    assert read + embedding_params == pytest.approx(3.3e9, rel=0.03)  # the active parameters
+    as_dense = dataclasses.replace(spec, num_experts=0, experts_per_token=0)  # same bytes, every expert read
+    assert decode_weight_bytes(as_dense, {}) == spec.linear_weights * spec.dtype_bytes
+    assert decode_weight_bytes(spec, {}) < 0.11 * decode_weight_bytes(as_dense, {})
+    assert decode_weight_bytes(spec, {}, batch=64) > 0.9 * spec.linear_weights * spec.dtype_bytes  # big batches touch all
+    h100 = get_device("h100-sxm")
+    one = Deployment(budget_bytes=h100.usable_memory_bytes, context=1024, batch=1)
+    w4 = blocks_plan(spec, Scheme("gptq", 4, 128, True))
+    prediction = decode_prediction(spec, {name: s.name for name, s in w4.items()}, h100, one)
+    assert prediction["decode_weight_bytes_batch1"] == pytest.approx(decode_weight_bytes(spec, w4))
+    assert decode_step_s(spec, w4, h100, one) < 0.2 * decode_step_s(as_dense, w4, h100, one)
+    weights_bytes = sum(s.weight_bytes(layer.out_features, layer.in_features, 2) for layer in spec.layers
+                        for s in [w4.get(layer.name, DENSE)])
+    memory = memory_breakdown(spec, weights_bytes, one)  # every expert's bytes, whatever the routing
+    assert memory.quantized_weights_bytes == weights_bytes > 14e9
+    assert memory_breakdown(spec, 0, one).workspace_bytes == memory_breakdown(spec, 0, one, 8).workspace_bytes
 
 
 def test_measured_profiles_and_overrides_change_efficiency():
