@@ -9,13 +9,25 @@ Stages:
   on q/k/v/gate/up, with the calibration pass it needs);
 - ``refine-streaming``: the same plan measured block by block (``StreamingMeter``), which
   refinement now uses;
-- ``profile``: the sensitivity profile (one RTN scheme, no cache).
+- ``profile``: the sensitivity profile (one RTN scheme, no cache);
+- ``eval-whole``: what ``bitplan eval`` did before issue 14: the original (float32) and the
+  emitted checkpoint of the same plan (``bitplan.load``) both whole in memory, scored on
+  ``--eval-samples`` held-out windows per slice (prose and code);
+- ``eval-streaming``: ``bitplan eval`` now (``checkpoints.evaluate.measure``): the original's and
+  the checkpoint's blocks one at a time, on the same windows.
+
+The eval stages read a checkpoint the script emits once per model from a hand-made plan (the RTN
+plan above, every Linear assigned, bytes counted as the planner counts them); its KL is the
+prose slice's.
 
 Models: the built-in SmolLM2-135M (30 blocks) and random-weight models of its width with more
 blocks, written by this script (``--depths``), to show what grows with depth and what does not.
 Random weights prove memory and time, never quality.
 
-    PYTHONPATH=. .venv/bin/python bench/scale.py [--depths 60] [--seq-len 256] [--plan rtn|gptq] [--stages ...]
+    PYTHONPATH=. .venv/bin/python bench/scale.py [--depths 60] [--seq-len 256] [--plan rtn|gptq] [--stages ...] [--eval-samples 4]
+
+Rows are merged into bench/results/scale.json by (model, stage): a run of some stages keeps the
+rows of the others, and each row records its own sequence length and command.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import save
+from common import RESULTS, save
 
 CHILD = """
 import json, os, resource, sys, time
@@ -37,6 +49,7 @@ from bitplan.methods.scheme import Scheme
 from bitplan.models.source import open_model
 from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
 stage, model, seq_len, calibrated = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "gptq"
+checkpoint, eval_samples = sys.argv[5], int(sys.argv[6])
 source = open_model(model)
 settings = CalibrationSettings((), 4, seq_len)
 windows = calibration_windows(source.folder, settings, 4)
@@ -48,6 +61,9 @@ def status(field):  # bytes, from /proc/self/status (VmRSS: now, VmHWM: peak sin
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
+if stage.startswith("eval"):
+    from bitplan.checkpoints.evaluate import prepare_evaluation
+    prepared = prepare_evaluation(checkpoint, samples=eval_samples, seq_len=seq_len)
 baseline = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as handle:
     handle.write("5")  # resets VmHWM: the peak below is the stage's own, not the imports'
@@ -56,6 +72,17 @@ result = {}
 if stage == "profile":
     from bitplan.profiles.sensitivity import sensitivity_table
     sensitivity_table(source, [Scheme.parse("rtn-w4g64s")], settings, use_cache=False)
+elif stage.startswith("eval"):
+    if stage == "eval-whole":  # the path bitplan eval took before it streamed
+        from bitplan.checkpoints.load import load
+        from bitplan.planner.quality import load_dense_model, measure_pair
+        reference, candidate = load_dense_model(prepared.reference_folder), load(prepared.checkpoint)
+        slices = {name: measure_pair(reference, candidate, text.windows) for name, text in prepared.texts.items()}
+    else:
+        from bitplan.checkpoints.evaluate import measure
+        slices = measure(prepared).slices
+    result["slices"] = {name: quality.to_dict() for name, quality in slices.items()}
+    result["kl"] = slices["prose"].kl
 else:
     if stage == "refine-whole":
         from bitplan.planner.quality import QualityMeter, load_dense_model
@@ -95,12 +122,55 @@ def deeper_model(depth: int, root: Path) -> Path:
     return folder
 
 
-def run_stage(stage: str, model: str, seq_len: int, cache: str, plan: str) -> dict:
+def emitted_checkpoint(model: str, root: Path) -> Path:
+    """The checkpoint of the RTN plan the refine stages measure (4-bit g64 q/k/v/o/gate/up, 8-bit
+    per-channel down), from a hand-made plan for vLLM (no profiling: the eval stages need only a
+    checkpoint); emitted once per model under ``root``."""
+    from bitplan.checkpoints.emit import emit
+    from bitplan.methods.scheme import Scheme
+    from bitplan.models.source import folder_hash, open_model
+    from bitplan.planner.baselines import assignment_bytes
+    from bitplan.planner.deployment import Deployment, memory_breakdown
+    from bitplan.planner.plan import EngineRecord, ModelRef, Plan, Prediction, Provenance, SearchRecord
+    from bitplan.profiles.calibration import CalibrationSettings
+
+    source = open_model(model)
+    out = root / f"checkpoint-{source.folder.name}"
+    if (out / "plan.json").is_file():
+        return out
+    kinds = {"q": "rtn-w4g64s", "k": "rtn-w4g64s", "v": "rtn-w4g64s", "o": "rtn-w4g64s", "gate": "rtn-w4g64s", "up": "rtn-w4g64s",
+             "down": "rtn-w8gcs"}
+    assignments = {layer.name: Scheme.parse(kinds.get(layer.kind, "none")) for layer in source.spec.layers}
+    deployment = Deployment(budget_bytes=10**12)
+    model_hash = folder_hash(source.folder)
+    plan = Plan(model=ModelRef(model, source.spec.model_type, model_hash), deployment=deployment, target=None,
+                assignments={name: str(scheme) for name, scheme in assignments.items()},
+                memory=memory_breakdown(source.spec, assignment_bytes(source.spec, assignments), deployment),
+                predicted=Prediction(score_kl=0.0), search=SearchRecord("hand-made", "optimal", 0.0, False, 10**12, "quality"),
+                provenance=Provenance(model_hash, "", "bench", 0, None, None, tuple(sorted(set(kinds.values()))), CalibrationSettings()),
+                engine=EngineRecord("vllm", "cuda-sm80", "compressed-tensors"))
+    return emit(plan, out)
+
+
+def run_stage(stage: str, model: str, seq_len: int, cache: str, plan: str, checkpoint: str = "", eval_samples: int = 4) -> dict:
     env = dict(os.environ, BITPLAN_CACHE=cache, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]))
     if "TRITON_INTERPRET" in env:
         del env["TRITON_INTERPRET"]
-    out = subprocess.run([sys.executable, "-c", CHILD, stage, model, str(seq_len), plan], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, stage, model, str(seq_len), plan, checkpoint, str(eval_samples)], env=env,
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def merged_rows(rows: list[dict]) -> list[dict]:
+    """The rows already in scale.json, each (model, stage) measured again replaced by its new row."""
+    path = RESULTS / "scale.json"
+    if not path.is_file():
+        return rows
+    old = json.loads(path.read_text())
+    new = {(row["model"], row["stage"]) for row in rows}
+    kept = [{"seq_len": old.get("seq_len"), "command": old.get("command"), **row} for row in old.get("rows", [])
+            if (row["model"], row["stage"]) not in new]
+    return kept + rows
 
 
 def main() -> None:
@@ -109,6 +179,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--stages", default="refine-whole,refine-streaming,profile")
     parser.add_argument("--plan", choices=("rtn", "gptq"), default="rtn")
+    parser.add_argument("--eval-samples", type=int, default=4, help="windows per held-out slice for the eval stages")
     args = parser.parse_args()
     cache = tempfile.mkdtemp(prefix="bitplan-scale-")
     from bitplan.models.source import ensure_builtin
@@ -118,17 +189,19 @@ def main() -> None:
     models = {"smollm2-135m (30 blocks)": "smollm2-135m"}
     for depth in args.depths:
         models[f"random, SmolLM2 width ({depth} blocks)"] = str(deeper_model(depth, Path(cache)))
+    command = "PYTHONPATH=. python bench/scale.py " + " ".join(sys.argv[1:])
     rows = []
     print(f"{'model':36} {'stage':18} {'stage peak RSS MiB':>18} {'above start':>11} {'seconds':>8} {'KL':>10}")
     for label, model in models.items():
+        checkpoint = str(emitted_checkpoint(model, Path(cache))) if "eval" in args.stages else ""
         for stage in args.stages.split(","):
-            result = run_stage(stage, model, args.seq_len, cache, args.plan)
-            rows.append({"model": label, "stage": stage, **result})
+            result = run_stage(stage, model, args.seq_len, cache, args.plan, checkpoint, args.eval_samples)
+            rows.append({"model": label, "stage": stage, "seq_len": args.seq_len, "command": command, **result})
             kl = f"{result['kl']:.6f}" if "kl" in result else ""
             print(f"{label:36} {stage:18} {result['peak_rss_bytes'] / 2**20:18.0f} "
                   f"{(result['peak_rss_bytes'] - result['baseline_rss_bytes']) / 2**20:11.0f} {result['seconds']:8.1f} {kl:>10}", flush=True)
-            path = save("scale", {"seq_len": args.seq_len, "plan": args.plan, "windows": {"calibration": 4, "measured": 4}, "rows": rows,
-                                  "command": "PYTHONPATH=. python bench/scale.py " + " ".join(sys.argv[1:])})  # after every row
+            path = save("scale", {"plan": args.plan, "windows": {"calibration": 4, "measured": 4, "eval_per_slice": args.eval_samples},
+                                  "rows": merged_rows(rows)})  # after every row
     print(f"saved {path}")
 
 

@@ -4,8 +4,9 @@ The original is the model named in the checkpoint's plan.json. Built-in text: th
 part of Python's documentation (never used for calibration), sliced into prose and code.
 
 Two steps, so that a caller can refuse bad input before any model loads: :func:`prepare_evaluation`
-reads the plan and tokenizes the text (and hashes both); :func:`measure` loads the original and the
-checkpoint and scores every slice. :func:`evaluate` is the two in a row.
+reads the plan and tokenizes the text (and hashes both); :func:`measure` runs the original and the
+checkpoint side by side, one decoder block at a time, and scores every slice. :func:`evaluate` is
+the two in a row.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from pathlib import Path
 
 import torch
 
-from bitplan.checkpoints.load import load
+from bitplan.checkpoints.load import CheckpointRunner, open_checkpoint
 from bitplan.checkpoints.scorecard import Scorecard, check_limits, check_same_text, merge_limits, scorecard_of
 from bitplan.errors import BitplanError
-from bitplan.models.source import resolve_model
+from bitplan.models.source import WeightReader, resolve_model
+from bitplan.models.spec import read_config
 from bitplan.planner.limits import SliceLimits
 from bitplan.planner.plan import load_plan
-from bitplan.planner.quality import Quality, load_dense_model, measure_pair
+from bitplan.planner.quality import Quality
+from bitplan.planner.streaming import compare, final_hidden_states, log_probs
+from bitplan.profiles.blocks import BlockRunner
 from bitplan.profiles.text import builtin_slices, tokenize_windows, user_slices
 
 
@@ -122,11 +126,28 @@ def recorded_limits(prepared: PreparedEvaluation) -> SliceLimits:
     return SliceLimits({k: float(v) for k, v in limits.max_kl.items()}, {k: float(v) for k, v in limits.max_regression.items()})
 
 
-def measure(prepared: PreparedEvaluation) -> Evaluation:
-    """Load the original and the checkpoint; KL and perplexity on every prepared slice."""
-    reference = load_dense_model(prepared.reference_folder)
-    candidate = load(prepared.checkpoint)
-    qualities = {name: measure_pair(reference, candidate, text.windows) for name, text in prepared.texts.items()}
+@torch.no_grad()
+def measure(prepared: PreparedEvaluation, batch_size: int = 4) -> Evaluation:
+    """KL and perplexity of the checkpoint against the original on every prepared slice, block by block.
+
+    Block ``i`` of the original (from its safetensors) and block ``i`` of the checkpoint (decoded
+    as :func:`bitplan.checkpoints.load.load` decodes it) are loaded in turn, run the hidden states
+    of every slice's windows, and are dropped; then the final norm and head give the log-probs one
+    window at a time. Memory: one block, the hidden states of all windows (twice), one window's
+    logits, whatever the depth."""
+    reference = BlockRunner(read_config(prepared.reference_folder), WeightReader(prepared.reference_folder))
+    candidate = CheckpointRunner(open_checkpoint(prepared.checkpoint))
+    if candidate.num_blocks != reference.num_blocks:
+        raise BitplanError(f"{prepared.checkpoint} has {candidate.num_blocks} blocks but its original {prepared.reference_folder} has "
+                           f"{reference.num_blocks}: evaluate the checkpoint against the model it was emitted from")
+    windows = {name: text.windows for name, text in prepared.texts.items()}
+    final = final_hidden_states([reference, candidate], windows, batch_size)
+    (reference_norm, reference_head), (candidate_norm, candidate_head) = reference.head_weights(), candidate.head_weights()
+    qualities = {}
+    for name, ids in windows.items():
+        reference_final, candidate_final = final[0][name], final[1][name]
+        qualities[name] = compare(ids, lambda i: log_probs(reference, reference_final[i : i + 1], reference_norm, reference_head),
+                                  lambda i: log_probs(candidate, candidate_final[i : i + 1], candidate_norm, candidate_head))
     return Evaluation(str(prepared.checkpoint), prepared.reference, qualities, dict(prepared.texts), prepared.plan_sha256,
                       prepared.samples, prepared.seq_len)
 

@@ -2,11 +2,17 @@
 
 On a CPU the quantized Linears run the reference kernel (dequantize, then ``F.linear``); on a
 GPU they run bitplan's Triton kernels. Only safetensors are read; no remote code runs.
+
+The decode works on any part of the model: :func:`decode_into` fills the skeleton's module
+under a name prefix (the whole model, or one decoder block) from the checkpoint's tensors under
+that prefix. :func:`load` decodes the whole model; :class:`CheckpointRunner` decodes one block at
+a time (what ``bitplan eval`` runs, see ``checkpoints.evaluate``).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +24,7 @@ from bitplan.kernels.launch import WeightFormat
 from bitplan.kernels.qlinear import QuantLinear
 from bitplan.models.source import WeightReader, safetensors_files
 from bitplan.models.spec import family_for, read_config
-from bitplan.profiles.blocks import restore_buffers, skeleton_model
+from bitplan.profiles.blocks import BlockRunner, restore_buffers, skeleton_model
 from bitplan.profiles.kv_cache import KVRounding, attach_kv_rounding
 
 FORMATS = {Format.PACKED: WeightFormat.INT, Format.INT: WeightFormat.W8A8, Format.FLOAT: WeightFormat.FP8,
@@ -62,8 +68,20 @@ def checkpoint_kv_rounding(folder: Path, scheme: dict, reader: WeightReader, nam
     return KVRounding("fp8_e4m3", scales["k"], scales["v"])
 
 
-def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """The emitted checkpoint in ``folder`` as a ready-to-run causal LM (eval mode, no grad)."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """An emitted checkpoint opened for decoding: nothing but its safetensors headers read yet."""
+
+    folder: Path
+    config: dict  # config.json as transformers reads it: bitplan's model type resolved, no quantization_config
+    modules: dict[str, dict]  # quantized module name -> its config group
+    reader: WeightReader = field(repr=False)
+    kv_scales: frozenset[str]  # the K/V scale tensors (read into the KV rounding, never into a module)
+    kv: KVRounding | None  # the KV cache format the checkpoint declares (None: the engine's native one)
+
+
+def open_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+    """Read ``folder``'s config.json and safetensors headers; refuse what is not a bitplan checkpoint."""
     folder = Path(folder)
     config = read_config(folder)
     if config.get("model_type") == BITPLAN_MODEL_TYPE:  # planned for --engine bitplan (see emit.mark_for_bitplan)
@@ -75,22 +93,66 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: 
         raise BitplanError(f"{folder} is not a bitplan checkpoint (no compressed-tensors quantization_config): emit one with `bitplan emit`")
     if not safetensors_files(folder):
         raise BitplanError(f"{folder} has no *.safetensors files: re-run `bitplan emit`")
-    model = skeleton_model(config).to_empty(device="cpu").to(dtype)
-    restore_buffers(model)
     reader = WeightReader(folder)
     modules = quantized_modules(quantization)
-    for name, group in modules.items():
-        model.set_submodule(name, quant_linear(reader.tensors(f"{name}.", dtype=None), group))
-    kv_scales = {n for n in reader.location if n.endswith((".self_attn.k_scale", ".self_attn.v_scale"))}
-    dense = {name: tensor.to(dtype) for name, tensor in ((n, reader.tensor(n, dtype=None)) for n in reader.location)
-             if name.rsplit(".", 1)[0] not in modules and name not in kv_scales}
-    missing, unexpected = model.load_state_dict(dense, strict=False)
-    missing = [m for m in missing if m.rsplit(".", 1)[0] not in modules and not m.startswith("lm_head")]
+    kv_scales = frozenset(n for n in reader.location if n.endswith((".self_attn.k_scale", ".self_attn.v_scale")))
+    kv = None
+    if quantization.get("kv_cache_scheme"):
+        kv = checkpoint_kv_rounding(folder, quantization["kv_cache_scheme"], reader, set(kv_scales), config)
+    return Checkpoint(folder, config, modules, reader, kv_scales, kv)
+
+
+def decode_into(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
+                optional: tuple[str, ...] = ()) -> None:
+    """Fill ``module`` (the skeleton's module named ``prefix``, "" for the whole model, on the CPU)
+    from the checkpoint's tensors under ``prefix``: each quantized Linear becomes a ``QuantLinear``,
+    every other tensor is loaded in ``dtype``. Tensors of the module named in ``optional`` (by
+    full-name prefix: a tied head) may be absent."""
+    reader, modules = checkpoint.reader, checkpoint.modules
+    mine = {name: group for name, group in modules.items() if name.startswith(prefix)}
+    for name, group in mine.items():
+        module.set_submodule(name[len(prefix):], quant_linear(reader.tensors(f"{name}.", dtype=None), group))
+    dense = {name[len(prefix):]: reader.tensor(name, dtype=None).to(dtype) for name in reader.location
+             if name.startswith(prefix) and name.rsplit(".", 1)[0] not in modules and name not in checkpoint.kv_scales}
+    missing, unexpected = module.load_state_dict(dense, strict=False)
+    missing = [m for m in missing if (prefix + m).rsplit(".", 1)[0] not in mine and not (prefix + m).startswith(optional)]
     if missing or unexpected:
-        raise BitplanError(f"{folder} does not match its config.json ({len(missing)} missing, {len(unexpected)} unexpected tensors): re-run `bitplan emit`")
+        raise BitplanError(f"{checkpoint.folder} does not match its config.json ({len(missing)} missing, {len(unexpected)} unexpected "
+                           f"tensors): re-run `bitplan emit`")
+
+
+def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """The emitted checkpoint in ``folder`` as a ready-to-run causal LM (eval mode, no grad)."""
+    checkpoint = open_checkpoint(folder)
+    model = skeleton_model(checkpoint.config).to_empty(device="cpu").to(dtype)
+    restore_buffers(model)
+    decode_into(model, "", checkpoint, dtype, optional=("lm_head",))
     if getattr(model.config, "tie_word_embeddings", False):  # the config class's default when config.json omits it (Gemma)
         model.tie_weights()
-    if quantization.get("kv_cache_scheme"):
-        attach_kv_rounding(model, checkpoint_kv_rounding(folder, quantization["kv_cache_scheme"], reader, kv_scales, config))
+    if checkpoint.kv is not None:
+        attach_kv_rounding(model, checkpoint.kv)
     return model.to(device).eval().requires_grad_(False)
 
+
+class CheckpointRunner(BlockRunner):
+    """A :class:`BlockRunner` over an emitted checkpoint: each block decoded as :func:`load` decodes
+    it (quantized Linears as ``QuantLinear``, the declared KV cache format attached), one at a time."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        super().__init__(checkpoint.config, checkpoint.reader)
+        self.checkpoint = checkpoint
+
+    def fill_block(self, block: nn.Module, index: int, overrides: dict[str, torch.Tensor] | None = None) -> None:
+        assert not overrides, "a checkpoint's blocks run as emitted"
+        decode_into(block, self.block_prefix(index), self.checkpoint)
+        if self.checkpoint.kv is not None:
+            attach_kv_rounding(block, self.checkpoint.kv)
+
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor | nn.Module]:
+        """(final norm weight, lm_head): a quantized head is its ``QuantLinear``."""
+        name = self.family.lm_head
+        group = self.checkpoint.modules.get(name)
+        if group is None:
+            return super().head_weights()
+        norm = self.reader.tensor(f"{self.family.final_norm}.weight")
+        return norm, quant_linear(self.reader.tensors(f"{name}.", dtype=None), group).eval().requires_grad_(False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,6 +43,41 @@ def log_probs(runner: BlockRunner, hidden: torch.Tensor, norm_weight: torch.Tens
     if activation:
         normed = fake_quant_activations(normed, activation)
     return torch.log_softmax(runner.logits(normed, head_weight).float(), dim=-1)
+
+
+def compare(windows: torch.Tensor, reference: Callable[[int], torch.Tensor], candidate: Callable[[int], torch.Tensor]) -> Quality:
+    """Mean KL(reference || candidate) per token and both perplexities on ``windows`` [n, seq_len];
+    ``reference(i)`` and ``candidate(i)`` give window ``i``'s log-probabilities [1, seq_len, vocab],
+    asked for one window at a time (one window's logits in memory)."""
+    kl_sum = nll_q = nll_ref = 0.0
+    for index in range(windows.shape[0]):
+        ref, quant = reference(index), candidate(index)
+        kl_sum += float((ref.exp() * (ref - quant)).sum())
+        targets = windows[index : index + 1, 1:].unsqueeze(-1)
+        nll_ref -= float(ref[:, :-1].gather(-1, targets).sum())
+        nll_q -= float(quant[:, :-1].gather(-1, targets).sum())
+    predicted = windows.shape[0] * (windows.shape[1] - 1)
+    return Quality(kl_sum / windows.numel(), math.exp(nll_q / predicted), math.exp(nll_ref / predicted), windows.numel())
+
+
+@torch.no_grad()
+def final_hidden_states(runners: list[BlockRunner], windows: dict[str, torch.Tensor], batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
+    """Each runner's final hidden states of every window set (name -> [n, seq_len] token ids).
+
+    The runners (models of the same depth: a reference and a candidate) advance together, block
+    by block: block ``i`` of each is loaded, runs every window set, and is dropped before the next
+    loads. Memory: one block's weights plus each runner's hidden states of all the windows."""
+    depths = {runner.num_blocks for runner in runners}
+    assert len(depths) == 1, f"models of different depths: {sorted(depths)}"
+    hidden = [{name: runner.embed(ids) for name, ids in windows.items()} for runner in runners]
+    positions = [{name: runner.position_embeddings(states) for name, states in mine.items()} for runner, mine in zip(runners, hidden)]
+    for index in range(depths.pop()):
+        for runner, mine, where in zip(runners, hidden, positions):
+            block = runner.load_block(index)
+            for name in mine:
+                mine[name] = run_block(block, mine[name], where[name], batch_size)
+            del block
+    return hidden
 
 
 class StreamingMeter:
@@ -167,14 +203,5 @@ class StreamingMeter:
         with kv_rounding(self.kv):
             candidate = self.run_blocks(windows, quantized=True)
         ref_head, quant_head = self.heads()
-        kl_sum = nll_q = nll_ref = 0.0
-        for start in range(windows.shape[0]):  # one window's logits at a time
-            ids = windows[start : start + 1]
-            ref = log_probs(self.runner, reference[start : start + 1], *ref_head)
-            quant = log_probs(self.runner, candidate[start : start + 1], *quant_head)
-            kl_sum += float((ref.exp() * (ref - quant)).sum())
-            targets = ids[:, 1:].unsqueeze(-1)
-            nll_ref -= float(ref[:, :-1].gather(-1, targets).sum())
-            nll_q -= float(quant[:, :-1].gather(-1, targets).sum())
-        predicted = windows.shape[0] * (windows.shape[1] - 1)
-        return Quality(kl_sum / windows.numel(), math.exp(nll_q / predicted), math.exp(nll_ref / predicted), windows.numel())
+        return compare(windows, lambda i: log_probs(self.runner, reference[i : i + 1], *ref_head),
+                       lambda i: log_probs(self.runner, candidate[i : i + 1], *quant_head))

@@ -112,9 +112,7 @@ class BlockRunner:
         returns; a pre-hook picks the block's layer type's rotary and gives it its attention mask.
         """
         block = copy.deepcopy(self.skeleton.model.layers[index]).to_empty(device="cpu")
-        state = self.reader.tensors(self.block_prefix(index))
-        state.update(overrides or {})
-        block.load_state_dict(state, strict=True)
+        self.fill_block(block, index, overrides)
         block.eval().requires_grad_(False)
         layer_type = self.layer_type(index)
 
@@ -127,6 +125,12 @@ class BlockRunner:
 
         block.register_forward_pre_hook(as_in_model, with_kwargs=True)
         return block
+
+    def fill_block(self, block: nn.Module, index: int, overrides: dict[str, torch.Tensor] | None = None) -> None:
+        """Load block ``index``'s weights (float32) into ``block``, ``overrides`` replacing some by suffix."""
+        state = self.reader.tensors(self.block_prefix(index))
+        state.update(overrides or {})
+        block.load_state_dict(state, strict=True)
 
     def embedding_weight(self) -> torch.Tensor:
         return self.reader.tensor(f"{self.family.embedding}.weight")
@@ -156,9 +160,10 @@ class BlockRunner:
         variance = hidden.pow(2).mean(-1, keepdim=True)
         return hidden * torch.rsqrt(variance + eps) * (self.family.norm_offset + norm_weight)
 
-    def logits(self, normed: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
-        """The head's logits from final-normed hidden states, soft-capped where the family caps them (Gemma 2)."""
-        logits = normed @ head_weight.T
+    def logits(self, normed: torch.Tensor, head_weight: torch.Tensor | nn.Module) -> torch.Tensor:
+        """The head's logits from final-normed hidden states, soft-capped where the family caps them (Gemma 2);
+        ``head_weight`` is the head's weight or the head itself (a checkpoint's quantized head)."""
+        logits = head_weight(normed) if isinstance(head_weight, nn.Module) else normed @ head_weight.T
         cap = getattr(self.hf, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 

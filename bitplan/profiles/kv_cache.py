@@ -132,12 +132,15 @@ def _kv_attention(module, query, key, value, *args, **kwargs):
 
 
 def attach_kv_rounding(model, rounding: KVRounding) -> None:
-    """Make ``model`` (a transformers causal LM) keep its K and V in ``rounding``'s format from now
-    on: every attention module rounds them before attending, as the engine's cache would."""
+    """Make ``model`` (a transformers causal LM, or one of its decoder blocks) keep its K and V in
+    ``rounding``'s format from now on: every attention module rounds them before attending, as the
+    engine's cache would."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(KV_ATTENTION, _kv_attention)
     for module in model.modules():
         if hasattr(module, "layer_idx") and hasattr(module, "k_proj"):
             module.kv_transform = rounding
-    model.config._attn_implementation = KV_ATTENTION
+            module.config._attn_implementation = KV_ATTENTION  # the model's config, or a block's copy of it
+    if hasattr(model, "config"):
+        model.config._attn_implementation = KV_ATTENTION

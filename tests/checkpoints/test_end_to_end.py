@@ -12,8 +12,11 @@ from compressed_tensors.compressors.pack_quantized.base import PackedQuantizatio
 from compressed_tensors.quantization import QuantizationScheme
 from safetensors import safe_open
 
+from whole_evaluation import assert_measures_the_whole_model
+
 import bitplan
 from bitplan.api import CalibrationSettings, Candidates
+from bitplan.checkpoints.evaluate import measure, prepare_evaluation
 from bitplan.kernels.qlinear import QuantLinear
 from bitplan.methods.registry import quantize
 from bitplan.models.source import WeightReader, resolve_model
@@ -95,6 +98,13 @@ def test_evaluate_reports_each_slice(checkpoint):
     for quality in report.slices.values():
         assert quality.kl > 0 and quality.perplexity > quality.reference_perplexity * 0.9
         assert 3 < quality.reference_perplexity < 60
+
+
+def test_streaming_evaluation_measures_the_whole_models(checkpoint):
+    """``bitplan eval`` runs the original and the checkpoint block by block and measures what the
+    two whole models measure (the path it replaced), on every slice."""
+    prepared = prepare_evaluation(checkpoint, samples=2, seq_len=128)
+    assert_measures_the_whole_model(measure(prepared), prepared, rel=1e-5)
 
 
 def test_emit_refuses_to_overwrite(planned, checkpoint):

@@ -102,3 +102,16 @@ def test_a_kv_dtype_the_engine_cannot_run_is_one_line(kv_folder, tmp_path, capsy
                  "--out", str(out), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_streaming_evaluation_measures_the_whole_loaded_checkpoint(checkpoint):
+    """``bitplan eval`` runs the checkpoint block by block, its fp8 KV cache included, and measures
+    what the whole loaded checkpoint measures against the whole original."""
+    from whole_evaluation import assert_measures_the_whole_model
+
+    from bitplan.checkpoints.evaluate import measure, prepare_evaluation
+
+    prepared = prepare_evaluation(checkpoint, samples=2, seq_len=64)
+    streamed = measure(prepared)
+    assert all(quality.kl > 1e-6 for quality in streamed.slices.values())
+    assert_measures_the_whole_model(streamed, prepared, rel=1e-5)

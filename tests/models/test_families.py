@@ -19,9 +19,11 @@ import torch
 from safetensors import safe_open
 
 from family_models import TINY_CONFIGS, build_model, real_config, write_family_model
+from whole_evaluation import assert_measures_the_whole_model
 
 import bitplan
 from bitplan.api import CalibrationSettings, Candidates
+from bitplan.checkpoints.evaluate import measure, prepare_evaluation
 from bitplan.errors import BitplanError
 from bitplan.kernels.qlinear import QuantLinear
 from bitplan.methods.block import quantize_block
@@ -136,6 +138,16 @@ def test_plan_emit_load_matches_the_fake_quantized_model(family_folder, emitted)
     assert_loaded_equals_fake_quantized(family_folder, plan, checkpoint)
     report = bitplan.evaluate(checkpoint, samples=1, seq_len=64)
     assert all(quality.kl >= 0 and quality.perplexity > 1 for quality in report.slices.values())
+
+
+def test_streaming_evaluation_measures_the_whole_models(emitted):
+    """``bitplan eval`` block by block (embedding scale, sliding masks, 1 + w final norm, soft-capped
+    logits, unfused experts) measures what the whole original and the whole loaded checkpoint do."""
+    _, checkpoint = emitted
+    prepared = prepare_evaluation(checkpoint, samples=2, seq_len=48)
+    streamed = measure(prepared)
+    assert all(quality.kl > 1e-8 for quality in streamed.slices.values())
+    assert_measures_the_whole_model(streamed, prepared, rel=1e-5)
 
 
 def test_awq_folded_into_the_familys_norms_survives_emit_and_load(family_folder, emitted, tmp_path):
