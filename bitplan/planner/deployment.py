@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 from bitplan.errors import BitplanError
 from bitplan.methods.kv_cache import ALIASES, KV_FORMATS, kv_format
-from bitplan.models.spec import ModelSpec
+from bitplan.models.spec import EXPERT_KIND, ModelSpec
 
 KV_DTYPES = (*KV_FORMATS, *ALIASES)  # names --kv-dtype takes (formats and bytes: methods.kv_cache)
 DEFAULT_GPU_OVERHEAD_BYTES = 1 * 2**30  # CUDA context + allocator slack (see module notes)
@@ -193,8 +193,21 @@ def prefill_activation_bytes(spec: ModelSpec, deployment: Deployment, experts_pe
     """
     experts_per_token = experts_per_token or spec.experts_per_token or 1
     tp = deployment.tensor_parallel
-    per_token = experts_per_token * 3 * spec.intermediate_size // tp + 4 * spec.hidden_size
+    per_token = 3 * mlp_width_per_token(spec, experts_per_token) // tp + 4 * spec.hidden_size
     return prefill_step_tokens(deployment) * per_token * spec.dtype_bytes
+
+
+def mlp_width_per_token(spec: ModelSpec, experts_per_token: int) -> int:
+    """The MLP's intermediate width one token runs through: ``intermediate_size`` for a dense model;
+    for a mixture of experts, ``experts_per_token`` experts of their own width (the expert Linears'
+    inner dimension, e.g. Qwen3-MoE's ``moe_intermediate_size``) plus any dense MLP of the block (a
+    shared expert)."""
+    if not spec.num_experts:
+        return experts_per_token * spec.intermediate_size
+    expert = next(layer for layer in spec.layers if layer.kind == EXPERT_KIND)
+    shared = sum(layer.in_features for layer in spec.layers if layer.kind == "down" and layer.block == expert.block)
+    width = expert.out_features if expert.in_features == spec.hidden_size else expert.in_features
+    return experts_per_token * width + shared
 
 
 def sampler_bytes(spec: ModelSpec, deployment: Deployment) -> int:

@@ -20,6 +20,7 @@ import pytest
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import DENSE, Scheme
 from bitplan.models.moe import load_spec
+from bitplan.models.spec import spec_from_config
 from bitplan.planner.deployment import (
     Deployment,
     default_overhead_bytes,
@@ -186,6 +187,14 @@ def test_workspace_is_shared_chunk_and_sampler_max():
     assert workspace_bytes(spec, small) == 200 * (3 * 14336 + 4 * 4096) * 2
     many = Deployment(budget_bytes=GIB, context=100, batch=4096, prefill_chunk_tokens=512)
     assert workspace_bytes(spec, many) == 4096 * 128256 * 16
+
+
+def test_a_mixture_of_experts_prefill_runs_its_experts_width_not_the_dense_one():
+    """Qwen3-30B-A3B: each token runs 8 experts of moe_intermediate_size 768 (not intermediate_size
+    6144 eight times, an 8x over-count of the prefill workspace)."""
+    spec = spec_from_config(config("qwen3-30b-a3b"))
+    small = Deployment(budget_bytes=GIB, context=200, prefill_chunk_tokens=512)
+    assert workspace_bytes(spec, small) == 200 * (3 * 8 * 768 + 4 * 2048) * 2
 
 
 def test_max_batch_is_the_largest_that_fits():
