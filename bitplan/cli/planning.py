@@ -186,7 +186,8 @@ def print_kv(result, console: Console) -> None:
             table.add_row(option["dtype"] + chosen, format_bytes(option["kv_cache_bytes"]), format_bytes(max(option["weight_budget_bytes"], 0)),
                           score, f"{option['kv_kl']:.4f}", total)
         console.print(table)
-    line = f"KV cache: {kv.dtype}, measured cost {kv.kl:.4f} nats/token on {kv.tokens} calibration tokens"
+    line = (f"KV cache: {kv.dtype}, measured cost {kv.kl:.4f} nats/token on {kv.tokens} calibration tokens" if kv.tokens
+            else f"KV cache: {kv.dtype} (16-bit, not rounded: no quality cost measured)")
     if kv.engine_flags:
         line += f"; serve with {kv.engine_flags}"
     console.print(line)
