@@ -5,7 +5,6 @@ and vLLM's own validators accept, and bitplan.load runs with that cache."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -67,10 +66,8 @@ def test_the_checkpoint_declares_the_cache_and_its_validators_accept_it(checkpoi
         assert {f"model.layers.{i}.self_attn.{w}_scale" for i in range(2) for w in "kv"} <= set(tensors.keys())
 
 
-def test_vllm_validates_the_kv_cache_scheme(checkpoint):
-    python = os.environ.get("BITPLAN_VLLM_PYTHON")
-    if not python:
-        pytest.skip("BITPLAN_VLLM_PYTHON is not set: `make test` builds vLLM's venv and sets it")
+def test_vllm_validates_the_kv_cache_scheme(checkpoint, vllm_python):
+    python = vllm_python
     code = ("import json,sys; from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import "
             "CompressedTensorsConfig, CompressedTensorsKVCacheMethod as M; q=json.load(open(sys.argv[1]))['quantization_config'];"
             "c=CompressedTensorsConfig.from_config(q); M.validate_kv_cache_scheme(c.kv_cache_scheme); print('ok', c.kv_cache_scheme['strategy'])")

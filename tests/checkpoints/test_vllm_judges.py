@@ -10,7 +10,6 @@ points ``BITPLAN_VLLM_PYTHON`` at it).
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -30,15 +29,6 @@ from bitplan.planner.search import allocate
 CONFIGS = Path(__file__).parents[1] / "data" / "configs"
 CALIBRATION = CalibrationSettings((), 2, 128)
 JUDGED = {"80": "cuda-sm80", "90": "cuda-sm90"}
-
-
-@pytest.fixture(scope="module")
-def vllm_python():
-    path = os.environ.get("BITPLAN_VLLM_PYTHON")
-    if not path:
-        pytest.skip("BITPLAN_VLLM_PYTHON is not set: `make test` builds vLLM's venv (make engines) and sets it")
-    assert Path(path).is_file(), f"BITPLAN_VLLM_PYTHON={path} does not exist: run `make engines`"
-    return Path(path)
 
 
 def cpu_platform() -> str:

@@ -16,7 +16,6 @@
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -38,15 +37,6 @@ QWEN3_30B = {**json.loads((CONFIGS / "qwen3-30b-a3b.json").read_text()), "num_hi
 SCHEMES = ["rtn-w4g32s", "rtn-w4g64s", "rtn-w4g128s", "rtn-w4gcs", "rtn-w4g32a", "rtn-w4g128a", "rtn-w8g32s", "rtn-w8g128s",
            "rtn-w8gcs", "rtn-w8g128a", "rtn-w3g32s", "smoothquant-w8gcsa8", "fp8-w8gcsa8", "fp8-w8gcs", "none"]
 JUDGED = {"80": "cuda-sm80", "90": "cuda-sm90"}
-
-
-@pytest.fixture(scope="module")
-def vllm_python():
-    path = os.environ.get("BITPLAN_VLLM_PYTHON")
-    if not path:
-        pytest.skip("BITPLAN_VLLM_PYTHON is not set: `make test` builds vLLM's venv (make engines) and sets it")
-    assert Path(path).is_file(), f"BITPLAN_VLLM_PYTHON={path} does not exist: run `make engines`"
-    return Path(path)
 
 
 def write_config(folder: Path, config: dict, assignments: dict[str, Scheme]) -> Path:
