@@ -8,6 +8,7 @@ target removes those whose process is gone, and readers never look at them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -159,3 +160,14 @@ def staging_folder(target: Path, keep_existing: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def json_digest(body: dict) -> str:
+    """sha256 of ``body``'s canonical JSON (sorted keys): the ``integrity`` that plan.json and
+    scorecards carry, so a file edited by hand is refused."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def sealed_json(body: dict) -> str:
+    """Deterministic JSON text of ``body`` with its ``integrity`` digest beside it."""
+    return json.dumps({**body, "integrity": json_digest(body)}, indent=2, sort_keys=True) + "\n"

@@ -16,12 +16,11 @@ refused rather than trusted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bitplan.atomic import write_atomic, write_text_atomic
+from bitplan.atomic import json_digest, sealed_json, write_atomic, write_text_atomic
 from bitplan.errors import BitplanError
 from bitplan.planner.limits import SliceLimits
 
@@ -146,11 +145,11 @@ class Scorecard:
 
     def content_sha256(self) -> str:
         """sha256 of the canonical JSON (what ``integrity`` records)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        return json_digest(self.to_dict())
 
     def to_json(self) -> str:
         """Deterministic bytes: sorted keys, no timestamps, the integrity hash last."""
-        return json.dumps({**self.to_dict(), "integrity": self.content_sha256()}, indent=2, sort_keys=True) + "\n"
+        return sealed_json(self.to_dict())
 
 
 def scorecard_of(evaluation, limits: SliceLimits | None = None, baseline: Scorecard | None = None) -> Scorecard:
@@ -168,7 +167,7 @@ def scorecard_of(evaluation, limits: SliceLimits | None = None, baseline: Scorec
 
 
 def mapping_sha256(values: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+    return json_digest(values)
 
 
 def merge_limits(recorded: SliceLimits, command_line: SliceLimits) -> SliceLimits:
@@ -247,7 +246,7 @@ def load_scorecard(path: Path) -> Scorecard:
                            f"{SCHEMA_VERSION}: {redo}")
     stored = data.pop("integrity", None)
     canonical = json.dumps(data, sort_keys=True)
-    if stored != hashlib.sha256(canonical.encode()).hexdigest():
+    if stored != json_digest(data):
         raise BitplanError(f"scorecard {path} was modified after bitplan wrote it (integrity hash mismatch): {redo}")
     try:
         card = Scorecard.from_dict(data)

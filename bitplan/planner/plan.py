@@ -9,12 +9,11 @@ refused with one line naming both versions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from bitplan.atomic import write_text_atomic
+from bitplan.atomic import json_digest, sealed_json, write_text_atomic
 from bitplan.errors import BitplanError
 from bitplan.methods.scheme import Scheme
 from bitplan.planner.deployment import Deployment, MemoryBreakdown
@@ -210,9 +209,7 @@ class Plan:
                 **({"predicted_slice_kl": dict(sorted(self.predicted_slice_kl.items()))} if self.predicted_slice_kl else {})}
 
     def to_json(self) -> str:
-        body = self.body()
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        return json.dumps({**body, "integrity": digest}, indent=2, sort_keys=True) + "\n"
+        return sealed_json(self.body())
 
     def save(self, path: Path) -> None:
         write_text_atomic(Path(path), self.to_json())
@@ -248,7 +245,7 @@ def load_plan(path: Path) -> Plan:
         raise BitplanError(f"{path} has plan schema version {data['schema_version']}, this bitplan reads version {SCHEMA_VERSION} "
                            f"(version 2 records the engine the plan was made for): re-create it with `bitplan plan`")
     stored = data.pop("integrity", "")
-    if hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest() != stored:
+    if json_digest(data) != stored:
         raise BitplanError(f"{path} was modified after bitplan wrote it (integrity hash mismatch): re-run `bitplan plan` rather than editing the plan")
     try:
         plan = Plan.from_dict(data, integrity=stored)
