@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.methods.registry import SMOOTHING, quantize, quantize_smoothing_group
+from bitplan.methods.registry import SMOOTHING, quantize_by_rows, quantize_smoothing_group
 from bitplan.methods.scheme import Method, QuantizedWeight, Scheme
 from bitplan.models.spec import LayerSpec
 
@@ -126,7 +126,7 @@ def quantize_block(layers: list[LayerSpec], assignments: dict[str, Scheme], read
         elif scheme.is_dense:
             result.linears[layer.name] = weights[layer.name].to(scale_dtype)
         else:
-            result.linears[layer.name] = quantize(weights[layer.name], scheme, scale_dtype, stats.get(layer.name, {}))
+            result.linears[layer.name] = quantize_by_rows(weights[layer.name], scheme, scale_dtype, stats.get(layer.name, {}))
         if activation_format(scheme):
             result.activations[layer.name] = activation_format(scheme)
     return result

@@ -152,6 +152,29 @@ def quantize(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, sta
     return QUANTIZERS[scheme.method](weight, scheme, scale_dtype, stats or {})
 
 
+ROW_CHUNK = 2**26  # elements: a larger Linear (a 128k-vocabulary head) is quantized this many at a time
+
+
+def row_chunks(out_features: int, in_features: int) -> list[tuple[int, int]]:
+    """Row ranges of an ``[out, in]`` weight of at most ``ROW_CHUNK`` elements each (one range for
+    most Linears). Every method that quantizes one Linear alone works row by row (groups run along
+    a row; GPTQ's rows are independent given H), so quantizing the ranges one by one and stacking
+    the results is quantizing the whole, with a fraction of the working memory."""
+    rows = max(1, ROW_CHUNK // in_features)
+    return [(start, min(start + rows, out_features)) for start in range(0, out_features, rows)]
+
+
+def quantize_by_rows(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict | None = None) -> QuantizedWeight:
+    """:func:`quantize`, a :func:`row_chunks` range at a time for a large weight (not ggml types,
+    whose results are byte blocks)."""
+    chunks = row_chunks(*weight.shape)
+    if len(chunks) == 1 or scheme.method == Method.GGML:
+        return quantize(weight, scheme, scale_dtype, stats)
+    parts = [quantize(weight[start:stop], scheme, scale_dtype, stats) for start, stop in chunks]
+    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
+    return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), zero, scheme)
+
+
 def needs_calibration(schemes: Iterable[Scheme]) -> bool:
     return any(scheme.method in CALIBRATED for scheme in schemes)
 

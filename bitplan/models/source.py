@@ -183,6 +183,18 @@ class WeightReader:
                                f"download the model again or repair that tensor")
         return value if dtype is None else value.to(dtype)
 
+    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``start:stop`` of a 2-D tensor, read without reading the rest (a head of 128k rows
+        is scored a slice at a time); checked for NaN and Inf like :meth:`tensor`."""
+        if name not in self.location:
+            raise BitplanError(f"{self.folder} lacks the tensor {name}: the safetensors files do not match config.json")
+        with safe_open(self.location[name], framework="pt") as handle:
+            value = handle.get_slice(name)[start:stop]
+        if value.is_floating_point() and not bool(torch.isfinite(value if value.element_size() > 1 else value.float()).all()):
+            raise BitplanError(f"{name} in {self.location[name]} holds NaN or Inf values: the weights are corrupt; "
+                               f"download the model again or repair that tensor")
+        return value.to(dtype)
+
     def tensors(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with ``prefix``, keyed by the rest of the name."""
         return {name[len(prefix):]: self.tensor(name, dtype) for name in sorted(self.location) if name.startswith(prefix)}

@@ -177,6 +177,7 @@ class StreamingMeter:
                 block.get_submodule(name[len(prefix):]).register_forward_pre_hook(hook)
             with torch.no_grad():
                 hidden = run_block(block, hidden, positions, self.batch_size)
+            del block  # before the next one loads
         return hidden
 
     def heads(self) -> tuple[tuple, tuple]:

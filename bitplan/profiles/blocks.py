@@ -74,6 +74,9 @@ def unfused_dense_model(config: dict, reader: WeightReader, dtype: torch.dtype =
     return model.eval().requires_grad_(False)
 
 
+HEAD_ROWS = 16384  # rows of a 16-bit head widened to float32 at a time (128 MiB at width 2048)
+
+
 class BlockRunner:
     """Embedding, decoder blocks and head of a model, loaded on demand from safetensors."""
 
@@ -128,15 +131,25 @@ class BlockRunner:
 
     def fill_block(self, block: nn.Module, index: int, overrides: dict[str, torch.Tensor] | None = None) -> None:
         """Load block ``index``'s weights (float32) into ``block``, ``overrides`` replacing some by suffix."""
-        state = self.reader.tensors(self.block_prefix(index))
-        state.update(overrides or {})
-        block.load_state_dict(state, strict=True)
+        prefix, overrides = self.block_prefix(index), overrides or {}
+        names = {name[len(prefix):] for name in self.reader.location if name.startswith(prefix)} | set(overrides)
+        targets = block.state_dict(keep_vars=True)
+        if names != set(targets):
+            missing, unexpected = sorted(set(targets) - names), sorted(names - set(targets))
+            raise BitplanError(f"{self.reader.folder}: block {index} does not match its config.json (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+        with torch.no_grad():  # one tensor at a time: the block plus one tensor, never a second copy of the block
+            for name in sorted(names):
+                value = overrides[name] if name in overrides else self.reader.tensor(prefix + name)
+                targets[name].copy_(value)
 
     def embedding_weight(self) -> torch.Tensor:
         return self.reader.tensor(f"{self.family.embedding}.weight")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = nn.functional.embedding(input_ids, self.embedding_weight())
+        weight = self.reader.tensor(f"{self.family.embedding}.weight", dtype=None)  # the rows looked up are widened, not the table
+        weight = weight.float() if weight.element_size() == 1 else weight
+        hidden = nn.functional.embedding(input_ids, weight).float()
         if self.family.embedding_scale == "sqrt_hidden":
             hidden = hidden * torch.tensor(self.hf.hidden_size**0.5, dtype=hidden.dtype)
         return hidden
@@ -149,11 +162,12 @@ class BlockRunner:
         return self.rotary(hidden, positions)
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(final norm weight, lm_head weight); a tied head reuses the embedding."""
+        """(final norm weight (float32), lm_head weight in its stored dtype: :meth:`logits` widens
+        it a slice at a time, so a 128k-vocabulary head is never held whole in float32); a tied
+        head reuses the embedding."""
         norm = self.reader.tensor(f"{self.family.final_norm}.weight")
-        name = f"{self.family.lm_head}.weight"
-        head = self.reader.tensor(name) if self.reader.has(name) else self.embedding_weight()
-        return norm, head
+        name = f"{self.family.lm_head}.weight" if self.reader.has(f"{self.family.lm_head}.weight") else f"{self.family.embedding}.weight"
+        return norm, self.reader.tensor(name, dtype=None)
 
     def final_norm(self, hidden: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
         eps = float(getattr(self.hf, "rms_norm_eps", None) or 1e-6)
@@ -163,7 +177,13 @@ class BlockRunner:
     def logits(self, normed: torch.Tensor, head_weight: torch.Tensor | nn.Module) -> torch.Tensor:
         """The head's logits from final-normed hidden states, soft-capped where the family caps them (Gemma 2);
         ``head_weight`` is the head's weight or the head itself (a checkpoint's quantized head)."""
-        logits = head_weight(normed) if isinstance(head_weight, nn.Module) else normed @ head_weight.T
+        if isinstance(head_weight, nn.Module):
+            logits = head_weight(normed)
+        elif head_weight.dtype == torch.float32:
+            logits = normed @ head_weight.T
+        else:  # a stored 16-bit head: widened to float32 HEAD_ROWS rows at a time
+            logits = torch.cat([normed @ head_weight[start : start + HEAD_ROWS].float().T
+                                for start in range(0, head_weight.shape[0], HEAD_ROWS)], dim=-1)
         cap = getattr(self.hf, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -29,7 +29,7 @@ from torch import nn
 from bitplan.kernels.numerics import fake_quant_activations
 from bitplan.methods.block import activation_format, clip_flags, previous_op
 from bitplan.methods.calibration_stats import planner_stats, weighted_gram
-from bitplan.methods.registry import SMOOTHING, quantize, quantize_smoothing_group
+from bitplan.methods.registry import SMOOTHING, quantize, quantize_smoothing_group, row_chunks
 from bitplan.methods.scheme import Scheme
 from bitplan.models.source import ModelSource, WeightReader, cache_dir
 from bitplan.models.spec import SCALE_DTYPES, LayerSpec, ModelSpec
@@ -59,7 +59,6 @@ class LayerStats:
         self.windows_seen = 0
         self.pending_input: torch.Tensor | None = None
         self.pending_slices: torch.Tensor | None = None
-        self._hessian32: list[torch.Tensor] | None = None
 
     @property
     def token_weight(self) -> float:
@@ -103,9 +102,9 @@ class LayerStats:
         return float(self.slice_token_weight[s]) / max(self.slice_tokens(s) * tokens_per_window, 1)
 
     def hessian32(self, s: int) -> torch.Tensor:
-        if self._hessian32 is None:
-            self._hessian32 = [h.to(torch.float32) for h in self.hessian]
-        return self._hessian32[s]
+        """Slice ``s``'s ``H`` in float32, made on each call and not kept: a 14336-input Linear's is
+        0.8 GB per slice, and a block's Linears are scored one at a time."""
+        return self.hessian[s].to(torch.float32)
 
 
 def score_scheme(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, channel_weight: torch.Tensor, num_tokens: int) -> float:
@@ -115,13 +114,15 @@ def score_scheme(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.T
     return float((channel_weight * per_row).sum()) / (2 * max(num_tokens, 1))
 
 
-def activation_score(effective: torch.Tensor, samples: torch.Tensor, fmt: str, stats: LayerStats, s: int, tokens_per_window: int) -> float:
+def activation_score(effective: torch.Tensor, samples: torch.Tensor, fmt: str, stats: LayerStats, s: int, tokens_per_window: int,
+                     rows: tuple[int, int] | None = None) -> float:
     """The run-time activation rounding's share of slice ``s``'s score, from the kept input rows:
     ``mean(a)/2 * mean_k sum_c b_c ((Qa(x_k) - x_k) W^T)_c^2`` (``x`` as the Linear sees it; the
     kept rows are shared by the slices)."""
     delta = (fake_quant_activations(samples, fmt) - samples) @ effective.T.to(torch.float32)
     per_channel = delta.to(torch.float64).pow(2).mean(0)
-    return stats.mean_token_weight(s, tokens_per_window) / 2 * float((stats.channel_weight(s) * per_channel).sum())
+    channel = stats.channel_weight(s) if rows is None else stats.channel_weight(s)[rows[0] : rows[1]]
+    return stats.mean_token_weight(s, tokens_per_window) / 2 * float((channel * per_channel).sum())
 
 
 def head_gradient(
@@ -197,6 +198,7 @@ def profile_sensitivity(
                 break
             block = runner.load_block(index)
             hidden = run_block(block, hidden, positions)
+            del block  # before the next one loads
             report("forward", index + 1, spec.num_blocks)
     head = next((layer for layer in spec.layers if layer.block < 0), None)
     if top is None:
@@ -230,7 +232,7 @@ def profile_sensitivity(
         for handle in handles:
             handle.remove()
         grad = torch.cat(grads_in)
-        block_inputs[index] = None
+        block_inputs[index] = block = None  # before the next one loads
         score_block(layers, stats, reader, spec, schemes, names, table, tokens.shape[1])
         share_columns(scores, sizes, [names.index(layer.name) for layer in layers], per_slice)
         if checkpoint is not None:
@@ -250,19 +252,31 @@ def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_w
     on its own tokens, the cell's score is their weighted mean.
     A smoothing scheme's weight change is measured in unfolded coordinates, ``Q(W s) / s - W``;
     a W8A8 scheme adds the activation rounding where the Linear runs (on ``x / s``, by ``Q(W s)``).
+    A Linear larger than ``methods.registry.ROW_CHUNK`` (a big vocabulary's head) is read and
+    scored a row range at a time (``row_chunks``; the score sums over rows), so the profile never
+    holds it whole in float32.
     """
     scores, sizes, per_slice, slices = table
     scale_dtype = SCALE_DTYPES[spec.dtype]
-    weights = {layer.name: reader.tensor(f"{layer.name}.weight") for layer in layers}
+    chunked = {layer.name for layer in layers if len(row_chunks(layer.out_features, layer.in_features)) > 1}
+    weights = {layer.name: reader.tensor(f"{layer.name}.weight") for layer in layers if layer.name not in chunked}
 
-    def record(layer, column, effective, samples=None, fmt=None) -> None:
-        layer_stats, row = stats[layer.name], names.index(layer.name)
+    def slice_scores(layer, rows, weight, effective, samples=None, fmt=None) -> list[float]:
+        """Each slice's score of ``layer``'s output rows ``rows`` (a range; None: all), ``weight`` quantized to ``effective``."""
+        layer_stats, out = stats[layer.name], []
         for s in range(len(slices.names)):
             tokens = layer_stats.slice_tokens(s) * tokens_per_window
-            score = score_scheme(weights[layer.name], effective, layer_stats.hessian32(s), layer_stats.channel_weight(s), tokens)
+            channel = layer_stats.channel_weight(s) if rows is None else layer_stats.channel_weight(s)[rows[0] : rows[1]]
+            score = score_scheme(weight, effective, layer_stats.hessian32(s), channel, tokens)
             if fmt:
-                score += activation_score(effective, samples, fmt, layer_stats, s, tokens_per_window)
-            per_slice[s, row, column] = score
+                score += activation_score(effective, samples, fmt, layer_stats, s, tokens_per_window, rows)
+            out.append(score)
+        return out
+
+    def record(layer, column, parts: list[list[float]]) -> None:
+        row = names.index(layer.name)
+        for s in range(len(slices.names)):
+            per_slice[s, row, column] = sum(part[s] for part in parts)
         scores[row, column] = float(sum(w * float(per_slice[s, row, column]) for s, w in enumerate(slices.weights)))
 
     rank, workers = world()
@@ -281,21 +295,27 @@ def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_w
         if not smoothing:
             for layer in layers:
                 if scheme.fits(layer.in_features):
-                    layer_stats = stats[layer.name]
-                    effective = quantize(weights[layer.name], scheme, scale_dtype, {"input": layer_stats.input}).dequantize()
-                    record(layer, column, effective, layer_stats.input.samples if fmt else None, fmt)
+                    layer_stats, parts = stats[layer.name], []
+                    samples = layer_stats.input.samples if fmt else None
+                    for rows in row_chunks(layer.out_features, layer.in_features) if layer.name in chunked else [None]:
+                        weight = weights[layer.name] if rows is None else reader.rows(f"{layer.name}.weight", *rows)
+                        effective = quantize(weight, scheme, scale_dtype, {"input": layer_stats.input}).dequantize()
+                        parts.append(slice_scores(layer, rows, weight, effective, samples, fmt))
+                    record(layer, column, parts)
             continue
         groups: dict[str, list] = {}
         for layer in layers:
             if scheme.fits(layer.in_features):
                 groups.setdefault(previous_op(layer) if layer.smoothed_by else layer.name, []).append(layer)
         for members in groups.values():
+            for member in members:  # a smoothing group is quantized whole
+                weights.setdefault(member.name, reader.tensor(f"{member.name}.weight"))
             inputs = stats[members[0].name].input
             group = quantize_smoothing_group({m.name: weights[m.name] for m in members}, scheme, scale_dtype, inputs, clip_flags(members),
                                              foldable=bool(members[0].smoothed_by))
             for member in members:
                 folded = group.quantized[member.name].dequantize()
-                record(member, column, folded / group.scales, inputs.samples / group.scales if fmt else None, fmt)
+                record(member, column, [slice_scores(member, None, weights[member.name], folded / group.scales, inputs.samples / group.scales if fmt else None, fmt)])
 
 
 def sensitivity_table(source: ModelSource, schemes: list[Scheme], calibration: CalibrationSettings, seed: int = 0,

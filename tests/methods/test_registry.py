@@ -89,3 +89,23 @@ def test_nf4_and_fp8_dequantize_through_their_code_books():
     fp8 = quantize(weight, Scheme.parse("fp8-w8gcs"), torch.bfloat16)
     relative = ((fp8.dequantize() - weight).norm() / weight.norm()).item()
     assert relative < 0.04  # E4M3 keeps 3 mantissa bits: ~2-3% error
+
+
+@pytest.mark.parametrize("name", ["rtn-w4g32a", "gptq-w3g32s", "hqq-w4g32a", "nf4-w4g32s", "fp8-w8gcs"])
+def test_a_large_weight_quantized_by_rows_is_the_whole_weight_quantized(name, monkeypatch):
+    """quantize_by_rows (what emit and the quality meter use) quantizes a weight above ROW_CHUNK a
+    row range at a time; the codes, scales and zero points are exactly those of one call."""
+    import bitplan.methods.registry as registry
+    from bitplan.methods.calibration_stats import planner_stats
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 64)
+    stats = planner_stats(64)
+    stats.add(torch.randn(256, 64))
+    scheme = Scheme.parse(name)
+    whole = registry.quantize(weight, scheme, torch.bfloat16, {"input": stats})
+    monkeypatch.setattr(registry, "ROW_CHUNK", 64 * 70)  # 5 ranges, the last one short
+    assert len(registry.row_chunks(300, 64)) == 5
+    rows = registry.quantize_by_rows(weight, scheme, torch.bfloat16, {"input": stats})
+    assert torch.equal(rows.codes, whole.codes) and torch.equal(rows.scale, whole.scale)
+    assert (rows.zero is None) == (whole.zero is None) and (rows.zero is None or torch.equal(rows.zero, whole.zero))

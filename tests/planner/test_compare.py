@@ -1,4 +1,4 @@
-"""`bitplan compare` on Llama-3-8B, Llama-3-70B and Mixtral-8x7B config.json files.
+"""`bitplan compare` on Llama-3-8B, Llama-3-70B, Llama-3.1-405B and Mixtral-8x7B config.json files.
 
 The memory column is checked against totals computed by hand below from the public configs.
 """
@@ -74,6 +74,19 @@ def test_llama3_70b_does_not_fit_an_a10(comparisons):
     assert needed == 25_531_081_488
     assert not r.fits and r.memory.total_bytes == needed and needed > r.usable_memory_bytes
     assert "needs 25.53 GB" in row_text(comparisons["llama-3-70b"], "a10")
+
+
+def test_llama31_405b_plans_from_its_config():
+    """A 405B model plans from config.json alone: 2 bits cannot bring it under an H100's 80 GB, an
+    MI300X's 192 GB takes it at about 4 bits (memory counted from the public config, as above)."""
+    spec, routing = spec_of("llama-3.1-405b")
+    numel = 126 * (2 * 16384 * 16384 + 2 * 16384 * 1024 + 3 * 16384 * 53248)
+    assert spec.linear_weights == numel + 128256 * 16384  # the blocks' Linears and the untied head
+    rows = compare(spec, routing, get_devices("h100-sxm,mi300x"), CompareSettings(context=8192)).results
+    h100, mi300x = (next(r for r in rows if r.device == d) for d in ("h100-sxm", "mi300x"))
+    assert not h100.fits and h100.memory.total_bytes > 2 * (numel // 8) > h100.usable_memory_bytes
+    assert mi300x.fits and mi300x.memory.total_bytes <= mi300x.usable_memory_bytes
+    assert 3.5 < 8 * mi300x.memory.quantized_weights_bytes / spec.linear_weights < 4.5
 
 
 def test_mixtral_on_mi300x_dense(comparisons):

@@ -60,3 +60,19 @@ def test_awq_lowers_the_predicted_loss_of_most_smoothing_groups(smollm_folder):
     ratios = sorted(float(awq[rows].sum() / rtn[rows].sum()) for rows in groups.values())
     assert len(ratios) == 3 * spec.num_blocks and math.isfinite(ratios[-1])
     assert ratios[len(ratios) // 2] < 0.9
+
+
+def test_a_linear_scored_in_row_chunks_scores_as_a_whole(tmp_path, smollm_folder, monkeypatch):
+    """A Linear larger than ROW_CHUNK (a 128k-vocabulary head) is read, quantized and scored a row
+    slice at a time; its score is the whole Linear's (GPTQ's rows are independent given H)."""
+    import bitplan.methods.registry as registry
+    from tiny_models import write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path / "untied", smollm_folder, tie_word_embeddings=False, num_hidden_layers=2)
+    schemes = [Scheme.parse(n) for n in ("rtn-w4g32a", "gptq-w3g32s", "hqq-w4g32a", "fp8-w8gcsa8")]
+    whole = profile(folder, schemes)
+    monkeypatch.setattr(registry, "ROW_CHUNK", 64 * 5000)  # the 49152-row head in 10 chunks
+    chunked = profile(folder, schemes)
+    head = whole.layers.index("lm_head")
+    assert (whole.scores[head] > 0).all()
+    assert torch.allclose(chunked.scores, whole.scores, rtol=1e-5, atol=0)
