@@ -26,6 +26,20 @@ Random weights prove memory and time, never quality.
 
     PYTHONPATH=. .venv/bin/python bench/scale.py [--depths 60] [--seq-len 256] [--plan rtn|gptq] [--stages ...] [--eval-samples 4]
 
+Real shapes (issue 14 part 6): ``--config tests/data/configs/llama-3-8b.json`` writes a
+random-weight model of that config (``bench/random_model.py``, 16 GB of bf16 safetensors for
+Llama-3-8B) and runs the whole measured path on it through the CLI, each stage in a fresh process:
+``profile`` (RTN and GPTQ candidates), ``plan`` (exact allocation and measured refinement trials,
+block by block), ``emit`` (compressed-tensors), ``eval`` (streaming, a few windows). Each row has
+the stage's peak resident memory, its wall time per decoder block, the bound the issue sets
+(2 decoder blocks' float32 weights + activations + 2 GiB; the activations held are the block
+inputs and one block's input statistics, itemised), and a labelled extrapolation to Llama-3-70B
+on this machine and on one H100 (per-block time x the 70B block's share of work, x 80 blocks; on
+the H100 also x this machine's measured float32 matmul rate / the H100's float32 peak:
+compute-bound, ignoring disk reads). Saved to bench/results/scale_shape.json.
+
+    PYTHONPATH=. .venv/bin/python bench/scale.py --config tests/data/configs/llama-3-8b.json --work /big/disk [--budget 9GB]
+
 Rows are merged into bench/results/scale.json by (model, stage): a run of some stages keeps the
 rows of the others, and each row records its own sequence length and command.
 """
@@ -173,6 +187,116 @@ def merged_rows(rows: list[dict]) -> list[dict]:
     return kept + rows
 
 
+STAGE = """
+import json, sys, time
+from bitplan.cli import main
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+baseline = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # resets VmHWM after the imports: the peak is the stage's own plus what was resident then
+started = time.time()
+try:
+    code = main(sys.argv[1:])
+except SystemExit as stop:
+    code = stop.code
+print(json.dumps({"rc": code or 0, "seconds": time.time() - started, "baseline_rss_bytes": baseline, "peak_rss_bytes": status("VmHWM")}))
+"""
+
+
+def matmul_flops() -> float:
+    """This machine's float32 matmul rate (FLOP/s), 4096 x 4096 x 4096, best of 3."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * 4096**3 / best
+
+
+def block_numbers(config: dict) -> dict:
+    """One decoder block's float32 weight bytes and its Linears' input widths (dense Llama-like shapes)."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    params = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 2 * hidden
+    return {"params": params, "fp32_bytes": 4 * params,
+            "inputs": [hidden] * 3 + [q] + [hidden] * 2 + [inter]}  # q k v o gate up down
+
+
+def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len: int, trials: int, eval_samples: int) -> None:
+    from random_model import write_random_model
+
+    config = json.loads(config_path.read_text())
+    model = write_random_model(config_path, work / f"{config_path.stem}-random")
+    text = work / "pydoc.txt"
+    if not text.is_file():
+        import pydoc_data.topics as topics
+
+        text.write_text("\n\n".join(topics.topics[k] for k in sorted(topics.topics)))
+    cache = work / "cache"
+    if cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)  # every stage measured afresh
+    cache.mkdir()
+    calibration = ["--text", str(text), "--samples", str(samples), "--seq-len", str(seq_len)]
+    candidates = ["--methods", "rtn,gptq", "--bits", "4", "--groups", "128", "--symmetric-only"]
+    plan, checkpoint = work / "plan.json", work / "checkpoint"
+    stages = {
+        "profile": ["profile", str(model), *calibration, *candidates],
+        "plan": ["plan", str(model), "--budget", budget, "--context", "2048", "--trials", str(trials), "--out", str(plan),
+                 *calibration, *candidates],
+        "emit": ["emit", str(plan), "--out", str(checkpoint)],
+        "eval": ["eval", str(checkpoint), "--text", str(text), "--samples", str(eval_samples), "--seq-len", str(seq_len),
+                 "--json", str(work / "scorecard.json")],
+    }
+    env = dict(os.environ, BITPLAN_CACHE=str(cache), PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]))
+    env.pop("TRITON_INTERPRET", None)
+    blocks = int(config["num_hidden_layers"])
+    block = block_numbers(config)
+    hidden = int(config["hidden_size"])
+    held = samples * seq_len * hidden * 4 * (blocks + 2)  # every block's calibration input (the profile keeps them) + two in flight
+    statistics = sum(2 * 8 * width * width for width in block["inputs"])  # float64 H and the Fisher-weighted H of each Linear
+    bound = 2 * block["fp32_bytes"] + held + statistics + 2 * 2**30
+    seventy = block_numbers(json.loads((config_path.parent / "llama-3-70b.json").read_text()))
+    share = seventy["params"] / block["params"]
+    rate = matmul_flops()
+    h100 = 66.9e12  # float32 peak (reference/accelerators.toml, h100-sxm)
+    rows = []
+    print(f"{config_path.stem}: {blocks} blocks, block {block['fp32_bytes'] / 2**30:.2f} GiB in float32; this machine {rate / 1e9:.0f} GFLOP/s fp32")
+    print(f"{'stage':8} {'peak RSS GiB':>12} {'bound GiB':>9} {'s/block':>8} {'70B here (extrap.) h':>21} {'70B on H100 (extrap.) min':>26}")
+    for stage, argv in stages.items():
+        out = subprocess.run([sys.executable, "-c", STAGE, *argv], env=env, capture_output=True, text=True)
+        lines = out.stdout.strip().splitlines()
+        if out.returncode or not lines:
+            raise SystemExit(f"{stage} failed: {out.stderr[-2000:]}")
+        result = json.loads(lines[-1])
+        per_block = result["seconds"] / blocks
+        here = per_block * share * 80
+        row = {"stage": stage, "command": "bitplan " + " ".join(argv), **result, "seconds_per_block": per_block,
+               "bound_bytes": bound, "within_bound": result["peak_rss_bytes"] <= bound,
+               "extrapolated_70b_here_s": here, "extrapolated_70b_h100_s": here * rate / h100}
+        rows.append(row)
+        print(f"{stage:8} {result['peak_rss_bytes'] / 2**30:12.2f} {bound / 2**30:9.2f} {per_block:8.1f} {here / 3600:21.1f} "
+              f"{here * rate / h100 / 60:26.2f}", flush=True)
+        save("scale_shape", {"config": str(config_path), "blocks": blocks, "block_fp32_bytes": block["fp32_bytes"],
+                             "bound": {"blocks_fp32": 2 * block["fp32_bytes"], "activations": held, "statistics": statistics,
+                                       "slack": 2 * 2**30, "total": bound},
+                             "matmul_flops_here": rate, "h100_fp32_flops": h100, "block_work_70b_over_this": share,
+                             "settings": {"samples": samples, "seq_len": seq_len, "trials": trials, "eval_samples": eval_samples,
+                                          "budget": budget}, "rows": rows,
+                             "note": "extrapolations scale the measured per-block time; GPTQ's O(in^2 out) share grows faster "
+                                     "than the block's parameters, so the 70B figures are lower bounds"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depths", type=lambda text: [int(d) for d in text.split(",") if d], default=[60])
@@ -180,7 +304,16 @@ def main() -> None:
     parser.add_argument("--stages", default="refine-whole,refine-streaming,profile")
     parser.add_argument("--plan", choices=("rtn", "gptq"), default="rtn")
     parser.add_argument("--eval-samples", type=int, default=4, help="windows per held-out slice for the eval stages")
+    parser.add_argument("--config", type=Path, help="a real model's config.json: run the whole measured path on random weights of that shape")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bitplan-scale-shape", help="with --config: model, cache, outputs")
+    parser.add_argument("--budget", default="9GB", help="with --config: the plan's budget")
+    parser.add_argument("--samples", type=int, default=4, help="with --config: calibration windows")
+    parser.add_argument("--trials", type=int, default=2, help="with --config: measured refinement trials")
     args = parser.parse_args()
+    if args.config:
+        args.work.mkdir(parents=True, exist_ok=True)
+        shape_run(args.config, args.work, args.budget, args.samples, args.seq_len, args.trials, args.eval_samples)
+        return
     cache = tempfile.mkdtemp(prefix="bitplan-scale-")
     from bitplan.models.source import ensure_builtin
 
