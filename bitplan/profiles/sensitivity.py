@@ -37,6 +37,7 @@ from bitplan.profiles.blocks import BlockRunner, run_block
 from bitplan.profiles.calibration import CalibrationSettings, calibration_slices
 from bitplan.profiles.distributed import barrier, join_launcher_group, run_workers, share_columns, world
 from bitplan.profiles.resume import ProfileCheckpoint
+from bitplan.profiles.spill import ACTIVATION_CAP_BYTES, BlockInputs
 from bitplan.profiles.tables import METRIC, METRIC_VERSION, SensitivityTable, cached_table, table_key
 from bitplan.profiles.text import SliceWindows, tokens_hash
 
@@ -162,13 +163,15 @@ def profile_sensitivity(
     provenance: dict | None = None,
     checkpoint: ProfileCheckpoint | None = None,
     slices: SliceWindows | None = None,
+    activation_cap: int = ACTIVATION_CAP_BYTES,
 ) -> SensitivityTable:
     """Measure the table for ``tokens`` [sequences, seq_len], block by block.
 
     ``slices`` names each window's slice (default: one slice, "all"): every slice's score is
     measured on its own windows, and the table's score is their mean weighted by ``slices.weights``.
     With ``checkpoint``, each finished block's rows go to it as the profile goes, and a profile it
-    holds finished blocks of resumes below them (reporting ``("resumed", blocks, total)``)."""
+    holds finished blocks of resumes below them (reporting ``("resumed", blocks, total)``). Block
+    inputs beyond ``activation_cap`` bytes wait on disk (``profiles.spill``)."""
     slices = slices or SliceWindows(tokens, (0,) * tokens.shape[0], ("all",), (1.0,))
     new_stats = lambda layer: LayerStats(layer.in_features, layer.out_features, slices.labels, len(slices.names))  # noqa: E731
     torch.manual_seed(seed)
@@ -188,12 +191,12 @@ def profile_sensitivity(
     barrier()  # every rank has read the resume point before anything is written
     resumed, checkpoint = checkpoint, checkpoint if rank == 0 else None
 
+    block_inputs = BlockInputs(activation_cap)  # beyond the cap, on disk until their block is scored
     with torch.no_grad():
         hidden = runner.embed(tokens)
         positions = runner.position_embeddings(hidden)
-        block_inputs = []
         for index in range(spec.num_blocks if top is None else start):
-            block_inputs.append(hidden)
+            block_inputs.put(index, hidden)
             if top is not None and index == start - 1:
                 break
             block = runner.load_block(index)
@@ -225,14 +228,15 @@ def profile_sensitivity(
         prefix = runner.block_prefix(index)
         handles = [block.get_submodule(name[len(prefix):]).register_forward_hook(stats[name].forward_hook) for name in stats]
         grads_in = []
+        inputs = block_inputs.take(index)
         for first in range(0, tokens.shape[0], 4):
-            h = block_inputs[index][first : first + 4].clone().requires_grad_(True)
+            h = inputs[first : first + 4].clone().requires_grad_(True)
             block(h, position_embeddings=positions).backward(grad[first : first + 4])
             grads_in.append(h.grad)
         for handle in handles:
             handle.remove()
         grad = torch.cat(grads_in)
-        block_inputs[index] = block = None  # before the next one loads
+        inputs = block = None  # before the next one loads
         score_block(layers, stats, reader, spec, schemes, names, table, tokens.shape[1])
         share_columns(scores, sizes, [names.index(layer.name) for layer in layers], per_slice)
         if checkpoint is not None:
@@ -241,6 +245,7 @@ def profile_sensitivity(
             checkpoint.drop_gradient(index + 1)
         report("score", spec.num_blocks - index, spec.num_blocks)
 
+    block_inputs.close()
     provenance = dict(provenance or {}, metric=METRIC, metric_version=METRIC_VERSION, num_tokens=num_tokens, seed=seed)
     return SensitivityTable(names, [s.name for s in schemes], scores, sizes, provenance, list(slices.names), per_slice, list(slices.weights))
 
