@@ -36,7 +36,9 @@ the stage's peak resident memory, its wall time per decoder block, the bound the
 inputs and one block's input statistics, itemised), and a labelled extrapolation to Llama-3-70B
 on this machine and on one H100 (per-block time x the 70B block's share of work, x 80 blocks; on
 the H100 also x this machine's measured float32 matmul rate / the H100's float32 peak:
-compute-bound, ignoring disk reads). Saved to bench/results/scale_shape.json.
+compute-bound, ignoring disk reads). Saved to bench/results/scale_shape-<config>.json. ``--layers N``
+writes the same width with N decoder blocks (per-block memory and time at the real width, in a
+fraction of the time; saved as scale_shape-<config>-<N>-blocks.json).
 
     PYTHONPATH=. .venv/bin/python bench/scale.py --config tests/data/configs/llama-3-8b.json --work /big/disk [--budget 9GB]
 
@@ -231,11 +233,26 @@ def block_numbers(config: dict) -> dict:
             "inputs": [hidden] * 3 + [q] + [hidden] * 2 + [inter]}  # q k v o gate up down
 
 
-def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len: int, trials: int, eval_samples: int) -> None:
+def statistics_bytes(inputs: list[int], tokens: int) -> int:
+    """One block's calibration statistics as the profile keeps them (``calibration_stats.OuterSum``): per
+    Linear, X Xᵀ (float32 rows) and the Fisher-weighted H (float64 rows) as rows while the tokens are at
+    most the inputs, as float64 matrices beyond; q/k/v and gate/up each keep their own."""
+    return sum(tokens * width * (4 + 8) if tokens <= width else 2 * 8 * width * width for width in inputs)
+
+
+def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len: int, trials: int, eval_samples: int,
+              layers: int | None = None) -> None:
     from random_model import write_random_model
 
     config = json.loads(config_path.read_text())
-    model = write_random_model(config_path, work / f"{config_path.stem}-random")
+    label = config_path.stem
+    if layers is not None:  # the real width at a shallower depth: per-block memory and time, not the whole model
+        config["num_hidden_layers"] = layers
+        label = f"{config_path.stem}-{layers}-blocks"
+        shallow = work / f"{label}.json"
+        shallow.write_text(json.dumps(config, indent=2))
+        config_path = shallow
+    model = write_random_model(config_path, work / f"{label}-random") if not (work / f"{label}-random").is_dir() else work / f"{label}-random"
     text = work / "pydoc.txt"
     if not text.is_file():
         import pydoc_data.topics as topics
@@ -263,15 +280,16 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
     blocks = int(config["num_hidden_layers"])
     block = block_numbers(config)
     hidden = int(config["hidden_size"])
-    held = samples * seq_len * hidden * 4 * (blocks + 2)  # every block's calibration input (the profile keeps them) + two in flight
-    statistics = sum(2 * 8 * width * width for width in block["inputs"])  # float64 H and the Fisher-weighted H of each Linear
+    # every block's calibration input (in memory up to the spill cap, profiles.spill) + two in flight
+    held = min(samples * seq_len * hidden * 4 * blocks, 2**30) + 2 * samples * seq_len * hidden * 4
+    statistics = statistics_bytes(block["inputs"], samples * seq_len)
     bound = 2 * block["fp32_bytes"] + held + statistics + 2 * 2**30
-    seventy = block_numbers(json.loads((config_path.parent / "llama-3-70b.json").read_text()))
+    seventy = block_numbers(json.loads((Path(__file__).parents[1] / "tests/data/configs/llama-3-70b.json").read_text()))
     share = seventy["params"] / block["params"]
     rate = matmul_flops()
     h100 = 66.9e12  # float32 peak (reference/accelerators.toml, h100-sxm)
     rows = []
-    print(f"{config_path.stem}: {blocks} blocks, block {block['fp32_bytes'] / 2**30:.2f} GiB in float32; this machine {rate / 1e9:.0f} GFLOP/s fp32")
+    print(f"{label}: {blocks} blocks, block {block['fp32_bytes'] / 2**30:.2f} GiB in float32; this machine {rate / 1e9:.0f} GFLOP/s fp32")
     print(f"{'stage':8} {'peak RSS GiB':>12} {'bound GiB':>9} {'s/block':>8} {'70B here (extrap.) h':>21} {'70B on H100 (extrap.) min':>26}")
     for stage, argv in stages.items():
         out = subprocess.run([sys.executable, "-c", STAGE, *argv], env=env, capture_output=True, text=True)
@@ -287,7 +305,7 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
         rows.append(row)
         print(f"{stage:8} {result['peak_rss_bytes'] / 2**30:12.2f} {bound / 2**30:9.2f} {per_block:8.1f} {here / 3600:21.1f} "
               f"{here * rate / h100 / 60:26.2f}", flush=True)
-        save("scale_shape", {"config": str(config_path), "blocks": blocks, "block_fp32_bytes": block["fp32_bytes"],
+        save(f"scale_shape-{label}", {"config": str(config_path), "blocks": blocks, "block_fp32_bytes": block["fp32_bytes"],
                              "bound": {"blocks_fp32": 2 * block["fp32_bytes"], "activations": held, "statistics": statistics,
                                        "slack": 2 * 2**30, "total": bound},
                              "matmul_flops_here": rate, "h100_fp32_flops": h100, "block_work_70b_over_this": share,
@@ -309,10 +327,11 @@ def main() -> None:
     parser.add_argument("--budget", default="9GB", help="with --config: the plan's budget")
     parser.add_argument("--samples", type=int, default=4, help="with --config: calibration windows")
     parser.add_argument("--trials", type=int, default=2, help="with --config: measured refinement trials")
+    parser.add_argument("--layers", type=int, help="with --config: that many decoder blocks of the real width (per-block figures)")
     args = parser.parse_args()
     if args.config:
         args.work.mkdir(parents=True, exist_ok=True)
-        shape_run(args.config, args.work, args.budget, args.samples, args.seq_len, args.trials, args.eval_samples)
+        shape_run(args.config, args.work, args.budget, args.samples, args.seq_len, args.trials, args.eval_samples, args.layers)
         return
     cache = tempfile.mkdtemp(prefix="bitplan-scale-")
     from bitplan.models.source import ensure_builtin

@@ -89,15 +89,17 @@ def implementations() -> dict[str, dict]:
     from bitplan.methods.nf4 import NF4_OFFSET
 
     # version 2 of rtn, gptq, awq, hqq, smoothquant: symmetric grids spread over all 2**bits codes (methods/rtn.py)
+    # version 3 of gptq, awq, smoothquant, ggml: X Xᵀ from kept rows while they are fewer than the inputs
+    # (calibration_stats.OuterSum), which rounds differently in float32
     return {
         "rtn": {"version": 2},
-        "gptq": {"version": 2, "block": gptq.BLOCK, "damp": gptq.DAMP, "act_order": gptq.ACT_ORDER},
-        "awq": {"version": 2, "n_grid": awq.N_GRID, "max_shrink": awq.MAX_SHRINK},
+        "gptq": {"version": 3, "block": gptq.BLOCK, "damp": gptq.DAMP, "act_order": gptq.ACT_ORDER},
+        "awq": {"version": 3, "n_grid": awq.N_GRID, "max_shrink": awq.MAX_SHRINK},
         "hqq": {"version": 2, **asdict(HqqOptions())},
         "nf4": {"version": 1, "offset": NF4_OFFSET},
         "fp8": {"version": 1},
-        "smoothquant": {"version": 2, "alphas": list(smoothquant.ALPHA_GRID)},
-        "ggml": {"version": 1},  # bit-exact to libggml's quantizers (tests/methods/test_ggml.py)
+        "smoothquant": {"version": 3, "alphas": list(smoothquant.ALPHA_GRID)},
+        "ggml": {"version": 2},  # bit-exact to libggml's quantizers (tests/methods/test_ggml.py)
     }
 
 

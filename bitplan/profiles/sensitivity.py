@@ -11,6 +11,9 @@ channel weight ``b_c = sum_t g_tc^2 / sum_t a_t``, which keeps both marginals ex
 
     score = 1/(2N) * sum_c b_c * (dW H dW^T)_cc,   H = sum_t a_t x_t x_t^T.
 
+``H`` is kept as the weighted rows ``sqrt(a_t) x_t`` while they are fewer than the Linear's inputs
+(``calibration_stats.OuterSum``): ``(dW H dW^T)_cc = sum_t (dW_c . sqrt(a_t) x_t)^2``.
+
 One forward pass stores each block's input; one backward pass, block by block from the top,
 recomputes each block, collects ``H`` and ``b`` for its Linears and scores every scheme there.
 Only one block's weights are held at a time. Each finished block's rows go to the cache as the
@@ -28,7 +31,7 @@ from torch import nn
 
 from bitplan.kernels.numerics import fake_quant_activations
 from bitplan.methods.block import activation_format, clip_flags, previous_op
-from bitplan.methods.calibration_stats import planner_stats, weighted_gram
+from bitplan.methods.calibration_stats import OuterSum, planner_stats
 from bitplan.methods.registry import SMOOTHING, quantize, quantize_smoothing_group, row_chunks
 from bitplan.methods.scheme import Scheme
 from bitplan.models.source import ModelSource, WeightReader, cache_dir
@@ -53,7 +56,7 @@ class LayerStats:
 
     def __init__(self, in_features: int, out_features: int, window_slices: list[int] | tuple[int, ...] = (0,), num_slices: int = 1):
         self.input = planner_stats(in_features)  # plain statistics for calibrated methods (GPTQ, AWQ, SmoothQuant)
-        self.hessian = [torch.zeros(in_features, in_features, dtype=torch.float64) for _ in range(num_slices)]
+        self.hessian = [OuterSum(in_features, torch.float64) for _ in range(num_slices)]  # H_s from the rows sqrt(a_t) x_t
         self.grad_sq = torch.zeros(num_slices, out_features, dtype=torch.float64)
         self.slice_token_weight = torch.zeros(num_slices, dtype=torch.float64)
         self.window_slices = torch.tensor(window_slices, dtype=torch.int64)
@@ -85,7 +88,7 @@ class LayerStats:
         for s in present:
             rows = self.pending_slices == s
             xs, gs, as_ = (x, g2, a) if len(present) == 1 else (x[rows], g2[rows], a[rows])
-            self.hessian[s] += weighted_gram(xs, as_)
+            self.hessian[s].add(xs * as_.sqrt().unsqueeze(1))
             self.grad_sq[s] += gs.sum(0)
             self.slice_token_weight[s] += as_.sum()
         self.pending_input = self.pending_slices = None
@@ -102,16 +105,11 @@ class LayerStats:
     def mean_token_weight(self, s: int, tokens_per_window: int) -> float:
         return float(self.slice_token_weight[s]) / max(self.slice_tokens(s) * tokens_per_window, 1)
 
-    def hessian32(self, s: int) -> torch.Tensor:
-        """Slice ``s``'s ``H`` in float32, made on each call and not kept: a 14336-input Linear's is
-        0.8 GB per slice, and a block's Linears are scored one at a time."""
-        return self.hessian[s].to(torch.float32)
 
 
-def score_scheme(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, channel_weight: torch.Tensor, num_tokens: int) -> float:
-    """1/(2N) sum_c b_c (dW H dW^T)_cc for one layer and scheme (``hessian`` float32 [in, in])."""
-    delta = (weight - quantized).to(torch.float32)
-    per_row = ((delta @ hessian) * delta).sum(1).to(torch.float64)
+def score_scheme(weight: torch.Tensor, quantized: torch.Tensor, hessian: OuterSum, channel_weight: torch.Tensor, num_tokens: int) -> float:
+    """1/(2N) sum_c b_c (dW H dW^T)_cc for one layer and scheme."""
+    per_row = hessian.quadratic((weight - quantized).to(torch.float32))
     return float((channel_weight * per_row).sum()) / (2 * max(num_tokens, 1))
 
 
@@ -272,7 +270,7 @@ def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_w
         for s in range(len(slices.names)):
             tokens = layer_stats.slice_tokens(s) * tokens_per_window
             channel = layer_stats.channel_weight(s) if rows is None else layer_stats.channel_weight(s)[rows[0] : rows[1]]
-            score = score_scheme(weight, effective, layer_stats.hessian32(s), channel, tokens)
+            score = score_scheme(weight, effective, layer_stats.hessian[s], channel, tokens)
             if fmt:
                 score += activation_score(effective, samples, fmt, layer_stats, s, tokens_per_window, rows)
             out.append(score)

@@ -25,7 +25,7 @@ from bitplan.methods.scheme import Scheme
 log = logging.getLogger(__name__)
 
 METRIC = "fisher-kl"
-METRIC_VERSION = 2  # the score's formula (2: per-slice scores, the aggregate their weighted mean); methods' versions: registry.implementations()
+METRIC_VERSION = 3  # the score's formula (2: per-slice scores, the aggregate their weighted mean; 3: H from weighted rows, calibration_stats.OuterSum); methods' versions: registry.implementations()
 
 
 @dataclass

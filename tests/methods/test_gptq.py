@@ -54,7 +54,8 @@ def test_loss_is_the_damped_quadratic_error(act_order):
     H = 2 * x.T @ x / x.shape[0]
     scheme = Scheme("gptq", 3, 64, False)
     quantized, loss = quantize_gptq(weight, H, scheme, damp=0.01, act_order=act_order)
-    _, damped = inverse_hessian_factor(H, 0.01)
+    _, lam = inverse_hessian_factor(H, 0.01)
+    damped = H + lam * torch.eye(H.shape[0])
     delta = weight - quantized.dequantize()
     assert loss == pytest.approx(float(0.5 * ((delta @ damped) * delta).sum()), rel=1e-4)
 
