@@ -27,6 +27,7 @@ from bitplan.planner.objective import assignment_sum, check_objective, objective
 from bitplan.planner.kv_choice import AUTO, KVMeasured, choose_kv, kv_candidates, measure_kv
 from bitplan.planner.plan import EngineRecord, FormatCount, KVCacheRecord, ModelRef, Plan, Prediction, Provenance, SearchRecord
 from bitplan.planner.refine import Refinement, refine_measured
+from bitplan.planner.score_calibration import score_calibration
 from bitplan.planner.search import Allocation, SearchSettings, allocate, check_feasible, smallest_allocation
 from bitplan.planner.slices import SliceBounds, predicted_slice_kl, resolve_limits
 from bitplan.planner.speed import decode_prediction
@@ -140,6 +141,9 @@ def assemble_plan(source: ModelSource, deployment: Deployment, goal: Target, tab
                           weight_budget_bytes(source.spec, deployment), settings.objective,
                           slice_bounds=bounds.bounds or None, uniform_scheme=bounds.uniform_scheme)
     predicted = {"score_kl": allocation.score, "metric": table.provenance.get("metric")}
+    calibrated = score_calibration(table.provenance.get("metric_version"))
+    if calibrated is not None:
+        predicted.update(calibrated_kl=round(calibrated.predict(allocation.score), 6), calibrated_within=calibrated.factor)
     if kv_record is not None:
         predicted["kv_cache_kl"] = kv_record.kl
     if refinement is not None:

@@ -204,10 +204,11 @@ class ShardWriter:
         self.files: list[tuple[str, list[str]]] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > SHARD_BYTES:
+            self.flush()  # before, not after: what waits never exceeds a shard (or one tensor larger than one)
         self.pending[name] = tensor.contiguous()
-        self.pending_bytes += tensor.numel() * tensor.element_size()
-        if self.pending_bytes >= SHARD_BYTES:
-            self.flush()
+        self.pending_bytes += size
 
     def flush(self) -> None:
         if self.pending:
@@ -300,7 +301,8 @@ def write_checkpoint(folder: Path, config: dict, spec: ModelSpec, assignments: d
     for done, block in enumerate(sorted(by_block, key=lambda b: (b < 0, b)), 1):
         stats = calibration.block_stats(block, spec) if calibration else {}
         layers = [layer for layer in spec.layers if layer.block == block]
-        quantized = quantize_block(layers, assignments, read, stats, scale_dtype, norm_offset(spec.model_type)) if layers else None
+        quantized = (quantize_block(layers, assignments, read, stats, scale_dtype, norm_offset(spec.model_type), reader.rows)
+                     if layers else None)
         for name in by_block[block]:
             linear_bytes += write_tensor(name, reader, quantized, writer)
         report("emit", done, len(by_block))
@@ -376,7 +378,7 @@ class CalibrationPass:
         heads = [layer.name for layer in spec.layers if layer.block < 0]
         if not heads:
             return {}
-        norm_weight, _ = self.runner.head_weights()
+        norm_weight = self.runner.final_norm_weight()
         stats = planner_stats(spec.hidden_size)
         stats.add(self.runner.final_norm(self.hidden, norm_weight))
         return {name: {"input": stats} for name in heads}

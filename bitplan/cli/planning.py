@@ -139,6 +139,8 @@ def print_plan(result, console: Console) -> None:
         console.print(f"  - {line}")
     predicted = result.predicted
     line = f"predicted KL (sum of scores): {predicted.score_kl:.4f} nats/token"
+    if predicted.calibrated_kl is not None:
+        line += f"; on unseen text about {predicted.calibrated_kl:.4f} (calibrated, within {predicted.calibrated_within:.1f}x)"
     if predicted.calibration_kl is not None:
         line += f"; measured on held-in text: {predicted.calibration_kl:.4f} (exact allocation: {predicted.exact_calibration_kl:.4f})"
     console.print(line)

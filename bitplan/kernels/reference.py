@@ -27,6 +27,9 @@ def dequantize_codes(
     return values.reshape(out_features, in_features).to(dtype)
 
 
+DEQUANT_ROWS_ELEMENTS = 2**26  # weights above this many elements are dequantized a row range at a time
+
+
 def linear_reference(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -35,6 +38,15 @@ def linear_reference(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ dequant(W).T + bias`` computed in x's dtype (float32 math on CPU)."""
-    weight = dequantize_codes(codes, scale, zero, group_size, dtype=x.dtype)
-    return F.linear(x, weight, bias)
+    """``x @ dequant(W).T + bias`` computed in x's dtype (float32 math on CPU). A weight of more than
+    ``DEQUANT_ROWS_ELEMENTS`` is dequantized a row range at a time (a 128k-vocabulary head: never
+    2 GB of float32 at once); each output is the same row's product either way."""
+    rows = max(1, DEQUANT_ROWS_ELEMENTS // codes.shape[1])
+    if codes.shape[0] <= rows:
+        return F.linear(x, dequantize_codes(codes, scale, zero, group_size, dtype=x.dtype), bias)
+    parts = []
+    for start in range(0, codes.shape[0], rows):
+        stop = start + rows
+        weight = dequantize_codes(codes[start:stop], scale[start:stop], None if zero is None else zero[start:stop], group_size, dtype=x.dtype)
+        parts.append(F.linear(x, weight, None if bias is None else bias[start:stop]))
+    return torch.cat(parts, dim=-1)

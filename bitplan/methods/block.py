@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.methods.registry import SMOOTHING, quantize_by_rows, quantize_smoothing_group
+from bitplan.methods.registry import SMOOTHING, quantize_by_rows, quantize_row_ranges, quantize_smoothing_group, row_chunks
 from bitplan.methods.scheme import Method, QuantizedWeight, Scheme
 from bitplan.models.spec import LayerSpec
 
@@ -85,18 +85,24 @@ def smoothing_groups(layers: list[LayerSpec], assignments: dict[str, Scheme]) ->
 
 
 def quantize_block(layers: list[LayerSpec], assignments: dict[str, Scheme], read: Callable[[str], torch.Tensor | None],
-                   stats: dict[str, dict], scale_dtype: torch.dtype, norm_offset: float = 0.0) -> QuantizedBlock:
+                   stats: dict[str, dict], scale_dtype: torch.dtype, norm_offset: float = 0.0,
+                   read_rows: Callable[[str, int, int], torch.Tensor] | None = None) -> QuantizedBlock:
     """Quantize one block's ``layers`` per ``assignments``.
 
     ``read(tensor_name)`` returns a source tensor (float32) or None when absent (e.g. a bias);
     ``stats[name]["input"]`` are a Linear's calibration statistics (needed by GPTQ, AWQ,
     SmoothQuant); ``scale_dtype`` is the checkpoint dtype (scales, dense and folded tensors);
     ``norm_offset`` is what the family's norms add to their weight (``models.spec.norm_offset``).
+    With ``read_rows(tensor_name, start, stop)``, a Linear larger than ``registry.ROW_CHUNK`` that
+    nothing folds into (a 128k-vocabulary head) is read and quantized a row range at a time.
     """
     result = QuantizedBlock()
     names = {layer.name for layer in layers}
-    weights = {layer.name: read(f"{layer.name}.weight").to(torch.float32) for layer in layers}
     groups = smoothing_groups(layers, assignments)
+    by_rows = {layer.name for layer in layers if read_rows is not None and len(row_chunks(layer.out_features, layer.in_features)) > 1
+               and assignments[layer.name].method not in SMOOTHING and assignments[layer.name].method != Method.GGML
+               and layer.name not in groups}  # nothing folds into it
+    weights = {layer.name: read(f"{layer.name}.weight").to(torch.float32) for layer in layers if layer.name not in by_rows}
     done: dict[str, QuantizedWeight] = {}
     order = sorted(groups, key=lambda key: key not in names)  # Linear-fed groups first (step 1), then norm-fed
     for key in order:
@@ -123,6 +129,16 @@ def quantize_block(layers: list[LayerSpec], assignments: dict[str, Scheme], read
             done[layer.name] = alone.quantized[layer.name]
         if layer.name in done:
             result.linears[layer.name] = done[layer.name]
+        elif layer.name in by_rows:
+            rows = lambda start, stop, name=f"{layer.name}.weight": read_rows(name, start, stop)  # noqa: E731
+            if scheme.is_dense:
+                dense = torch.empty(layer.out_features, layer.in_features, dtype=scale_dtype)
+                for start, stop in row_chunks(layer.out_features, layer.in_features):
+                    dense[start:stop] = rows(start, stop)
+                result.linears[layer.name] = dense
+            else:
+                result.linears[layer.name] = quantize_row_ranges(rows, layer.out_features, layer.in_features, scheme, scale_dtype,
+                                                                 stats.get(layer.name, {}))
         elif scheme.is_dense:
             result.linears[layer.name] = weights[layer.name].to(scale_dtype)
         else:

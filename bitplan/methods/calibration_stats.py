@@ -77,6 +77,14 @@ class OuterSum:
         stacked = torch.cat(self.rows)
         return (stacked.T @ stacked).to(torch.float32)
 
+    def diagonal(self) -> torch.Tensor:
+        """``Σ_t x_t²`` per input, float64, without forming the matrix."""
+        if self.gram is not None:
+            return torch.diagonal(self.gram).clone()
+        if not self.rows:
+            return torch.zeros(self.width, dtype=torch.float64)
+        return sum(rows.to(torch.float64).pow(2).sum(0) for rows in self.rows)
+
     def quadratic(self, delta: torch.Tensor) -> torch.Tensor:
         """``(Δ S Δᵀ)_cc`` for each row ``c`` of ``delta`` ``[rows, width]``, float64: from the rows,
         ``Σ_t (Δ_c · x_t)²``, without forming the matrix."""
@@ -156,6 +164,11 @@ class InputStats:
         """X Xᵀ / n, float32 ``[in, in]``: ‖ΔW X‖² / n = tr(ΔW · this · ΔWᵀ)."""
         self._require_data()
         return self.gram.matrix() / self.count
+
+    def second_moment_diagonal(self) -> torch.Tensor:
+        """diag(X Xᵀ) / n, float32 ``[in]`` (ggml's importance matrix), without the matrix."""
+        self._require_data()
+        return (self.gram.diagonal() / self.count).to(torch.float32)
 
     def hessian(self) -> torch.Tensor:
         """GPTQ's H = 2 X Xᵀ / n, float32 ``[in, in]``."""

@@ -72,7 +72,7 @@ def _ggml(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats:
 
 def importance_vector(stats: InputStats) -> torch.Tensor:
     """llama.cpp's importance matrix of one Linear: the mean of each input column's square."""
-    return torch.diagonal(stats.second_moment()).contiguous()
+    return stats.second_moment_diagonal().contiguous()
 
 
 def _fp8(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
@@ -169,10 +169,19 @@ def row_chunks(out_features: int, in_features: int) -> list[tuple[int, int]]:
 def quantize_by_rows(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict | None = None) -> QuantizedWeight:
     """:func:`quantize`, a :func:`row_chunks` range at a time for a large weight (not ggml types,
     whose results are byte blocks)."""
-    chunks = row_chunks(*weight.shape)
-    if len(chunks) == 1 or scheme.method == Method.GGML:
+    if scheme.method == Method.GGML:
         return quantize(weight, scheme, scale_dtype, stats)
-    parts = [quantize(weight[start:stop], scheme, scale_dtype, stats) for start, stop in chunks]
+    return quantize_row_ranges(lambda start, stop: weight[start:stop], *weight.shape, scheme, scale_dtype, stats)
+
+
+def quantize_row_ranges(read_rows: Callable[[int, int], torch.Tensor], out_features: int, in_features: int, scheme: Scheme,
+                        scale_dtype: torch.dtype, stats: dict | None = None) -> QuantizedWeight:
+    """:func:`quantize` of an ``[out, in]`` weight read a :func:`row_chunks` range at a time by
+    ``read_rows(start, stop)``: a 128k-vocabulary head is never held whole in float32."""
+    chunks = row_chunks(out_features, in_features)
+    if len(chunks) == 1:
+        return quantize(read_rows(0, out_features).to(torch.float32), scheme, scale_dtype, stats)
+    parts = [quantize(read_rows(start, stop).to(torch.float32), scheme, scale_dtype, stats) for start, stop in chunks]
     zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
     return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), zero, scheme)
 

@@ -155,6 +155,20 @@ def read_header(path: Path) -> dict[str, dict]:
     return tensors
 
 
+READ_ROWS = 16384  # a matrix with more rows is read this many rows at a time
+
+
+def finite(value: torch.Tensor, rows: int = READ_ROWS) -> bool:
+    """Whether a tensor holds no NaN or Inf, checked ``rows`` rows at a time (a 128k-vocabulary
+    embedding's check needs no 0.5 GB mask); float8 has no isfinite kernel: checked in float32."""
+    if not value.is_floating_point():
+        return True
+    for part in (value.split(rows) if value.dim() else (value,)):
+        if not bool(torch.isfinite(part if part.element_size() > 1 else part.float()).all()):
+            return False
+    return True
+
+
 class WeightReader:
     """Reads named tensors from a folder's safetensors files, one at a time, as float32.
 
@@ -175,25 +189,32 @@ class WeightReader:
     def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         if name not in self.location:
             raise BitplanError(f"{self.folder} lacks the tensor {name}: the safetensors files do not match config.json")
+        shape = self.shapes[name]
+        if len(shape) == 2 and shape[0] > READ_ROWS:  # a large matrix (a 128k-vocabulary embedding): read a row range at a
+            first = self.rows(name, 0, READ_ROWS, dtype=None)  # time, each range's file pages mapped only while it is read
+            value = torch.empty(shape, dtype=first.dtype)  # (the whole file mapped beside its copy would be 2x its size)
+            value[:READ_ROWS] = first
+            for start in range(READ_ROWS, shape[0], READ_ROWS):
+                value[start : start + READ_ROWS] = self.rows(name, start, min(start + READ_ROWS, shape[0]), dtype=None)
+            return value if dtype is None else value.to(dtype)
         with safe_open(self.location[name], framework="pt") as handle:
             value = handle.get_tensor(name)
-        # float8 has no isfinite kernel: checked in float32 (its NaN stays NaN)
-        if value.is_floating_point() and not bool(torch.isfinite(value if value.element_size() > 1 else value.float()).all()):
+        if not finite(value):
             raise BitplanError(f"{name} in {self.location[name]} holds NaN or Inf values: the weights are corrupt; "
                                f"download the model again or repair that tensor")
         return value if dtype is None else value.to(dtype)
 
-    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """Rows ``start:stop`` of a 2-D tensor, read without reading the rest (a head of 128k rows
         is scored a slice at a time); checked for NaN and Inf like :meth:`tensor`."""
         if name not in self.location:
             raise BitplanError(f"{self.folder} lacks the tensor {name}: the safetensors files do not match config.json")
         with safe_open(self.location[name], framework="pt") as handle:
             value = handle.get_slice(name)[start:stop]
-        if value.is_floating_point() and not bool(torch.isfinite(value if value.element_size() > 1 else value.float()).all()):
+        if not finite(value):
             raise BitplanError(f"{name} in {self.location[name]} holds NaN or Inf values: the weights are corrupt; "
                                f"download the model again or repair that tensor")
-        return value.to(dtype)
+        return value if dtype is None else value.to(dtype)
 
     def tensors(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with ``prefix``, keyed by the rest of the name."""

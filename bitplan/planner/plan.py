@@ -60,6 +60,8 @@ class Prediction:
     metric: str | None = None
     calibration_kl: float | None = None  # measured on held-in calibration tokens (refinement)
     exact_calibration_kl: float | None = None  # the exact allocation's, on the same tokens
+    calibrated_kl: float | None = None  # score_kl through planner.score_calibration: expected KL on unseen text
+    calibrated_within: float | None = None  # the calibration's stated factor (fitted plans' largest ratio either way)
     decode_step_ms: float | None = None
     decode_tokens_per_s: float | None = None
     decode_ms_per_token_batch1: float | None = None

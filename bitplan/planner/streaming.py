@@ -121,7 +121,7 @@ class StreamingMeter:
         if heads:
             from bitplan.methods.calibration_stats import planner_stats
 
-            norm_weight, _ = self.runner.head_weights()
+            norm_weight = self.runner.final_norm_weight()
             head = planner_stats(self.spec.hidden_size)
             for start in range(0, hidden.shape[0], self.batch_size):
                 head.add(self.runner.final_norm(hidden[start : start + self.batch_size], norm_weight))

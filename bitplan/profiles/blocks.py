@@ -22,7 +22,7 @@ from torch import nn
 from bitplan.errors import BitplanError
 from bitplan.models.architectures import Family
 from bitplan.models.experts import rename_modules, unfuse_experts
-from bitplan.models.source import WeightReader
+from bitplan.models.source import READ_ROWS, WeightReader
 from bitplan.models.spec import family_for
 
 
@@ -146,10 +146,24 @@ class BlockRunner:
     def embedding_weight(self) -> torch.Tensor:
         return self.reader.tensor(f"{self.family.embedding}.weight")
 
+    def embedding_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding's rows of ``input_ids`` in float32, the table read ``READ_ROWS`` rows at a
+        time (a 128k-vocabulary table is never held whole) and only the rows looked up widened."""
+        name = f"{self.family.embedding}.weight"
+        vocab, width = self.reader.shapes[name]
+        ids = input_ids.reshape(-1)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise IndexError(f"token ids must lie in [0, {vocab}): the tokenizer does not match the model's embedding")
+        hidden = torch.empty(ids.numel(), width, dtype=torch.float32)
+        for start in range(0, vocab, READ_ROWS):
+            wanted = (ids >= start) & (ids < start + READ_ROWS)
+            if bool(wanted.any()):
+                rows = self.reader.rows(name, start, min(start + READ_ROWS, vocab), dtype=None)
+                hidden[wanted] = rows[ids[wanted] - start].float()
+        return hidden.reshape(*input_ids.shape, width)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        weight = self.reader.tensor(f"{self.family.embedding}.weight", dtype=None)  # the rows looked up are widened, not the table
-        weight = weight.float() if weight.element_size() == 1 else weight
-        hidden = nn.functional.embedding(input_ids, weight).float()
+        hidden = self.embedding_rows(input_ids)
         if self.family.embedding_scale == "sqrt_hidden":
             hidden = hidden * torch.tensor(self.hf.hidden_size**0.5, dtype=hidden.dtype)
         return hidden
@@ -160,6 +174,10 @@ class BlockRunner:
         if "layer_type" in inspect.signature(self.rotary.forward).parameters:
             return {kind: self.rotary(hidden, positions, kind) for kind in sorted(set(self.hf.layer_types))}
         return self.rotary(hidden, positions)
+
+    def final_norm_weight(self) -> torch.Tensor:
+        """The final norm's weight (float32), without reading the head."""
+        return self.reader.tensor(f"{self.family.final_norm}.weight")
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(final norm weight (float32), lm_head weight in its stored dtype: :meth:`logits` widens

@@ -32,7 +32,7 @@ from torch import nn
 from bitplan.kernels.numerics import fake_quant_activations
 from bitplan.methods.block import activation_format, clip_flags, previous_op
 from bitplan.methods.calibration_stats import OuterSum, planner_stats
-from bitplan.methods.registry import SMOOTHING, quantize, quantize_smoothing_group, row_chunks
+from bitplan.methods.registry import CALIBRATED, SMOOTHING, quantize, quantize_smoothing_group, row_chunks
 from bitplan.methods.scheme import Scheme
 from bitplan.models.source import ModelSource, WeightReader, cache_dir
 from bitplan.models.spec import SCALE_DTYPES, LayerSpec, ModelSpec
@@ -49,49 +49,79 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 
+FOLDS = 2  # cross-fitting on one slice: its windows alternate between this many folds
+
+
+def window_folds(labels: tuple[int, ...] | list[int], num_slices: int) -> list[int]:
+    """Each window's fold. With several calibration slices, the fold is the slice: a fitted method is
+    fitted to the other slices and scored on this one (leave one domain out: what its gain is worth
+    on text of a kind it was not fitted to). With one slice, windows alternate between ``FOLDS`` folds."""
+    if num_slices > 1:
+        return list(labels)
+    return [w % FOLDS for w in range(len(labels))]
+
+
 class LayerStats:
-    """Accumulates, per calibration slice ``s``, ``H_s = sum_t a_t x_t x_t^T``, ``sum_t g_tc^2``
-    and ``sum_t a_t`` over the slice's tokens for one Linear. ``window_slices[w]`` is window
-    ``w``'s slice; hooks see the windows in order, a chunk at a time."""
+    """Accumulates, per calibration slice ``s`` and fold ``f``, ``H_sf = sum_t a_t x_t x_t^T`` (as
+    weighted rows while they are few, ``calibration_stats.OuterSum``), and per slice ``sum_t g_tc^2``
+    and ``sum_t a_t``, for one Linear; and per fold the plain input statistics calibrated methods fit
+    to. ``window_slices[w]`` is window ``w``'s slice; hooks see the windows in order, a chunk at a time."""
 
     def __init__(self, in_features: int, out_features: int, window_slices: list[int] | tuple[int, ...] = (0,), num_slices: int = 1):
-        self.input = planner_stats(in_features)  # plain statistics for calibrated methods (GPTQ, AWQ, SmoothQuant)
-        self.hessian = [OuterSum(in_features, torch.float64) for _ in range(num_slices)]  # H_s from the rows sqrt(a_t) x_t
+        num_folds = num_slices if num_slices > 1 else FOLDS
+        self.folds = [planner_stats(in_features) for _ in range(num_folds)]  # what GPTQ, AWQ, SmoothQuant, ggml fit to
+        self.hessian = [[OuterSum(in_features, torch.float64) for _ in range(num_folds)] for _ in range(num_slices)]
         self.grad_sq = torch.zeros(num_slices, out_features, dtype=torch.float64)
         self.slice_token_weight = torch.zeros(num_slices, dtype=torch.float64)
         self.window_slices = torch.tensor(window_slices, dtype=torch.int64)
+        self.window_folds = torch.tensor(window_folds(list(window_slices), num_slices), dtype=torch.int64)
         self.windows_seen = 0
         self.pending_input: torch.Tensor | None = None
         self.pending_slices: torch.Tensor | None = None
+        self.pending_folds: torch.Tensor | None = None
 
     @property
     def token_weight(self) -> float:
         return float(self.slice_token_weight.sum())
 
+    @property
+    def cross_fitted(self) -> bool:
+        """Whether every fold saw tokens (one calibration window: fitted methods are scored in sample)."""
+        return len(self.folds) > 1 and all(fold.count for fold in self.folds)
+
     def forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         x = inputs[0].detach()
         self.pending_input = x.reshape(-1, x.shape[-1])
-        if x.dim() == 3:  # [windows, tokens, width]: each row's slice is its window's
-            labels = self.window_slices[self.windows_seen : self.windows_seen + x.shape[0]] if len(self.window_slices) > 1 else torch.zeros(x.shape[0], dtype=torch.int64)
+        if x.dim() == 3:  # [windows, tokens, width]: each row's slice and fold are its window's
+            seen = slice(self.windows_seen, self.windows_seen + x.shape[0])
+            labels = self.window_slices[seen] if len(self.window_slices) > 1 else torch.zeros(x.shape[0], dtype=torch.int64)
+            folds = self.window_folds[seen] if len(self.window_folds) > 1 else torch.zeros(x.shape[0], dtype=torch.int64)
             self.windows_seen += x.shape[0]
             self.pending_slices = labels.repeat_interleave(x.shape[1])
-        else:  # routed rows of unknown windows (no profiled architecture today): credited to the first slice
+            self.pending_folds = folds.repeat_interleave(x.shape[1])
+        else:  # routed rows of unknown windows (no profiled architecture today): credited to the first slice and fold
             self.pending_slices = torch.zeros(self.pending_input.shape[0], dtype=torch.int64)
-        self.input.add(self.pending_input)
+            self.pending_folds = torch.zeros(self.pending_input.shape[0], dtype=torch.int64)
+        for f in self.pending_folds.unique().tolist():
+            self.folds[f].add(self.pending_input[self.pending_folds == f])
         output.register_hook(self.grad_hook)
 
     def grad_hook(self, grad: torch.Tensor) -> None:
         g2 = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64).pow(2)
         a = g2.sum(1)
         x = self.pending_input.to(torch.float64)
-        present = self.pending_slices.unique().tolist()
-        for s in present:
-            rows = self.pending_slices == s
-            xs, gs, as_ = (x, g2, a) if len(present) == 1 else (x[rows], g2[rows], a[rows])
-            self.hessian[s].add(xs * as_.sqrt().unsqueeze(1))
-            self.grad_sq[s] += gs.sum(0)
-            self.slice_token_weight[s] += as_.sum()
-        self.pending_input = self.pending_slices = None
+        for s in self.pending_slices.unique().tolist():
+            in_slice = self.pending_slices == s
+            self.grad_sq[s] += g2[in_slice].sum(0)
+            self.slice_token_weight[s] += a[in_slice].sum()
+            for f in self.pending_folds[in_slice].unique().tolist():
+                rows = in_slice & (self.pending_folds == f)
+                self.hessian[s][f].add(x[rows] * a[rows].sqrt().unsqueeze(1))
+        self.pending_input = self.pending_slices = self.pending_folds = None
+
+    def samples(self) -> torch.Tensor:
+        """Kept input rows of every fold (the activation rounding's share of a W8A8 score)."""
+        return torch.cat([fold.samples for fold in self.folds if fold.count])
 
     def channel_weight(self, s: int | None = None) -> torch.Tensor:
         """``b_c`` of slice ``s`` (None: of all tokens pooled)."""
@@ -106,10 +136,10 @@ class LayerStats:
         return float(self.slice_token_weight[s]) / max(self.slice_tokens(s) * tokens_per_window, 1)
 
 
-
-def score_scheme(weight: torch.Tensor, quantized: torch.Tensor, hessian: OuterSum, channel_weight: torch.Tensor, num_tokens: int) -> float:
-    """1/(2N) sum_c b_c (dW H dW^T)_cc for one layer and scheme."""
-    per_row = hessian.quadratic((weight - quantized).to(torch.float32))
+def score_scheme(weight: torch.Tensor, quantized: torch.Tensor, hessians: list[OuterSum], channel_weight: torch.Tensor, num_tokens: int) -> float:
+    """1/(2N) sum_c b_c (dW H dW^T)_cc for one layer and scheme, ``H`` the sum of ``hessians``."""
+    delta = (weight - quantized).to(torch.float32)
+    per_row = sum(h.quadratic(delta) for h in hessians)
     return float((channel_weight * per_row).sum()) / (2 * max(num_tokens, 1))
 
 
@@ -255,6 +285,11 @@ def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_w
     on its own tokens, the cell's score is their weighted mean.
     A smoothing scheme's weight change is measured in unfolded coordinates, ``Q(W s) / s - W``;
     a W8A8 scheme adds the activation rounding where the Linear runs (on ``x / s``, by ``Q(W s)``).
+    A fitted method (``methods.registry.CALIBRATED``: GPTQ, AWQ, SmoothQuant, ggml's importance
+    matrix) is cross-fitted: for each fold (``window_folds``: each calibration slice, or alternate
+    windows of a single one), quantized to the other folds' input statistics and scored on this
+    fold's tokens, so its score is what it loses on tokens it was not fitted to (every token is
+    scored once).
     A Linear larger than ``methods.registry.ROW_CHUNK`` (a big vocabulary's head) is read and
     scored a row range at a time (``row_chunks``; the score sums over rows), so the profile never
     holds it whole in float32.
@@ -264,17 +299,36 @@ def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_w
     chunked = {layer.name for layer in layers if len(row_chunks(layer.out_features, layer.in_features)) > 1}
     weights = {layer.name: reader.tensor(f"{layer.name}.weight") for layer in layers if layer.name not in chunked}
 
-    def slice_scores(layer, rows, weight, effective, samples=None, fmt=None) -> list[float]:
-        """Each slice's score of ``layer``'s output rows ``rows`` (a range; None: all), ``weight`` quantized to ``effective``."""
+    def slice_scores(layer, rows, weight, fits: list[tuple[torch.Tensor, torch.Tensor | None, int | None]], fmt=None) -> list[float]:
+        """Each slice's score of ``layer``'s output rows ``rows`` (a range; None: all): ``fits`` holds each
+        quantized version of ``weight`` (its dequantized weight, the input rows it sees at run time for a
+        W8A8 format, and the fold it was held out from: scored on that fold's tokens; None: on all)."""
         layer_stats, out = stats[layer.name], []
         for s in range(len(slices.names)):
             tokens = layer_stats.slice_tokens(s) * tokens_per_window
             channel = layer_stats.channel_weight(s) if rows is None else layer_stats.channel_weight(s)[rows[0] : rows[1]]
-            score = score_scheme(weight, effective, layer_stats.hessian[s], channel, tokens)
-            if fmt:
-                score += activation_score(effective, samples, fmt, layer_stats, s, tokens_per_window, rows)
+            score = 0.0
+            for effective, samples, fold in fits:
+                held_out = layer_stats.hessian[s] if fold is None else [layer_stats.hessian[s][fold]]
+                score += score_scheme(weight, effective, held_out, channel, tokens)
+                if fmt:
+                    score += activation_score(effective, samples, fmt, layer_stats, s, tokens_per_window, rows) / len(fits)
             out.append(score)
         return out
+
+    def fitted_folds(layer) -> list[int | None]:
+        """The folds held out in turn (None: none, fitted and scored in sample, when a fold is empty)."""
+        return list(range(len(stats[layer.name].folds))) if stats[layer.name].cross_fitted else [None]
+
+    def fold_inputs(layer, held_out: int | None):
+        """The input statistics of every fold but ``held_out``."""
+        folds = [part for f, part in enumerate(stats[layer.name].folds) if f != held_out and part.count]
+        if len(folds) == 1:
+            return folds[0]
+        merged = planner_stats(layer.in_features)
+        for part in folds:
+            merged.merge(part)
+        return merged
 
     def record(layer, column, parts: list[list[float]]) -> None:
         row = names.index(layer.name)
@@ -286,7 +340,7 @@ def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_w
     for column, scheme in enumerate(schemes):
         if column % workers != rank:
             continue  # another rank's column (profiles.distributed)
-        smoothing, fmt = scheme.method in SMOOTHING, activation_format(scheme)
+        smoothing, fmt, fitted = scheme.method in SMOOTHING, activation_format(scheme), scheme.method in CALIBRATED
         for layer in layers:
             if scheme.fits(layer.in_features):
                 sizes[names.index(layer.name), column] = scheme.weight_bytes(layer.out_features, layer.in_features, spec.dtype_bytes)
@@ -298,12 +352,14 @@ def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_w
         if not smoothing:
             for layer in layers:
                 if scheme.fits(layer.in_features):
-                    layer_stats, parts = stats[layer.name], []
-                    samples = layer_stats.input.samples if fmt else None
+                    parts = []
+                    samples = stats[layer.name].samples() if fmt else None
+                    folds = fitted_folds(layer) if fitted else [None]
                     for rows in row_chunks(layer.out_features, layer.in_features) if layer.name in chunked else [None]:
                         weight = weights[layer.name] if rows is None else reader.rows(f"{layer.name}.weight", *rows)
-                        effective = quantize(weight, scheme, scale_dtype, {"input": layer_stats.input}).dequantize()
-                        parts.append(slice_scores(layer, rows, weight, effective, samples, fmt))
+                        fits = [(quantize(weight, scheme, scale_dtype, {"input": fold_inputs(layer, fold)} if fitted else {}).dequantize(),
+                                 samples, fold) for fold in folds]
+                        parts.append(slice_scores(layer, rows, weight, fits, fmt))
                     record(layer, column, parts)
             continue
         groups: dict[str, list] = {}
@@ -313,12 +369,17 @@ def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_w
         for members in groups.values():
             for member in members:  # a smoothing group is quantized whole
                 weights.setdefault(member.name, reader.tensor(f"{member.name}.weight"))
-            inputs = stats[members[0].name].input
-            group = quantize_smoothing_group({m.name: weights[m.name] for m in members}, scheme, scale_dtype, inputs, clip_flags(members),
-                                             foldable=bool(members[0].smoothed_by))
+            fits: dict[str, list] = {member.name: [] for member in members}
+            samples = stats[members[0].name].samples() if fmt else None
+            for fold in fitted_folds(members[0]):
+                inputs = fold_inputs(members[0], fold)
+                group = quantize_smoothing_group({m.name: weights[m.name] for m in members}, scheme, scale_dtype, inputs, clip_flags(members),
+                                                 foldable=bool(members[0].smoothed_by))
+                for member in members:
+                    folded = group.quantized[member.name].dequantize()
+                    fits[member.name].append((folded / group.scales, samples / group.scales if fmt else None, fold))
             for member in members:
-                folded = group.quantized[member.name].dequantize()
-                record(member, column, [slice_scores(member, None, weights[member.name], folded / group.scales, inputs.samples / group.scales if fmt else None, fmt)])
+                record(member, column, [slice_scores(member, None, weights[member.name], fits[member.name], fmt)])
 
 
 def sensitivity_table(source: ModelSource, schemes: list[Scheme], calibration: CalibrationSettings, seed: int = 0,

@@ -48,3 +48,10 @@ def test_merged_sums_equal_one_sum():
     assert left.count == whole.count == 90
     assert torch.allclose(left.second_moment(), whole.second_moment(), rtol=1e-5, atol=1e-6)
     assert torch.allclose(left.hessian(), 2 * whole.second_moment(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_diagonal_needs_no_matrix():
+    stats = InputStats(64)
+    for x in batches():
+        stats.add(x)
+    assert torch.allclose(stats.second_moment_diagonal(), torch.diagonal(stats.second_moment()), rtol=1e-5)

@@ -109,3 +109,57 @@ def test_a_large_weight_quantized_by_rows_is_the_whole_weight_quantized(name, mo
     rows = registry.quantize_by_rows(weight, scheme, torch.bfloat16, {"input": stats})
     assert torch.equal(rows.codes, whole.codes) and torch.equal(rows.scale, whole.scale)
     assert (rows.zero is None) == (whole.zero is None) and (rows.zero is None or torch.equal(rows.zero, whole.zero))
+
+
+@pytest.mark.parametrize("name", ["rtn-w4g32a", "gptq-w3g32s", "none"])
+def test_a_large_linear_read_a_row_range_at_a_time_is_the_whole_linear(name, monkeypatch):
+    """Emit reads a head above ROW_CHUNK a row range at a time (quantize_block's read_rows): the
+    result is exactly that of the whole weight read at once."""
+    import bitplan.methods.registry as registry
+    from bitplan.methods.block import quantize_block
+    from bitplan.methods.calibration_stats import planner_stats
+    from bitplan.models.spec import LayerSpec
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 64)
+    stats = planner_stats(64)
+    stats.add(torch.randn(256, 64))
+    layer = LayerSpec("lm_head", "lm_head", -1, 64, 300, "")
+    scheme = Scheme.parse(name)
+    read = lambda tensor: weight if tensor == "lm_head.weight" else None  # noqa: E731
+    reads = []
+
+    def read_rows(tensor, start, stop):
+        reads.append((start, stop))
+        return weight[start:stop]
+
+    whole = quantize_block([layer], {"lm_head": scheme}, read, {"lm_head": {"input": stats}}, torch.bfloat16).linears["lm_head"]
+    monkeypatch.setattr(registry, "ROW_CHUNK", 64 * 70)
+    rows = quantize_block([layer], {"lm_head": scheme}, read, {"lm_head": {"input": stats}}, torch.bfloat16,
+                          read_rows=read_rows).linears["lm_head"]
+    assert len(reads) == 5
+    if scheme.is_dense:
+        assert torch.equal(rows, whole)
+        return
+    assert torch.equal(rows.codes, whole.codes) and torch.equal(rows.scale, whole.scale)
+    assert (rows.zero is None) == (whole.zero is None) and (rows.zero is None or torch.equal(rows.zero, whole.zero))
+
+
+def test_a_large_quantized_linear_runs_a_row_range_at_a_time(monkeypatch):
+    """The reference kernel dequantizes a weight above DEQUANT_ROWS_ELEMENTS a row range at a time
+    (evaluation's 128k-vocabulary head): the outputs are the whole weight's."""
+    import bitplan.kernels.reference as reference
+
+    torch.manual_seed(0)
+    quantized = registry_quantize(torch.randn(300, 64), "rtn-w4g32a")
+    x, bias = torch.randn(3, 64), torch.randn(300)
+    whole = reference.linear_reference(x, quantized.codes, quantized.scale, quantized.zero, 32, bias)
+    monkeypatch.setattr(reference, "DEQUANT_ROWS_ELEMENTS", 64 * 70)
+    rows = reference.linear_reference(x, quantized.codes, quantized.scale, quantized.zero, 32, bias)
+    assert torch.allclose(rows, whole, rtol=1e-6, atol=1e-6) and rows.shape == (3, 300)
+
+
+def registry_quantize(weight, name):
+    from bitplan.methods.registry import quantize
+
+    return quantize(weight, Scheme.parse(name), torch.bfloat16, {})
