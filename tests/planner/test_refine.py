@@ -211,3 +211,21 @@ def test_linears_cached_alone_equal_whole_block_quantization(tiny_llama_folder, 
     meter.apply(plan)
     assert meter.measure(windows[4:]).kl == first and meter.cache.computed == computed
     assert first > 0
+
+
+def test_cli_reports_the_cost_and_same_seed_writes_the_same_bytes(tiny_llama_folder, tmp_path, monkeypatch, capsys):
+    from bitplan.cli import main
+
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
+    args = [str(tiny_llama_folder), "--methods", "rtn", "--bits", "2,4,8", "--groups", "64", "--engine", "transformers",
+            "--samples", "2", "--seq-len", "32", "--budget", "7.35MB", "--context", "64"]
+    for name in ("first", "second"):
+        assert main(["plan", *args, "--trials", "4", "--search-minutes", "60", "--out", str(tmp_path / f"{name}.json")]) == 0
+    assert (tmp_path / "first.json").read_bytes() == (tmp_path / "second.json").read_bytes()
+    search = json.loads((tmp_path / "first.json").read_text())["search"]
+    assert search["refine_trials"] == 4 and search["refine_stopped_by"] == "trials" and "refine_seconds" not in search
+    assert search["refine_candidates"] > 4 and search["search_minutes"] == 60
+    assert "measured search: 4 trials" in capsys.readouterr().out
+    assert main(["plan", *args, "--trials", "4", "--search-minutes", "0", "--out", str(tmp_path / "clock.json")]) == 0
+    search = json.loads((tmp_path / "clock.json").read_text())["search"]
+    assert search["refine_trials"] == 1 and search["refine_stopped_by"] == "clock" and search["refine_seconds"] >= 0
