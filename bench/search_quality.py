@@ -5,7 +5,7 @@ group 64, symmetric (``domain_common.CANDIDATES``), the default calibration (16 
 tokens of the built-in Python documentation). At each budget of Linear bytes (bits per weight
 times the Linears' weights / 8), the exact allocation (the knapsack on summed scores) and the
 measured search (``planner.refine``: trial 0 the exact plan, then generations measured on the
-4 held-in calibration windows the CLI uses, stopped by ``--minutes``) are both measured on
+4 held-in calibration windows the CLI uses, or ``--held-in``, stopped by ``--minutes``) are both measured on
 held-out text neither saw: pydoc's held-out prose and code (``--heldout`` windows, half each)
 and English prose from Debian's fortunes (``fortunes-heldout.txt``; ``make text-fortunes``).
 One meter (and its cache of quantized tensors) serves every budget, so later budgets re-use
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--held-in", type=int, default=REFINE_WINDOWS, help="held-in calibration windows the search measures on")
+    parser.add_argument("--out", default="search_quality", help="name of the results file in bench/results")
     parser.add_argument("--cache-gib", type=float, default=1.5, help="memory cap of the quantized-tensor cache")
     args = parser.parse_args()
 
@@ -53,9 +55,9 @@ def main() -> None:
     started = time.time()
     table = restrict_table(bitplan.profile("smollm2-135m", CANDIDATES, calibration, rules=rules), spec, rules)
     profile_seconds = time.time() - started
-    windows = calibration_windows(source.folder, calibration, REFINE_WINDOWS)
-    held_in = windows[calibration.samples:] if len(windows) > calibration.samples else windows[:REFINE_WINDOWS]
-    meter = QualityMeter(load_dense_model(source.folder), spec, cache_bytes=int(args.cache_gib * 2**30))
+    windows = calibration_windows(source.folder, calibration, args.held_in)  # the first samples are the profile's
+    held_in = windows[calibration.samples:]
+    meter = QualityMeter(load_dense_model(source.folder), spec, batch_size=1, cache_bytes=int(args.cache_gib * 2**30))
     meter.calibrate(windows[: calibration.samples])
     texts = heldout(load_tokenizer(source.folder), args.heldout, args.seq_len)
     half = args.heldout // 2
@@ -96,7 +98,7 @@ def main() -> None:
             print(f"| {row['bits_per_weight']:.1f} | {row['weight_budget_bytes'] / 1e6:.1f} | {domain} | {e:.4f} | {s:.4f} | {s / e:.3f} | "
                   f"{row['exact']['held_in_kl']:.4f} -> {row['searched']['held_in_kl']:.4f} | {row['search']['seconds']:.0f} | "
                   f"{row['search']['trials']} | {row['search']['candidates']} |")
-    print("saved", save("search_quality", {"engine": ENGINE, "candidates": [s.name for s in CANDIDATES.schemes()], "samples": args.samples,
+    print("saved", save(args.out, {"engine": ENGINE, "candidates": [s.name for s in CANDIDATES.schemes()], "samples": args.samples,
                                            "seq_len": args.seq_len, "held_in_tokens": int(held_in.numel()),
                                            "heldout_tokens": {n: int(w.numel()) for n, w in domains.items()}, "minutes": args.minutes,
                                            "seed": args.seed, "profile_seconds": round(profile_seconds, 1), "rows": rows}))
