@@ -69,6 +69,7 @@ def plan(
     study_storage: str | None = None,
     workers: int = 1,
     slice_limits: SliceLimits | None = None,
+    search_minutes: float | None = None,
 ) -> Plan:
     """Profile (or reuse the cached profile), allocate exactly under the engine's rules, refine, return the Plan.
 
@@ -82,11 +83,13 @@ def plan(
     is tried, its cost measured on the calibration text; a named format is checked against the engine.
     ``slice_limits`` (``planner.limits.parse_slice_limits``) bound each named calibration slice's
     predicted KL (``planner.slices``): constraints of the allocation (at every KV format weighed)
-    and of the refinement.
+    and of the refinement. The refinement (``planner.refine``) is a search over individual layers
+    measured on held-in calibration tokens; it stops after ``trials`` trials or ``search_minutes``
+    minutes, whichever comes first; ``trials`` 0 keeps the exact allocation.
     """
     goal = resolve_target(engine, target)
     settings = SearchSettings(tie_fused or goal.rules.fused_share_scheme, trials, seed,
-                              check_objective(objective, goal.device, needs_device=True), study_storage)
+                              check_objective(objective, goal.device, needs_device=True), study_storage, search_minutes)
     source = open_model(model)
     source = replace(source, spec=deployed_spec(source.spec, goal.rules))
     check_tensor_parallel(source.spec, goal.rules, tensor_parallel)
@@ -149,7 +152,10 @@ def assemble_plan(source: ModelSource, deployment: Deployment, goal: Target, tab
     if refinement is not None:
         found, tokens = refinement
         search = SearchRecord(**{**search.to_dict(), "refine_trials": found.trials, "refine_distinct_plans": found.distinct_plans,
-                                 "knobs": found.knobs, "refine_tokens": tokens})
+                                 "refine_tokens": tokens, "refine_candidates": found.candidates,
+                                 "refine_measured_tokens": found.measured_tokens, "refine_stopped_by": found.stopped_by,
+                                 "refine_seconds": round(found.seconds, 1) if found.stopped_by == "clock" else None,
+                                 "search_minutes": settings.search_minutes})
         predicted.update(calibration_kl=found.measured_kl, exact_calibration_kl=found.exact_kl)
     if goal.device is not None:
         predicted.update(decode_prediction(source.spec, allocation.choice, goal.device, deployment))
@@ -172,4 +178,5 @@ def assemble_plan(source: ModelSource, deployment: Deployment, goal: Target, tab
         kv_cache=kv_record,
         slice_limits=limits or None,
         predicted_slice_kl=predicted_slice_kl(table, allocation.choice) or None,
+        search_seconds=refinement[0].seconds if refinement is not None else None,
     )

@@ -29,7 +29,10 @@ def add_commands(commands) -> None:
     plan.add_argument("--objective", default="quality", choices=OBJECTIVES,
                       help="quality: least predicted KL; speed: least predicted decode time (needs --target); "
                            "balanced: KL/KL_ref + time/time_ref (see bitplan/planner/objective.py)")
-    plan.add_argument("--trials", type=int, default=16, help="Optuna refinement trials measured on held-in text (0: exact allocation only)")
+    plan.add_argument("--trials", type=int, default=16,
+                      help="trials of the measured search on held-in text: the exact plan's, then one per generation (0: exact allocation only)")
+    plan.add_argument("--search-minutes", type=float, metavar="M",
+                      help="stop the measured search after M minutes, or at --trials, whichever comes first")
     plan.add_argument("--study-storage", help="share the refinement's Optuna study with other workers running the same plan: "
                                               "an RDB URL (sqlite:///refine.db, postgresql://...) or a journal file path on a "
                                               "shared file system; --trials is then the study's total")
@@ -102,13 +105,15 @@ def run_plan(args) -> int:
 
     if args.trials < 0:
         raise BitplanError(f"--trials must be 0 or more, got {args.trials}")
+    if args.search_minutes is not None and args.search_minutes < 0:
+        raise BitplanError(f"--search-minutes must be 0 or more, got {args.search_minutes}")
     limits = parse_slice_limits(args.max_slice_kl, args.max_slice_regression)
     console = Console(stderr=True)
     with progress_bars(console) as report:
         result = plan(args.model, args.budget, args.target, args.context, args.batch, args.kv_dtype, args.tp, args.overhead,
                       candidates_from(args), calibration_from(args), args.tie_fused, args.trials, args.seed, report,
                       objective=args.objective, engine=args.engine, study_storage=args.study_storage,
-                      workers=args.workers, slice_limits=limits)
+                      workers=args.workers, slice_limits=limits, search_minutes=args.search_minutes)
     result.save(args.out)
     print_plan(result, Console())
     Console().print(f"plan written to {args.out}")
@@ -144,6 +149,12 @@ def print_plan(result, console: Console) -> None:
     if predicted.calibration_kl is not None:
         line += f"; measured on held-in text: {predicted.calibration_kl:.4f} (exact allocation: {predicted.exact_calibration_kl:.4f})"
     console.print(line)
+    search = result.search
+    if search.refine_trials is not None and search.refine_candidates is not None:
+        seconds = result.search_seconds if result.search_seconds is not None else search.refine_seconds
+        console.print(f"measured search: {search.refine_trials} trials, {search.refine_candidates} candidates measured on "
+                      f"{search.refine_measured_tokens} tokens in all" + (f", {seconds:.0f} s" if seconds is not None else "")
+                      + f"; stopped by {search.refine_stopped_by}")
     print_slices(result, console)
     if result.kv_cache is not None:
         print_kv(result, console)

@@ -88,10 +88,15 @@ class SearchRecord:
     tie_fused: bool
     weight_budget_bytes: int
     objective: str
-    refine_trials: int | None = None
+    refine_trials: int | None = None  # the measured search's trials (the exact plan's and one per generation)
     refine_distinct_plans: int | None = None
-    refine_tokens: int | None = None
-    knobs: dict | None = None
+    refine_tokens: int | None = None  # held-in tokens a plan is measured on
+    knobs: dict | None = None  # plans of bitplan before the measured search: per-kind score multipliers (no longer written)
+    refine_candidates: int | None = None  # plans the search measured, on any number of tokens
+    refine_measured_tokens: int | None = None  # tokens those measurements ran
+    refine_stopped_by: str | None = None  # "trials", "clock" (--search-minutes) or "no moves"
+    refine_seconds: float | None = None  # the search's wall-clock seconds, recorded only when the clock ended it
+    search_minutes: float | None = None  # the time budget given
     slice_bounds: dict | None = None  # each limited slice's bound on predicted KL (``planner.slices``)
     uniform_scheme: str | None = None  # the best uniform plan relative slice limits refer to
 
@@ -197,6 +202,7 @@ class Plan:
     predicted_slice_kl: dict[str, float] | None = None  # each calibration slice's predicted KL (nats/token)
     schema_version: int = SCHEMA_VERSION
     integrity: str = field(default="", compare=False)
+    search_seconds: float | None = field(default=None, compare=False)  # this run's measured search, for the CLI; not in plan.json
 
     def schemes(self) -> dict[str, Scheme]:
         return {name: Scheme.parse(scheme).check() for name, scheme in self.assignments.items()}

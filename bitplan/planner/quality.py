@@ -4,12 +4,20 @@ The unquantized model and a working copy are held side by side; a plan is applie
 by swapping in fake-quantized weights (quantize, then dequantize), the same numbers the emitted
 checkpoint decodes to. The model is loaded whole here (small models, tests and benches);
 refinement measures block by block with :class:`bitplan.planner.streaming.StreamingMeter`.
+
+Quantized tensors are computed once and kept (:class:`VariantCache`, up to a memory cap): per
+(Linear, scheme), which is exact because a Linear's quantization reads only its own weight and
+the reference model's statistics of its input; per block variant where a smoothing scheme (AWQ,
+SmoothQuant) folds scales across a block's Linears, so one Linear's result depends on another's
+scheme. The reference model's log-probabilities of the measured windows are kept too.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +27,13 @@ from torch import nn
 from bitplan.kernels.numerics import fake_quant_activations
 from bitplan.methods.block import quantize_block
 from bitplan.methods.ggml import GGMLQuantized
+from bitplan.methods.registry import SMOOTHING
 from bitplan.methods.scheme import DENSE, QuantizedWeight, Scheme
 from bitplan.models.spec import SCALE_DTYPES, ModelSpec, family_for, norm_offset, read_config
 from bitplan.profiles.kv_cache import kv_rounding
+from bitplan.profiles.text import tokens_hash
+
+Variant = tuple[dict[str, torch.Tensor], dict[str, str]]  # float32 tensors by full name, activation format per W8A8 Linear
 
 
 def load_dense_model(folder: Path) -> nn.Module:
@@ -51,6 +63,68 @@ def block_variant(layers: list, assignments: dict[str, Scheme], read, stats: dic
     return tensors, quantized.activations
 
 
+def variant_bytes(variant: Variant) -> int:
+    return sum(t.numel() * t.element_size() for t in variant[0].values())
+
+
+class VariantCache:
+    """Quantized tensors computed once: the least recently used leave memory beyond ``memory_bytes``
+    (the newest always stays); with ``spill_dir`` they are written there first and read back when
+    asked again. ``computed`` counts the variants quantized so far."""
+
+    def __init__(self, memory_bytes: int, spill_dir: Path | None = None):
+        self.memory_bytes = memory_bytes
+        self.spill_dir = spill_dir
+        self.memory: OrderedDict[tuple, Variant] = OrderedDict()
+        self.spilled: dict[tuple, Path] = {}
+        self.held = 0
+        self.computed = 0
+
+    def get(self, key: tuple, compute: Callable[[], Variant]) -> Variant:
+        if key in self.memory:
+            self.memory.move_to_end(key)
+            variant = self.memory[key]
+        else:
+            if key in self.spilled:
+                variant = torch.load(self.spilled[key], weights_only=True)
+            else:
+                variant = compute()
+                self.computed += 1
+            self.memory[key] = variant
+            self.held += variant_bytes(variant)
+        while self.held > self.memory_bytes and len(self.memory) > 1:
+            old_key, old = self.memory.popitem(last=False)
+            self.held -= variant_bytes(old)
+            if self.spill_dir is not None and old_key not in self.spilled:
+                self.spilled[old_key] = self.spill_dir / f"variant-{len(self.spilled)}.pt"
+                torch.save(old, self.spilled[old_key])
+        return variant
+
+    def clear(self) -> None:
+        self.memory.clear()
+        self.spilled.clear()
+        self.held = 0
+
+
+def cached_block(cache: VariantCache, layers: list, assignments: dict[str, Scheme], read, stats: Callable[[], dict],
+                 spec: ModelSpec) -> Variant:
+    """:func:`block_variant` through ``cache``: assembled from per-(Linear, scheme) entries, or one
+    entry per block variant when a smoothing scheme couples the block's Linears. Dense Linears
+    (a cast to the checkpoint dtype) are not kept. ``stats()`` gives the block's statistics when needed."""
+    if any(assignments[layer.name].method in SMOOTHING for layer in layers):
+        key = ("block", tuple(layer.name for layer in layers), tuple(assignments[layer.name] for layer in layers))
+        return cache.get(key, lambda: block_variant(layers, assignments, read, stats(), spec))
+    tensors, activations = {}, {}
+    for layer in layers:
+        scheme = assignments[layer.name]
+        alone = lambda layer=layer, scheme=scheme: block_variant([layer], {layer.name: scheme}, read,  # noqa: E731
+                                                                 {} if scheme.is_dense else stats(), spec)
+        part = alone() if scheme.is_dense else cache.get(("linear", layer.name, scheme), alone)
+        tensors.update(part[0])
+        activations.update(part[1])
+    return tensors, activations
+
+
 @dataclass(frozen=True)
 class Quality:
     kl: float  # mean KL(p_ref || p_quant) per token, nats
@@ -67,12 +141,14 @@ class QualityMeter:
 
     A plan is applied block by block through :func:`bitplan.methods.block.quantize_block`, the
     function emit writes from: quantized Linears become their dequantized weights, folded norms
-    and biases are replaced, and W8A8 Linears quantize their input per token (a pre-hook). Each
-    block's tensors are cached by its assignments up to ``cache_bytes``, so the trials of a
-    refinement, which share most assignments, quantize each block variant once.
+    and biases are replaced, and W8A8 Linears quantize their input per token (a pre-hook).
+    Quantized tensors are kept per (Linear, scheme) (per block variant under smoothing schemes) up
+    to ``cache_bytes`` (:func:`cached_block`), so the trials of a search quantize each once; the
+    reference's log-probabilities of each measured window set are kept up to ``reference_bytes``.
     """
 
-    def __init__(self, reference: nn.Module, spec: ModelSpec, batch_size: int = 4, cache_bytes: int = 2 * 2**30):
+    def __init__(self, reference: nn.Module, spec: ModelSpec, batch_size: int = 4, cache_bytes: int = 2 * 2**30,
+                 reference_bytes: int = 2**30):
         self.reference = reference
         self.working = copy.deepcopy(reference)
         self.spec = spec
@@ -82,9 +158,10 @@ class QualityMeter:
         for layer in spec.layers:
             self.blocks.setdefault(layer.block, []).append(layer)
         self.stats: dict[str, dict] = {}
-        self.cache: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
-        self.cache_bytes = cache_bytes
-        self.changed: set[str] = set()
+        self.cache = VariantCache(cache_bytes)
+        self.reference_bytes = reference_bytes
+        self.references: dict[tuple, list[torch.Tensor]] = {}  # (shape, tokens hash) -> log-probs per batch
+        self.current: dict[str, torch.Tensor] = {}  # tensors of the working copy that differ from the reference
         self.hooks: list = []
         self.kv = None  # K/V transform of the candidate's attention (profiles.kv_cache), or None
 
@@ -104,15 +181,9 @@ class QualityMeter:
         tensor = self.params.get(name)
         return None if tensor is None else tensor.data
 
-    def block_tensors(self, block: int, assignments: dict[str, Scheme]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def block_tensors(self, block: int, assignments: dict[str, Scheme]) -> Variant:
         """The float32 tensors (full names) and activation formats block ``block`` runs with."""
-        layers = self.blocks[block]
-        key = (block, tuple(assignments[layer.name] for layer in layers))
-        if key not in self.cache:
-            if sum(t.numel() * t.element_size() for tensors, _ in self.cache.values() for t in tensors.values()) > self.cache_bytes:
-                self.cache.clear()
-            self.cache[key] = block_variant(layers, assignments, self.read, self.stats, self.spec)
-        return self.cache[key]
+        return cached_block(self.cache, self.blocks[block], assignments, self.read, lambda: self.stats, self.spec)
 
     def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
         module_name, attr = name.rsplit(".", 1)
@@ -123,34 +194,56 @@ class QualityMeter:
         for handle in self.hooks:
             handle.remove()
         self.hooks.clear()
-        for name in self.changed:
-            self.set_tensor(name, self.params[name])
-        self.changed.clear()
         full = {layer.name: assignments.get(layer.name, DENSE) for layer in self.spec.layers}
+        wanted: dict[str, torch.Tensor] = {}
+        activations: dict[str, str] = {}
         for block, layers in self.blocks.items():
             if all(full[layer.name].is_dense for layer in layers):
                 continue
-            tensors, activations = self.block_tensors(block, full)
-            for name, tensor in tensors.items():
+            tensors, formats = self.block_tensors(block, full)
+            wanted.update(tensors)
+            activations.update(formats)
+        for name in self.current.keys() - wanted.keys():
+            self.set_tensor(name, self.params[name])
+        for name, tensor in wanted.items():
+            if self.current.get(name) is not tensor:
                 self.set_tensor(name, tensor)
-                self.changed.add(name)
-            for name, fmt in activations.items():
-                hook = lambda module, args, fmt=fmt: (fake_quant_activations(args[0], fmt),)  # noqa: E731
-                self.hooks.append(self.working.get_submodule(name).register_forward_pre_hook(hook))
+        self.current = wanted
+        for name, fmt in activations.items():
+            hook = lambda module, args, fmt=fmt: (fake_quant_activations(args[0], fmt),)  # noqa: E731
+            self.hooks.append(self.working.get_submodule(name).register_forward_pre_hook(hook))
 
     def measure(self, windows: torch.Tensor) -> Quality:
-        return measure_pair(self.reference, self.working, windows, self.batch_size, self.kv)
+        return measure_pair(self.reference, self.working, windows, self.batch_size, self.kv, self.reference_log_probs(windows))
+
+    @torch.no_grad()
+    def reference_log_probs(self, windows: torch.Tensor) -> list[torch.Tensor] | None:
+        """The reference's log-probabilities of ``windows``, one tensor per batch, computed once
+        per window set while they fit in ``reference_bytes`` (None beyond: measured each time)."""
+        key = (tuple(windows.shape), tokens_hash(windows.contiguous()))
+        if key not in self.references:
+            held = sum(t.numel() * t.element_size() for batches in self.references.values() for t in batches)
+            if held + windows.numel() * self.spec.vocab_size * 4 > self.reference_bytes:
+                return None
+            self.references[key] = [torch.log_softmax(self.reference(ids).logits.float(), dim=-1)
+                                    for ids in windows.split(self.batch_size)]
+        return self.references[key]
 
 
 @torch.no_grad()
-def measure_pair(reference: nn.Module, candidate: nn.Module, windows: torch.Tensor, batch_size: int = 4, kv=None) -> Quality:
+def measure_pair(reference: nn.Module, candidate: nn.Module, windows: torch.Tensor, batch_size: int = 4, kv=None,
+                 reference_log_probs: list[torch.Tensor] | None = None) -> Quality:
     """Mean KL(reference || candidate) per token and both perplexities on ``windows`` [n, seq_len];
-    ``kv`` rounds the candidate's K and V (``profiles.kv_cache.kv_rounding``)."""
+    ``kv`` rounds the candidate's K and V (``profiles.kv_cache.kv_rounding``); ``reference_log_probs``
+    (one tensor per batch of ``batch_size`` windows) stand in for running the reference."""
     kl_sum = nll_q = nll_ref = 0.0
     count = 0
-    for start in range(0, windows.shape[0], batch_size):
+    for index, start in enumerate(range(0, windows.shape[0], batch_size)):
         ids = windows[start : start + batch_size]
-        ref = torch.log_softmax(reference(ids).logits.float(), dim=-1)
+        if reference_log_probs is not None:
+            ref = reference_log_probs[index]
+        else:
+            ref = torch.log_softmax(reference(ids).logits.float(), dim=-1)
         with kv_rounding(kv):
             quant = torch.log_softmax(candidate(ids).logits.float(), dim=-1)
         kl_sum += float((ref.exp() * (ref - quant)).sum())

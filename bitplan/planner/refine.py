@@ -1,20 +1,29 @@
-"""Refinement: Optuna tunes a few knobs of the exact allocation against measured KL.
+"""Refinement: a search over individual layers driven by KL measured on held-in calibration tokens.
 
-The summed score is additive; real loss is not quite. Optuna searches per-kind multipliers on
-the scores (q, k, v, o, gate, up, down, ...) and a multiplier for the first and last blocks,
-re-solves the exact allocation for each, and measures the resulting plan's KL on held-in
-calibration tokens. The first trial is the exact solution itself (``enqueue_trial``), so the
-kept plan is never worse, on the measured tokens, than the exact one. The study may live in shared
-storage (``planner.study``), where several workers add trials to it.
+The summed score is additive and real loss is not (EvoPress, IST-DASLab, ICML 2025, showed that
+summed per-layer errors mislead). The search starts from the exact allocation and moves units
+(layers, or the fused groups the engine ties) between levels at equal or fewer bytes, measuring
+candidates with staged token counts (``planner.evolve``). Every cell it can choose is one the
+exact allocation could choose: the engine's (layer, scheme) cells, the ties, the smoothing
+groups, the weight budget and the slice bounds.
+
+The search is an Optuna study (``planner.study``: in memory, or in shared storage where several
+workers add trials to it). Trial 0 is the exact plan (``enqueue_trial``), measured on all held-in
+tokens. Every later trial is one generation: its parent is the best plan of the study's finished
+trials, its offspring drawn with a generator seeded by ``(seed, trial number)``, and its value
+the survivor's measured KL on all held-in tokens; ``user_attrs`` hold the plan (one scheme
+column per table row), its KL, and the candidates and tokens the generation measured. The kept
+plan is the best finished trial, ``min (value, number)``: never worse on the measured tokens than
+the exact plan, and what a single worker keeps given the same trials.
+
+The search stops at ``trials`` (the study's total) or after ``search_minutes``, whichever comes
+first; a generation the clock interrupts is dropped (a failed trial). Quantized weights and the
+reference's log-probabilities are computed once (``quality.VariantCache``): no trial re-runs GPTQ.
 
 With ``extra_cost`` (the latency term of ``--objective speed|balanced``, in score units, see
-``planner.objective``) every allocation adds it to the scores, and a trial's value is the
-measured KL plus the same term summed over the plan's cells: the kept plan is never worse than
-the exact one on that sum, though its KL alone may be higher.
-
-With ``slice_bounds`` (``planner.slices``) every allocation carries the per-slice constraints, and
-a trial whose plan's predicted KL on a limited slice exceeds its bound is infeasible (Optuna's
-``Trial.set_constraint``, which TPE reads; such a trial is never kept).
+``planner.objective``) a candidate's value is its measured KL plus that term summed over its
+cells, and the levels are ranked by score plus that term: the kept plan is never worse than the
+exact one on that sum, though its KL alone may be higher.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,41 +45,47 @@ from bitplan.methods.registry import needs_calibration
 from bitplan.methods.scheme import Scheme
 from bitplan.models.source import ModelSource
 from bitplan.models.spec import ModelSpec
+from bitplan.planner.evolve import STAGES, columns_of, generation, locate, offspring, search_units, stage_windows
 from bitplan.planner.objective import assignment_sum
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.planner.search import SLICE_SLACK, Allocation, SearchSettings, allocate
-from bitplan.planner.slices import predicted_slice_kl
+from bitplan.planner.search import SLICE_SLACK, Allocation, SearchSettings, allocate, build_units
 from bitplan.planner.streaming import StreamingMeter
-from bitplan.planner.study import STOP_STATES, counted_trials, finished_trials, open_study, study_name
+from bitplan.planner.study import counted_trials, finished_trials, open_study, study_name
 from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
 from bitplan.profiles.tables import SensitivityTable
 
 log = logging.getLogger(__name__)
 REFINE_WINDOWS = 4  # held-in calibration windows each trial is measured on
-KNOB_RANGE = (0.25, 4.0)
-EDGE_KNOB = "edge_blocks"
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial of a shared study
 
 
 @dataclass(frozen=True)
 class Refinement:
+    """The kept plan and what the search cost: trials, candidates measured and the tokens they
+    ran (over the study's finished trials), this worker's seconds, and what ended the search
+    ("trials", "clock", or "no moves": no offspring fits)."""
+
     allocation: Allocation
     measured_kl: float
     exact_kl: float
-    knobs: dict[str, float]
     trials: int
     distinct_plans: int
+    candidates: int
+    measured_tokens: int
+    seconds: float
+    stopped_by: str
 
 
-def layer_weights(table: SensitivityTable, spec: ModelSpec, knobs: dict[str, float]) -> np.ndarray:
-    last = spec.num_blocks - 1
-    weights = np.ones(len(table.layers))
-    for row, name in enumerate(table.layers):
-        layer = spec.layer(name)
-        weights[row] = knobs.get(f"kind_{layer.kind}", 1.0)
-        if layer.block in (0, last):
-            weights[row] *= knobs.get(EDGE_KNOB, 1.0)
-    return weights
+def plan_digest(columns: list[int]) -> str:
+    return hashlib.sha256(json.dumps(columns).encode()).hexdigest()[:16]
+
+
+def allocation_of(table: SensitivityTable, columns: list[int], exact: Allocation) -> Allocation:
+    """The Allocation of one scheme column per row (the exact solver's status and gap kept)."""
+    rows = np.arange(len(table.layers))
+    choice = {name: table.schemes[column] for name, column in zip(table.layers, columns)}
+    return Allocation(choice, int(table.bytes.numpy()[rows, columns].sum()), float(table.scores.numpy()[rows, columns].sum()),
+                      exact.status, exact.mip_gap)
 
 
 def refine(
@@ -85,52 +101,80 @@ def refine(
     extra_cost: np.ndarray | None = None,
     storage: str | None = None,
     slice_bounds: dict[str, float] | None = None,
+    search_minutes: float | None = None,
 ) -> Refinement:
-    """Run ``trials`` trials (at least the exact one) and keep the best; with ``storage``
-    (``planner.study``), run trials in the shared study until it holds ``trials``, then keep the
-    best of all its workers' trials."""
+    """Run the measured search until the study holds ``trials`` trials (at least the exact one)
+    or ``search_minutes`` passed, and keep the best plan of the study's finished trials."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    kinds = sorted({spec.layer(name).kind for name in table.layers})
-    knob_names = [f"kind_{kind}" for kind in kinds] + [EDGE_KNOB]
-    measured: dict[tuple, float] = {}
+    started = time.monotonic()
+    deadline = None if search_minutes is None else started + 60.0 * search_minutes
+    out_of_time = lambda: deadline is not None and time.monotonic() >= deadline  # noqa: E731
     report = progress or (lambda stage, done, total: None)
     total = max(trials, 1)
+    bounds = dict(sorted((slice_bounds or {}).items()))
+    limits = tuple(bound * (1 + SLICE_SLACK) for bound in bounds.values())
+    exact = allocate(table, spec, weight_budget_bytes, tie_fused, extra_cost=extra_cost, slice_bounds=bounds)
+    exact_columns = [table.schemes.index(exact.choice[name]) for name in table.layers]
+    units = search_units(table, spec, tie_fused, extra_cost, tuple(bounds))
+    if locate(units, exact_columns) is None:  # a tie broken otherwise: search over the exact solver's own options
+        units = build_units(table, spec, tie_fused, None, extra_cost, tuple(bounds))
+    values: dict[tuple, tuple[float, float]] = {}  # (plan, windows) -> (value, KL)
+    spent = {"candidates": 0, "tokens": 0}  # by the current trial
 
-    bounds = dict(slice_bounds or {})
-
-    def solve(knobs: dict[str, float]) -> Allocation:
-        return allocate(table, spec, weight_budget_bytes, tie_fused, layer_weights(table, spec, knobs), extra_cost, bounds)
-
-    def objective(trial: optuna.Trial) -> float:
-        knobs = {name: trial.suggest_float(name, *KNOB_RANGE, log=True) for name in knob_names}
-        allocation = solve(knobs)
-        predicted = predicted_slice_kl(table, allocation.choice) if bounds else {}
-        for name, bound in sorted(bounds.items()):
-            trial.set_constraint(f"slice_{name}", predicted[name] - bound * (1 + SLICE_SLACK))
-        key = tuple(allocation.choice.values())
-        if key not in measured:
-            meter.apply({name: Scheme.parse(s) for name, s in allocation.choice.items()})
-            measured[key] = meter.measure(windows).kl
-        report("refine", min(trial.number + 1, total), total)
-        trial.set_user_attr("kl", measured[key])
-        trial.set_user_attr("plan", hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16])
-        trial.set_user_attr("worker", WORKER)
-        if extra_cost is None:
-            return measured[key]
-        return measured[key] + assignment_sum(table, allocation.choice, extra_cost)
+    def measure(picks: list[int], subset: torch.Tensor) -> float:
+        columns = columns_of(units, picks, len(table.layers))
+        key = (tuple(columns), tuple(subset.shape), subset.data_ptr())
+        if key not in values:
+            choice = {name: table.schemes[column] for name, column in zip(table.layers, columns)}
+            meter.apply({name: Scheme.parse(scheme) for name, scheme in choice.items()})
+            kl = meter.measure(subset).kl
+            spent["candidates"] += 1
+            spent["tokens"] += int(subset.numel())
+            values[key] = (kl + (assignment_sum(table, choice, extra_cost) if extra_cost is not None else 0.0), kl)
+        return values[key][0]
 
     study = open_study(storage, study_name(table, weight_budget_bytes, tie_fused, windows, seed, extra_cost, bounds), seed)
-    study.enqueue_trial({name: 1.0 for name in knob_names}, user_attrs={"exact": True}, skip_if_exists=True)
-    if counted_trials(study) < total:
-        stop = optuna.study.MaxTrialsCallback(total, states=STOP_STATES)
-        study.optimize(objective, n_trials=total, callbacks=[stop])
+    study.enqueue_trial({}, user_attrs={"exact": True}, skip_if_exists=True)
+    stopped_by = "trials"
+    subsets: dict[tuple[float, int], torch.Tensor] = {}
+    while counted_trials(study) < total:
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if out_of_time() and complete:
+            stopped_by = "clock"
+            break
+        trial = study.ask()
+        spent.update(candidates=0, tokens=0)
+        if trial.user_attrs.get("exact"):
+            picks, value = locate(units, exact_columns), measure(locate(units, exact_columns), windows)
+        else:
+            best = min(complete, key=lambda t: (t.value, t.number)) if complete else None
+            parent = locate(units, best.user_attrs["plan"]) if best is not None else locate(units, exact_columns)
+            rng = np.random.default_rng([seed, trial.number])
+            children = offspring(units, parent, weight_budget_bytes, limits, rng)
+            stages = [(subsets.setdefault((share, trial.number % windows.shape[0]), stage_windows(windows, share, trial.number)), keep)
+                      for share, keep in STAGES] + [(windows, 1)]
+            found = generation(children, stages, measure, out_of_time) if children else None
+            if found is None:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                stopped_by = "clock" if children else "no moves"
+                break
+            picks, value = found
+        columns = columns_of(units, picks, len(table.layers))
+        trial.set_user_attr("plan", columns)
+        trial.set_user_attr("kl", values[(tuple(columns), tuple(windows.shape), windows.data_ptr())][1])
+        trial.set_user_attr("candidates", spent["candidates"])
+        trial.set_user_attr("tokens", spent["tokens"])
+        trial.set_user_attr("worker", WORKER)
+        study.tell(trial, value)
+        report("refine", min(counted_trials(study), total), total)
     done = finished_trials(study)
     exact_kl = min((t for t in done if t.user_attrs.get("exact")), key=lambda t: t.number).user_attrs["kl"]
-    feasible = [t for t in done if all(excess <= 0 for excess in t.constraints.values())]
-    best = min(feasible, key=lambda t: (t.value, t.number))
-    knobs = {name: round(value, 6) for name, value in best.params.items()}
-    allocation = solve(best.params)
-    return Refinement(allocation, best.user_attrs["kl"], exact_kl, knobs, len(done), len({t.user_attrs["plan"] for t in done}))
+    best = min(done, key=lambda t: (t.value, t.number))
+    allocation = allocation_of(table, best.user_attrs["plan"], exact)
+    assert allocation.weight_bytes <= weight_budget_bytes
+    return Refinement(allocation, best.user_attrs["kl"], exact_kl, len(done), len({plan_digest(t.user_attrs["plan"]) for t in done}),
+                      sum(t.user_attrs["candidates"] for t in done), sum(t.user_attrs["tokens"] for t in done),
+                      time.monotonic() - started, stopped_by)
 
 
 WHOLE_MODEL_SHARE = 0.25  # the whole-model meter while its two float32 copies take at most this share of RAM
@@ -159,5 +203,5 @@ def refine_measured(source: ModelSource, table: SensitivityTable, weight_budget_
     if needs_calibration(schemes):
         meter.calibrate(windows[: calibration.samples])
     refinement = refine(table, source.spec, weight_budget_bytes, settings.tie_fused, meter, held_in, settings.trials,
-                        settings.seed, progress, extra_cost, settings.study_storage, slice_bounds)
+                        settings.seed, progress, extra_cost, settings.study_storage, slice_bounds, settings.search_minutes)
     return refinement, int(held_in.numel())

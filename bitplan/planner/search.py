@@ -35,14 +35,16 @@ class Unit:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """How to search: tie fused groups, Optuna trials measured after the exact allocation, the
-    seed, and the objective (``planner.objective``)."""
+    """How to search: tie fused groups, trials of the measured search after the exact allocation
+    (``planner.refine``; each one generation), the seed, the objective (``planner.objective``),
+    the shared study's storage, and the search's time budget in minutes (None: trials only)."""
 
     tie_fused: bool = False
     trials: int = 16
     seed: int = 0
     objective: str = "quality"
     study_storage: str | None = None  # Optuna storage shared by refinement workers (``planner.study``); None: in memory
+    search_minutes: float | None = None  # stop the measured search after this long (or at ``trials``, whichever first)
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,9 @@ def pareto(options: list[Option]) -> tuple[Option, ...]:
     return tuple(frontier)
 
 
-def combine(first: tuple[Option, ...], second: tuple[Option, ...]) -> tuple[Option, ...]:
-    """The Pareto frontier of every pairing of two independent units' options."""
-    return pareto([(a[0] + b[0], a[1] + b[1], a[2] + b[2], tuple(x + y for x, y in zip(a[3], b[3]))) for a in first for b in second])
+def combine(first: tuple[Option, ...], second: tuple[Option, ...], prune=pareto) -> tuple[Option, ...]:
+    """The Pareto frontier (or what ``prune`` keeps) of every pairing of two independent units' options."""
+    return prune([(a[0] + b[0], a[1] + b[1], a[2] + b[2], tuple(x + y for x, y in zip(a[3], b[3]))) for a in first for b in second])
 
 
 def smoothing_columns(table: SensitivityTable) -> set[int]:
@@ -93,14 +95,15 @@ def smoothing_columns(table: SensitivityTable) -> set[int]:
 
 
 def build_units(table: SensitivityTable, spec: ModelSpec, tie_fused: bool, weights: np.ndarray | None = None,
-                extra_cost: np.ndarray | None = None, limited: tuple[str, ...] = ()) -> list[Unit]:
+                extra_cost: np.ndarray | None = None, limited: tuple[str, ...] = (), prune=pareto) -> list[Unit]:
     """Group rows into units and list each unit's feasible options.
 
     Rows share a unit when tied (``tie_fused``: one scheme for the fused group) or when they
     share a smoothing group and the table holds smoothing schemes (see the module docstring).
     ``weights`` multiplies each layer's scores (the refinement's knobs); ``extra_cost``
     ``[layers, schemes]`` is added to the weighted scores (e.g. predicted latency); bytes are untouched.
-    Each option carries its summed score on each slice in ``limited`` (unweighted).
+    Each option carries its summed score on each slice in ``limited`` (unweighted). ``prune``
+    keeps the options worth offering (the Pareto frontier; the measured search keeps more).
     """
     scores = table.scores.numpy() * (np.ones(len(table.layers)) if weights is None else weights)[:, None]
     if extra_cost is not None:
@@ -126,16 +129,16 @@ def build_units(table: SensitivityTable, spec: ModelSpec, tie_fused: bool, weigh
         rows = [r for key in keys for r in tied[key]]
         free: tuple[Option, ...] | None = None  # the members' independent non-smoothing choices
         for key in keys:
-            part = pareto([option(tied[key], (column,) * len(tied[key])) for column in range(len(table.schemes))
-                           if column not in smoothing and all(sizes[r, column] >= 0 for r in tied[key])])
-            free = part if free is None else combine(free, part)
+            part = prune([option(tied[key], (column,) * len(tied[key])) for column in range(len(table.schemes))
+                          if column not in smoothing and all(sizes[r, column] >= 0 for r in tied[key])])
+            free = part if free is None else combine(free, part, prune)
         options = list(free)
         for column in sorted(smoothing):
             if all(sizes[r, column] >= 0 for r in rows):
                 options.append(option(rows, (column,) * len(rows)))
         if not options:
             raise BitplanError(f"no candidate scheme can store {group}: widen --groups (per-channel always fits)")
-        units.append(Unit(group, tuple(rows), pareto(options)))
+        units.append(Unit(group, tuple(rows), prune(options)))
     return units
 
 

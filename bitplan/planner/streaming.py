@@ -9,11 +9,11 @@ loaded from safetensors, its quantized Linears, folded norms and biases swapped 
 and dropped. Calibration statistics for calibrated methods are gathered in one block-by-block pass
 and kept on disk, one file per block, read back when a block is quantized.
 
-Quantized block variants (a block's fake-quantized tensors under one assignment of its Linears)
-are computed once and kept on disk, so the trials of a refinement, which share most assignments,
-quantize each variant once; at most ``memory_variants`` of them stay in memory.
+Quantized tensors (per (Linear, scheme), or per block variant under a smoothing scheme:
+``quality.cached_block``) are computed once; beyond ``cache_bytes`` in memory the least recently
+used go to disk and are read back when asked again, so a search quantizes each once.
 
-Memory: one block's weights (float32) and a few quantized variants, plus the hidden states of the
+Memory: one block's weights (float32) and ``cache_bytes`` of quantized tensors, plus the hidden states of the
 measured windows (twice: reference and candidate) and one batch of logits, whatever the depth.
 """
 
@@ -30,7 +30,7 @@ from bitplan.kernels.numerics import fake_quant_activations
 from bitplan.methods.scheme import DENSE, Scheme
 from bitplan.models.source import WeightReader, cache_dir
 from bitplan.models.spec import ModelSpec
-from bitplan.planner.quality import Quality, block_variant
+from bitplan.planner.quality import Quality, VariantCache, cached_block
 from bitplan.profiles.blocks import BlockRunner, block_input_stats, run_block
 from bitplan.profiles.kv_cache import kv_rounding
 from bitplan.profiles.text import tokens_hash
@@ -84,19 +84,17 @@ class StreamingMeter:
     """Measures plans on fixed windows block by block (same interface as ``QualityMeter``:
     :meth:`calibrate`, :meth:`apply`, :meth:`measure`)."""
 
-    def __init__(self, folder: Path, config: dict, spec: ModelSpec, batch_size: int = 4, memory_variants: int = 2):
+    def __init__(self, folder: Path, config: dict, spec: ModelSpec, batch_size: int = 4, cache_bytes: int = 2**30):
         self.reader = WeightReader(folder)
         self.runner = BlockRunner(config, self.reader)
         self.spec = spec
         self.batch_size = batch_size
-        self.memory_variants = memory_variants
         self.blocks: dict[int, list] = {}
         for layer in spec.layers:
             self.blocks.setdefault(layer.block, []).append(layer)
-        self.cache: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}  # in memory, oldest first
-        self.spilled: dict[tuple, Path] = {}  # every variant computed so far, on disk
         cache_dir().mkdir(parents=True, exist_ok=True)
         self.work = tempfile.TemporaryDirectory(prefix="refine-", dir=cache_dir())  # removed with the meter
+        self.cache = VariantCache(cache_bytes, Path(self.work.name))
         self.calibrated = False
         self.assignments: dict[str, Scheme] = {}
         self.references: dict[str, torch.Tensor] = {}  # tokens hash -> reference final hidden states
@@ -128,7 +126,6 @@ class StreamingMeter:
             torch.save({name: {"input": head} for name in heads}, self.stats_path(-1))
         self.calibrated = True
         self.cache.clear()
-        self.spilled.clear()
 
     def stats_path(self, block: int) -> Path:
         return Path(self.work.name) / f"stats-block{block}.pt"
@@ -140,19 +137,7 @@ class StreamingMeter:
 
     def block_tensors(self, block: int, assignments: dict[str, Scheme]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The float32 tensors (full names) and activation formats of block ``block`` under ``assignments``."""
-        layers = self.blocks[block]
-        key = (block, tuple(assignments[layer.name] for layer in layers))
-        if key not in self.cache:
-            if key in self.spilled:
-                variant = torch.load(self.spilled[key], weights_only=True)
-            else:
-                variant = block_variant(layers, assignments, self.read, self.block_stats(block), self.spec)
-                self.spilled[key] = Path(self.work.name) / f"variant-{len(self.spilled)}.pt"
-                torch.save(variant, self.spilled[key])
-            self.cache[key] = variant
-            while len(self.cache) > self.memory_variants:
-                self.cache.pop(next(iter(self.cache)))
-        return self.cache[key]
+        return cached_block(self.cache, self.blocks[block], assignments, self.read, lambda: self.block_stats(block), self.spec)
 
     def apply(self, assignments: dict[str, Scheme]) -> None:
         """The plan the next :meth:`measure` runs (layer name -> scheme; missing = dense)."""

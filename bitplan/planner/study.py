@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 
 import numpy as np
@@ -26,6 +25,7 @@ from bitplan.profiles.text import tokens_hash
 log = logging.getLogger(__name__)
 RDB_SCHEMES = ("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")
 WAIT_FOR_OTHERS_S = 3600  # how long a worker waits for other workers' running trials before it decides
+SEARCH = "measured-search-1"  # the search's trial format (``planner.refine``): part of the study's name
 STOP_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
 
 
@@ -35,7 +35,7 @@ def study_name(table: SensitivityTable, weight_budget_bytes: int, tie_fused: boo
     scores, bytes, provenance), the budget, the ties, the measured tokens, the seed, the extra cost,
     the slice bounds (with the per-slice scores)."""
     digest = hashlib.sha256()
-    problem = [table.layers, table.schemes, table.provenance, weight_budget_bytes, tie_fused, tokens_hash(windows), seed]
+    problem = [SEARCH, table.layers, table.schemes, table.provenance, weight_budget_bytes, tie_fused, tokens_hash(windows), seed]
     if slice_bounds:
         problem.append(sorted(slice_bounds.items()))
         digest.update(table.slice_scores.numpy().tobytes())
@@ -48,9 +48,9 @@ def study_name(table: SensitivityTable, weight_budget_bytes: int, tie_fused: boo
 
 
 def open_study(storage: str | None, name: str, seed: int) -> optuna.Study:
-    """A new in-memory study (``storage`` None, TPE seeded by ``seed``), or the shared one named
-    ``name`` in ``storage``, created by whichever worker comes first. Shared workers seed TPE with
-    ``seed`` and their process id, so they do not all propose the same knobs."""
+    """A new in-memory study (``storage`` None), or the shared one named ``name`` in ``storage``,
+    created by whichever worker comes first. The search draws its own candidates (``planner.evolve``,
+    seeded by the seed and the trial number); the sampler, seeded likewise, proposes nothing."""
     if storage is None:
         return optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
     if storage.startswith(RDB_SCHEMES):
@@ -59,8 +59,8 @@ def open_study(storage: str | None, name: str, seed: int) -> optuna.Study:
         from optuna.storages.journal import JournalFileBackend
 
         backend = optuna.storages.JournalStorage(JournalFileBackend(storage))
-    sampler = optuna.samplers.TPESampler(seed=(seed * 1_000_003 + os.getpid()) % 2**32)
-    return optuna.create_study(storage=backend, study_name=name, direction="minimize", sampler=sampler, load_if_exists=True)
+    return optuna.create_study(storage=backend, study_name=name, direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
+                               load_if_exists=True)
 
 
 def counted_trials(study: optuna.Study) -> int:

@@ -151,6 +151,7 @@ CASES = {
     "--tp 5 in compare on 32 heads": (nothing, ["compare", "{configs}/llama-3-8b.json", "--targets", "l40s", "--tp", "5"],
                                       "--tp 5 does not divide the model's 32 attention heads: choose a divisor of 32"),
     "negative trials": (nothing, PLAN + ["--trials", "-1"], "--trials must be 0 or more, got -1"),
+    "negative search minutes": (nothing, PLAN + ["--search-minutes", "-1"], "--search-minutes must be 0 or more, got -1.0"),
     "zero samples": (nothing, PLAN + ["--samples", "0"], "argument --samples: must be at least 1, got 0"),
     "misspelt option": (nothing, PLAN + ["--budgett", "2GB"], "unrecognized arguments: --budgett 2GB (see `bitplan --help`)"),
     "unknown KV dtype": (nothing, PLAN + ["--kv-dtype", "int3"], "argument --kv-dtype: invalid choice: 'int3'"),

@@ -1,5 +1,6 @@
 """Distributed refinement: two ``bitplan plan`` workers share one Optuna study in a journal file,
-both add trials, and both write the plan a single worker keeps given the study's trials."""
+both add trials (generations of the measured search), and both write the plan a single worker
+keeps given the study's trials."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import optuna
 import pytest
 
 from bitplan.cli import main
+from bitplan.models.source import open_model
 
 PLAN = ["--methods", "rtn", "--bits", "2,4,8", "--groups", "64", "--engine", "transformers", "--samples", "2", "--seq-len", "32"]
 TRIALS = 6
@@ -49,7 +51,10 @@ def test_two_workers_on_one_journal_study_keep_the_same_plan(tiny_llama_folder, 
     assert main(["plan", *args, "--out", str(tmp_path / "single.json")]) == 0
     assert (tmp_path / "single.json").read_text() == plans[0]
     best = min(trials, key=lambda t: (t.value, t.number))
-    search = json.loads(plans[0])["search"]
-    assert search["knobs"] == {k: round(v, 6) for k, v in best.params.items()}
-    assert search["refine_trials"] == len(trials)
+    written = json.loads(plans[0])
+    candidates = written["provenance"]["candidates"]
+    layers = [layer.name for layer in open_model(tiny_llama_folder).spec.layers]  # the table's rows
+    assert written["assignments"] == {name: candidates[column] for name, column in zip(layers, best.user_attrs["plan"])}
+    assert written["search"]["refine_trials"] == len(trials)
+    assert written["search"]["refine_candidates"] == sum(t.user_attrs["candidates"] for t in trials)
     assert optuna.get_all_study_names(storage) == [name]  # the single worker joined the same study

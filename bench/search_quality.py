@@ -1,0 +1,113 @@
+"""The measured search against the exact allocation, on held-out text of two domains.
+
+SmolLM2-135M, engine ``bitplan`` (3-bit allowed), candidates RTN and GPTQ at 3, 4 and 8 bits,
+group 64, symmetric (``domain_common.CANDIDATES``), the default calibration (16 windows of 512
+tokens of the built-in Python documentation). At each budget of Linear bytes (bits per weight
+times the Linears' weights / 8), the exact allocation (the knapsack on summed scores) and the
+measured search (``planner.refine``: trial 0 the exact plan, then generations measured on the
+4 held-in calibration windows the CLI uses, or ``--held-in``, stopped by ``--minutes``) are both measured on
+held-out text neither saw: pydoc's held-out prose and code (``--heldout`` windows, half each)
+and English prose from Debian's fortunes (``fortunes-heldout.txt``; ``make text-fortunes``).
+One meter (and its cache of quantized tensors) serves every budget, so later budgets re-use
+the GPTQ results of earlier ones; each search's seconds include the GPTQ it still had to run.
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/search_quality.py [--budgets 3.3,3.6,4.0,4.5 --minutes 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import save
+from domain_common import CANDIDATES, ENGINE, heldout
+
+import bitplan
+from bitplan.engines import resolve_target
+from bitplan.engines.rules import restrict_table
+from bitplan.methods.scheme import Scheme
+from bitplan.models.source import open_model
+from bitplan.planner.quality import QualityMeter, load_dense_model
+from bitplan.planner.refine import REFINE_WINDOWS, refine
+from bitplan.planner.search import allocate
+from bitplan.profiles.calibration import CalibrationSettings, calibration_windows, load_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budgets", default="3.3,3.6,4.0,4.5", help="bits per weight of the Linears")
+    parser.add_argument("--minutes", type=float, default=5.0, help="time budget of each search")
+    parser.add_argument("--trials", type=int, default=10_000, help="trial limit of each search (the clock usually ends it first)")
+    parser.add_argument("--heldout", type=int, default=6, help="held-out windows per domain")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--held-in", type=int, default=REFINE_WINDOWS, help="held-in calibration windows the search measures on")
+    parser.add_argument("--out", default="search_quality", help="name of the results file in bench/results")
+    parser.add_argument("--cache-gib", type=float, default=1.5, help="memory cap of the quantized-tensor cache")
+    args = parser.parse_args()
+
+    source = open_model("smollm2-135m")
+    spec = source.spec
+    rules = resolve_target(ENGINE, None).rules
+    calibration = CalibrationSettings((), args.samples, args.seq_len)
+    started = time.time()
+    table = restrict_table(bitplan.profile("smollm2-135m", CANDIDATES, calibration, rules=rules), spec, rules)
+    profile_seconds = time.time() - started
+    windows = calibration_windows(source.folder, calibration, args.held_in)  # the first samples are the profile's
+    held_in = windows[calibration.samples:]
+    meter = QualityMeter(load_dense_model(source.folder), spec, batch_size=1, cache_bytes=int(args.cache_gib * 2**30))
+    meter.calibrate(windows[: calibration.samples])
+    texts = heldout(load_tokenizer(source.folder), args.heldout, args.seq_len)
+    half = args.heldout // 2
+    domains = {"pydoc": torch.cat([texts["prose"][:half], texts["code"][: args.heldout - half]]), "fortunes": texts["fortunes"]}
+    print(f"profile {profile_seconds:.0f} s; held-in {tuple(held_in.shape)}; held-out " +
+          ", ".join(f"{name} {tuple(w.shape)}" for name, w in domains.items()), flush=True)
+
+    def heldout_kl(choice: dict[str, str]) -> dict[str, float]:
+        meter.apply({name: Scheme.parse(s) for name, s in choice.items()})
+        return {name: meter.measure(w).kl for name, w in domains.items()}
+
+    rows = []
+    for bits in (float(b) for b in args.budgets.split(",")):
+        weight_budget = int(bits * spec.linear_weights / 8)
+        exact = allocate(table, spec, weight_budget, rules.fused_share_scheme)
+        found = refine(table, spec, weight_budget, rules.fused_share_scheme, meter, held_in, args.trials, args.seed,
+                       search_minutes=args.minutes)
+        row = {"bits_per_weight": bits, "weight_budget_bytes": weight_budget,
+               "exact": {"weight_bytes": exact.weight_bytes, "held_in_kl": found.exact_kl, "heldout_kl": heldout_kl(exact.choice),
+                         "schemes": counts(exact.choice)},
+               "searched": {"weight_bytes": found.allocation.weight_bytes, "held_in_kl": found.measured_kl,
+                            "heldout_kl": heldout_kl(found.allocation.choice), "schemes": counts(found.allocation.choice),
+                            "changed_layers": sum(exact.choice[n] != s for n, s in found.allocation.choice.items())},
+               "search": {"seconds": round(found.seconds, 1), "trials": found.trials, "candidates": found.candidates,
+                          "measured_tokens": found.measured_tokens, "stopped_by": found.stopped_by, "distinct_plans": found.distinct_plans}}
+        rows.append(row)
+        print(f"{bits} bpw: exact {row['exact']['heldout_kl']} searched {row['searched']['heldout_kl']}; held-in "
+              f"{found.exact_kl:.4f} -> {found.measured_kl:.4f}; {row['search']}", flush=True)
+
+    print(f"\nSmolLM2-135M, engine {ENGINE}, candidates {', '.join(s.name for s in CANDIDATES.schemes() if not s.is_dense)}; "
+          f"search {args.minutes:g} min per budget on {held_in.numel()} held-in tokens; held-out KL on "
+          f"{domains['pydoc'].numel()} pydoc and {domains['fortunes'].numel()} fortunes tokens\n")
+    print("| bits/weight | Linear MB | domain | exact KL | searched KL | searched/exact | held-in exact -> searched | seconds | trials | candidates |")
+    print("|---:|---:|---|---:|---:|---:|---|---:|---:|---:|")
+    for row in rows:
+        for domain in domains:
+            e, s = row["exact"]["heldout_kl"][domain], row["searched"]["heldout_kl"][domain]
+            print(f"| {row['bits_per_weight']:.1f} | {row['weight_budget_bytes'] / 1e6:.1f} | {domain} | {e:.4f} | {s:.4f} | {s / e:.3f} | "
+                  f"{row['exact']['held_in_kl']:.4f} -> {row['searched']['held_in_kl']:.4f} | {row['search']['seconds']:.0f} | "
+                  f"{row['search']['trials']} | {row['search']['candidates']} |")
+    print("saved", save(args.out, {"engine": ENGINE, "candidates": [s.name for s in CANDIDATES.schemes()], "samples": args.samples,
+                                           "seq_len": args.seq_len, "held_in_tokens": int(held_in.numel()),
+                                           "heldout_tokens": {n: int(w.numel()) for n, w in domains.items()}, "minutes": args.minutes,
+                                           "seed": args.seed, "profile_seconds": round(profile_seconds, 1), "rows": rows}))
+
+
+def counts(choice: dict[str, str]) -> dict[str, int]:
+    values = list(choice.values())
+    return {s: values.count(s) for s in sorted(set(values))}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The measured search (``planner.refine``, ``planner.evolve``): it starts from the exact plan,
+never leaves the budget, the engine's cells, the ties or the slice bounds, finds a better plan
+where the measured loss is not the sum of the scores, repeats itself given the seed, stops on
+the clock, and the quantized tensors it reuses are the ones whole-block quantization makes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from bitplan.methods.scheme import Scheme
+from bitplan.models.spec import spec_from_config
+from bitplan.planner.candidates import Candidates
+from bitplan.planner.search import allocate
+from bitplan.planner.slices import predicted_slice_kl
+from bitplan.profiles.tables import SensitivityTable
+
+CONFIG = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
+    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+}
+CANDIDATES = Candidates(("rtn",), (2, 4, 8), (64, 0), (True,))
+ERROR = {2: 1.0, 4: 0.06, 8: 0.0003, 16: 0.0}
+WINDOWS = torch.arange(64).reshape(2, 32)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return spec_from_config(CONFIG)
+
+
+def synthetic_table(spec, refused_kind: str | None = "down", slices: bool = False) -> SensitivityTable:
+    """Scores from a layer sensitivity times a per-bit error; 2-bit cells of ``refused_kind`` are
+    cells the engine refuses (bytes -1, as ``engines.rules.restrict_table`` marks them)."""
+    schemes = CANDIDATES.schemes()
+    sensitivity = np.geomspace(1e-3, 10.0, len(spec.layers))[np.random.default_rng(0).permutation(len(spec.layers))]
+    scores = np.array([[sensitivity[i] * ERROR[s.bits] * (0.5 if s.group_size == 64 else 1.0) for s in schemes]
+                       for i in range(len(spec.layers))])
+    sizes = np.array([[s.weight_bytes(layer.out_features, layer.in_features, spec.dtype_bytes) for s in schemes] for layer in spec.layers])
+    for row, layer in enumerate(spec.layers):
+        for column, scheme in enumerate(schemes):
+            if layer.kind == refused_kind and scheme.bits == 2:
+                scores[row, column], sizes[row, column] = np.nan, -1
+    extra = {}
+    if slices:
+        code = scores * np.random.default_rng(1).uniform(0.2, 1.8, scores.shape)
+        extra = {"slices": ["code", "prose"], "slice_scores": torch.tensor(np.stack([code, 2 * scores - code])), "slice_weights": [0.5, 0.5]}
+    provenance = {"model_hash": "synthetic", "calibration_hash": "synthetic", "metric": "fisher-kl", "metric_version": 1}
+    return SensitivityTable([layer.name for layer in spec.layers], [s.name for s in schemes], torch.tensor(scores),
+                            torch.tensor(sizes, dtype=torch.int64), provenance, **extra)
+
+
+class InteractingMeter:
+    """A model whose loss is not the summed score: the scores underrate every o_proj 20-fold, and
+    errors of one block compound (plus the square of each block's summed score). It records every
+    plan it was given."""
+
+    def __init__(self, table, spec, delay_s: float = 0.0):
+        self.table, self.spec, self.delay_s = table, spec, delay_s
+        self.plans: list[dict[str, str]] = []
+        self.loss = None
+
+    def apply(self, assignments):
+        choice = {name: scheme.name for name, scheme in assignments.items()}
+        self.plans.append(choice)
+        self.loss = loss(self.table, self.spec, choice)
+
+    def measure(self, windows):
+        time.sleep(self.delay_s)
+        return type("Quality", (), {"kl": self.loss})()
+
+
+def loss(table, spec, choice) -> float:
+    scores = {name: float(table.scores[row, table.schemes.index(choice[name])]) for row, name in enumerate(table.layers)}
+    blocks: dict[int, float] = {}
+    for name, score in scores.items():
+        blocks[spec.layer(name).block] = blocks.get(spec.layer(name).block, 0.0) + score
+    return sum(score * (20 if spec.layer(name).kind == "o" else 1) for name, score in scores.items()) + sum(v**2 for v in blocks.values())
+
+
+def plan_bytes(table, choice) -> int:
+    return sum(int(table.bytes[row, table.schemes.index(choice[name])]) for row, name in enumerate(table.layers))
+
+
+def budget(table) -> int:
+    """The bytes of 4-bit RTN group 64 everywhere."""
+    return int(table.bytes[:, table.schemes.index("rtn-w4g64s")].sum())
+
+
+def run(table, spec, meter, trials=25, seed=0, **options):
+    from bitplan.planner.refine import refine
+
+    return refine(table, spec, budget(table), options.pop("tie_fused", False), meter, WINDOWS, trials, seed, **options)
+
+
+def test_the_search_beats_the_exact_plan_where_loss_is_not_additive_and_never_leaves_the_budget(spec):
+    table = synthetic_table(spec)
+    meter = InteractingMeter(table, spec)
+    exact = allocate(table, spec, budget(table))
+    found = run(table, spec, meter)
+    assert meter.plans[0] == exact.choice  # trial 0 is the exact plan
+    assert found.exact_kl == pytest.approx(loss(table, spec, exact.choice))
+    assert found.measured_kl == pytest.approx(loss(table, spec, found.allocation.choice))
+    assert found.measured_kl < 0.5 * found.exact_kl, "the measured search finds what the summed score misses"
+    assert found.allocation.weight_bytes == plan_bytes(table, found.allocation.choice) <= budget(table)
+    assert max(plan_bytes(table, plan) for plan in meter.plans) <= budget(table), "no candidate exceeds the budget"
+    down = {layer.name for layer in spec.layers if layer.kind == "down"}
+    assert not any(Scheme.parse(plan[name]).bits == 2 for plan in meter.plans for name in down), "only cells the engine allows"
+    assert found.trials == 25 and found.stopped_by == "trials"
+    assert found.candidates == len(meter.plans) and found.candidates > found.trials  # staged: many candidates per trial
+    assert found.measured_tokens < found.candidates * WINDOWS.numel()  # most on a fraction of the held-in tokens
+
+
+def test_same_seed_same_plan(spec):
+    table = synthetic_table(spec)
+    first, second = (run(table, spec, InteractingMeter(table, spec), trials=12, seed=3) for _ in range(2))
+    assert first.allocation == second.allocation and first.measured_kl == second.measured_kl
+    assert (first.candidates, first.measured_tokens) == (second.candidates, second.measured_tokens)
+
+
+def test_tied_fused_groups_move_together(spec):
+    table = synthetic_table(spec, refused_kind=None)
+    meter = InteractingMeter(table, spec)
+    found = run(table, spec, meter, trials=10, tie_fused=True)
+    assert found.measured_kl <= found.exact_kl
+    for plan in meter.plans:
+        groups: dict[str, set[str]] = {}
+        for name, scheme in plan.items():
+            groups.setdefault(spec.layer(name).fused_key, set()).add(scheme)
+        assert all(len(schemes) == 1 for schemes in groups.values())
+
+
+def test_slice_bounds_hold_for_every_candidate(spec):
+    table = synthetic_table(spec, slices=True)
+    free = allocate(table, spec, budget(table))
+    bound = 0.9 * predicted_slice_kl(table, free.choice)["code"]
+    meter = InteractingMeter(table, spec)
+    found = run(table, spec, meter, trials=15, slice_bounds={"code": bound})
+    assert len({json.dumps(plan, sort_keys=True) for plan in meter.plans}) > 10
+    assert all(predicted_slice_kl(table, plan)["code"] <= bound * (1 + 1e-9) for plan in meter.plans)
+    assert found.measured_kl <= found.exact_kl
+
+
+def test_the_clock_stops_the_search(spec):
+    table = synthetic_table(spec)
+    started = time.monotonic()
+    found = run(table, spec, InteractingMeter(table, spec, delay_s=0.02), trials=10**6, search_minutes=0.02)
+    assert time.monotonic() - started < 10
+    assert found.stopped_by == "clock" and 1 <= found.trials < 10**6
+    assert found.seconds >= 1.2 and found.measured_kl <= found.exact_kl
+    # no time at all: the exact plan alone
+    exact_only = run(table, spec, InteractingMeter(table, spec), trials=10, search_minutes=0)
+    assert exact_only.trials == 1 and exact_only.measured_kl == exact_only.exact_kl
+
+
+def test_two_workers_on_one_journal_study_keep_what_one_worker_keeps(spec, tmp_path):
+    """Two workers (threads here; processes in test_study.py) add generations to one journal study;
+    both keep the study's best trial, and a third worker joining the full study keeps it too."""
+    import threading
+
+    table = synthetic_table(spec)
+    journal = str(tmp_path / "refine.journal")
+    results = {}
+
+    def worker(name):
+        results[name] = run(table, spec, InteractingMeter(table, spec), trials=16, storage=journal)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results[1].allocation == results[2].allocation and results[1].trials == results[2].trials >= 16
+    single = run(table, spec, InteractingMeter(table, spec), trials=16, storage=journal)
+    assert single.allocation == results[1].allocation and single.candidates == results[1].candidates
+    assert single.measured_kl < single.exact_kl
+
+
+def test_linears_cached_alone_equal_whole_block_quantization(tiny_llama_folder, private_cache):
+    """GPTQ and RTN Linears quantized one at a time (and kept) give the tensors quantize_block
+    gives for the whole block; a block with a smoothing scheme (AWQ folds into v_proj's rows) is
+    kept whole. Re-applying a plan quantizes nothing again and measures the same."""
+    from bitplan.models.source import open_model
+    from bitplan.planner.quality import QualityMeter, block_variant, load_dense_model
+    from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
+
+    source = open_model(tiny_llama_folder)
+    windows = calibration_windows(source.folder, CalibrationSettings((), 4, 32), 2)
+    meter = QualityMeter(load_dense_model(source.folder), source.spec)
+    meter.calibrate(windows[:4])
+    kinds = {"q": "gptq-w4g64s", "k": "rtn-w8g64s", "v": "gptq-w8g64s", "o": "none", "gate": "gptq-w4g64s", "up": "rtn-w4g64s",
+             "down": "gptq-w8g64s"}
+    plan = {layer.name: Scheme.parse(kinds[layer.kind]) for layer in source.spec.layers if layer.block >= 0}
+    smoothed = dict(plan, **{layer.name: Scheme.parse("awq-w4g64s") for layer in source.spec.layers if layer.kind == "o"})
+    for assignments in (plan, smoothed):
+        full = {layer.name: assignments.get(layer.name, Scheme.parse("none")) for layer in source.spec.layers}
+        for block, layers in meter.blocks.items():
+            cached, formats = meter.block_tensors(block, full)
+            whole, whole_formats = block_variant(layers, full, meter.read, meter.stats, source.spec)
+            assert cached.keys() == whole.keys() and formats == whole_formats
+            assert all(torch.equal(cached[name], whole[name]) for name in whole)
+    meter.apply(plan)
+    first = meter.measure(windows[4:]).kl
+    computed = meter.cache.computed
+    meter.apply(smoothed)
+    meter.apply(plan)
+    assert meter.measure(windows[4:]).kl == first and meter.cache.computed == computed
+    assert first > 0
+
+
+def test_cli_reports_the_cost_and_same_seed_writes_the_same_bytes(tiny_llama_folder, tmp_path, monkeypatch, capsys):
+    from bitplan.cli import main
+
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
+    args = [str(tiny_llama_folder), "--methods", "rtn", "--bits", "2,4,8", "--groups", "64", "--engine", "transformers",
+            "--samples", "2", "--seq-len", "32", "--budget", "7.35MB", "--context", "64"]
+    for name in ("first", "second"):
+        assert main(["plan", *args, "--trials", "4", "--search-minutes", "60", "--out", str(tmp_path / f"{name}.json")]) == 0
+    assert (tmp_path / "first.json").read_bytes() == (tmp_path / "second.json").read_bytes()
+    search = json.loads((tmp_path / "first.json").read_text())["search"]
+    assert search["refine_trials"] == 4 and search["refine_stopped_by"] == "trials" and "refine_seconds" not in search
+    assert search["refine_candidates"] > 4 and search["search_minutes"] == 60
+    assert "measured search: 4 trials" in capsys.readouterr().out
+    assert main(["plan", *args, "--trials", "4", "--search-minutes", "0", "--out", str(tmp_path / "clock.json")]) == 0
+    search = json.loads((tmp_path / "clock.json").read_text())["search"]
+    assert search["refine_trials"] == 1 and search["refine_stopped_by"] == "clock" and search["refine_seconds"] >= 0
