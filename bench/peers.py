@@ -144,21 +144,28 @@ def domain_windows(folder: Path, per_slice: int, seq_len: int) -> dict[str, torc
 
 
 class Rows:
-    """Measured rows by key, kept in ``work/rows.json`` so a rerun measures only what is new."""
+    """Measured rows by key, kept in ``work/rows*.json`` so a rerun measures only what is new. Rows of the same
+    evaluator in any ``rows*.json`` of the folder are reused (runs side by side write to their own ``--rows`` file)."""
 
     def __init__(self, path: Path, evaluator_key: dict):
         self.path = path
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        self.rows = saved.get("rows", {}) if saved.get("evaluator") == evaluator_key else {}
         self.evaluator_key = evaluator_key
+        self.rows: dict[str, dict] = {}
+        for other in sorted(path.parent.glob("rows*.json")) + [path]:
+            self.rows.update(self.read(other))
+
+    def read(self, path: Path) -> dict[str, dict]:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        return saved.get("rows", {}) if saved.get("evaluator") == self.evaluator_key else {}
 
     def get(self, key: str) -> dict | None:
         return self.rows.get(key)
 
     def put(self, key: str, row: dict) -> dict:
         self.rows[key] = row
+        mine = {**self.read(self.path), **self.rows}
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"evaluator": self.evaluator_key, "rows": self.rows}, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps({"evaluator": self.evaluator_key, "rows": mine}, indent=1, sort_keys=True))
         tmp.replace(self.path)
         kl = row.get("kl") or {}
         print(f"{row['peer']}: {row.get('bytes', 0) / 1e6:.2f} MB, KL " + ", ".join(f"{d} {v:.4f}" for d, v in kl.items())
@@ -267,7 +274,8 @@ def bitplan_rows(args, spec: ModelSpec, evaluator: Evaluator, rows: Rows, peers:
         sizes = sorted({p["bytes"] for p in peers if "bytes" in p and (engine != "llama.cpp" or p["family"] == "llama.cpp")})
         candidates = Candidates(ggml_types=OFF_GRID) if engine == "llama.cpp" else args.candidates
         for size in sizes:
-            key = f"bitplan:{engine}:{size}:trials{args.trials}:cal{args.nsamples}"
+            tag = "default" if args.default_candidates or engine == "llama.cpp" else "narrow"
+            key = f"bitplan:{engine}:{tag}:{size}:trials{args.trials}:cal{args.nsamples}"
             row = rows.get(key)
             if row is None:
                 path = args.work / "plans" / f"bitplan-{engine}-{tag}-{size}-t{args.trials}.json"
@@ -384,12 +392,13 @@ def plot(peers: list[dict], plans: list[dict], weights: int, path: Path) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache/bitplan-peers", help="artifacts kept between runs")
+    parser.add_argument("--rows", default="rows.json", help="this run's file of measured rows in --work (every rows*.json is reused)")
     parser.add_argument("--heldout", type=int, default=2, help="held-out windows per pydoc slice (prose, code); fortunes gets twice as many")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--nsamples", type=int, default=16, help="calibration windows of 512 tokens (bitplan's default), for every calibrated peer")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp tools' threads")
     parser.add_argument("--imatrix-chunks", type=int, default=16)
-    parser.add_argument("--presets", type=lambda t: tuple(t.split(",")), default=PRESETS)
+    parser.add_argument("--presets", type=lambda t: tuple(t.split(",")) if t else (), default=PRESETS)
     parser.add_argument("--uniform", type=lambda t: tuple(t.split(",")) if t else (), default=UNIFORM)
     parser.add_argument("--autoround", type=lambda t: tuple(t.split(",")) if t else (), default=AUTOROUND,
                         help="variant:bits (rtn, opt-rtn, signround) or autoscheme:avg_bits")
@@ -412,7 +421,7 @@ def main() -> None:
     windows = domain_windows(folder, args.heldout, args.seq_len)
     evaluator_key = {"model": MODEL, "heldout": args.heldout, "seq_len": args.seq_len, "fortunes": str(FORTUNES),
                      "tokens": {d: list(w.shape) for d, w in windows.items()}}
-    rows = Rows(args.work / "rows.json", evaluator_key)
+    rows = Rows(args.work / args.rows, evaluator_key)
     evaluator = Evaluator(folder, spec, windows)
     calib = calibration_windows(folder, CalibrationSettings(samples=args.nsamples))[: args.nsamples]
     evaluator.calibration = calib  # GPTQ's and AWQ's statistics, gathered when a row first needs them
