@@ -77,7 +77,7 @@ UNIFORM = ("gptq-w3g64s", "gptq-w4g64s", "awq-w3g64s", "awq-w4g64s")
 AUTOROUND = ("rtn:3", "rtn:4", "signround:3", "signround:4", "autoscheme:3.6", "autoscheme:4.3")
 DOMAINS = ("pydoc", "fortunes")
 # bitplan's candidates here unless --default-candidates: RTN at 3-8 bits and GPTQ at 3-4 bits, groups of 64, symmetric
-# (the default set's profile took over an hour on the shared two-core machine; this one minutes)
+# (the default set's profile had done under half its blocks after 28 minutes on the shared two-core machine; this one took 17)
 NARROW = Candidates(("rtn", "gptq"), (3, 4, 5, 6, 8), (64,), (True,), costly_bits=(3, 4))
 RATIO_GOAL = 0.7  # issue 11: bitplan's KL at most 0.7x the best peer's at that size
 
@@ -409,8 +409,8 @@ def main() -> None:
     parser.add_argument("--engines", type=lambda t: tuple(t.split(",")) if t else (), default=("bitplan",))
     parser.add_argument("--trials", type=int, default=0, help="bitplan's measured refinement trials")
     parser.add_argument("--default-candidates", action="store_true",
-                        help="plan with today's default candidates (every method, 2-8 bits, groups 32/64/128/channel: a profile of "
-                             "about an hour on two idle cores) instead of NARROW")
+                        help="plan with today's default candidates (every method, 2-8 bits, groups 32/64/128/channel: a profile "
+                             "of an hour or more on two shared cores) instead of NARROW")
     args = parser.parse_args()
     args.candidates = Candidates() if args.default_candidates else NARROW
     args.work.mkdir(parents=True, exist_ok=True)
