@@ -13,11 +13,15 @@ VLLM_LOCK := requirements/vllm-lock.txt
 # idle cores) into a cache kept between runs, like pip's.
 LLAMA_CPP_HOME ?= $(HOME)/.cache/bitplan-tools/llama.cpp-11434.0.0
 LLAMA_CPP_STAMP := $(LLAMA_CPP_HOME)/build/bin/llama-quantize
+# The peers bitplan is measured against (bench/peers.py): AutoRound cannot share bitplan's venv.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_LOCK := requirements/peers-lock.txt
 # A second calibration domain (English prose from Debian's fortunes, pinned): bench/domain_calibration.py.
 FORTUNES_HOME ?= $(HOME)/.cache/bitplan-tools/fortunes-1.99.1-7.3
 PYTEST_ENV := TRITON_INTERPRET=1 BITPLAN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python BITPLAN_LLAMA_CPP=$(LLAMA_CPP_HOME)
 
-.PHONY: demo test test-all engines llama-cpp text-fortunes lock lock-engines bench clean
+.PHONY: demo test test-all engines llama-cpp text-fortunes lock lock-engines bench bench-peers clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +39,13 @@ $(VLLM_STAMP): $(VLLM_LOCK)
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
+$(PEERS_STAMP): $(PEERS_LOCK)
+	test -x $(PEERS_VENV)/bin/python || $(PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q -c $(PEERS_LOCK) --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q -c $(PEERS_LOCK) torch==2.13.0
+	$(PEERS_VENV)/bin/pip install -q -c $(PEERS_LOCK) auto-round==0.16.1
+	touch $(PEERS_STAMP)
+
 $(LLAMA_CPP_STAMP):
 	PIP="$(PY) -m pip" bash scripts/build_llama_cpp.sh $(LLAMA_CPP_HOME)
 
@@ -46,6 +57,12 @@ $(FORTUNES_HOME)/fortunes-heldout.txt: scripts/fetch_fortunes.sh
 	bash scripts/fetch_fortunes.sh $(FORTUNES_HOME)
 
 llama-cpp: $(LLAMA_CPP_STAMP)
+
+# llama.cpp presets with an importance matrix, AutoRound, uniform GPTQ/AWQ and bitplan's plans at
+# equal bytes of the quantized Linears, on held-out pydoc and fortunes (bench/results/peers.json, peers.png).
+bench-peers: $(STAMP) $(PEERS_STAMP) $(LLAMA_CPP_STAMP) text-fortunes
+	BITPLAN_LLAMA_CPP=$(LLAMA_CPP_HOME) BITPLAN_FORTUNES=$(FORTUNES_HOME) BITPLAN_PEERS_PYTHON=$(abspath $(PEERS_VENV))/bin/python \
+		$(BIN)/python bench/peers.py
 
 # The demo plans for the default engine (vLLM on an Ampere-class GPU) with a narrowed candidate set
 # (RTN and GPTQ at 4 and 8 bits, groups 64 and per channel, symmetric; 8 calibration windows; no

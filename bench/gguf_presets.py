@@ -60,11 +60,19 @@ def file_summary(path: Path) -> dict:
             "token_embd": tensors["token_embd.weight"].ggml_type, "types": dict(sorted(types.items()))}
 
 
-def budget_for(model: str, linear_bytes: int) -> int:
-    """The --budget (bytes) whose weight budget for the Linears is exactly ``linear_bytes``."""
-    spec = deployed_spec(open_model(model).spec, get_rules("llama.cpp"))
+def budget_for(model: str, linear_bytes: int, engine: str = "llama.cpp") -> int:
+    """The --budget (bytes) whose weight budget for the Linears is exactly ``linear_bytes`` (``CONTEXT``, no overhead)."""
+    spec = deployed_spec(open_model(model).spec, get_rules(engine))
     probe = 10**9
     return probe - weight_budget_bytes(spec, deployment_for(probe, None, CONTEXT, 1, "float16", 1, 0)) + linear_bytes
+
+
+def quantize_preset(build: llamacpp.LlamaCppBuild, source: Path, imatrix: Path | None, preset: str, out: Path, threads: int) -> Path:
+    """``llama-quantize [--imatrix IMATRIX] SOURCE OUT PRESET THREADS`` unless ``out`` exists (reused)."""
+    if not out.is_file():
+        options = ["--imatrix", imatrix] if imatrix is not None else []
+        llamacpp.run_tool([build.tool("llama-quantize"), *options, source, out, preset, threads], f"llama-quantize {preset}")
+    return out
 
 
 def main() -> None:
@@ -112,10 +120,7 @@ def main() -> None:
         variants["bitplan (every type: Q4_1/Q5_1 sit on SmolLM2's own grid)"] = None
     rows = []
     for preset in args.presets:
-        preset_path = work / f"llama-{preset}.gguf"
-        if not preset_path.is_file():
-            llamacpp.run_tool([build.tool("llama-quantize"), "--imatrix", work / "imatrix.gguf", source, preset_path, preset, args.threads],
-                              f"llama-quantize {preset}")
+        preset_path = quantize_preset(build, source, work / "imatrix.gguf", preset, work / f"llama-{preset}.gguf", args.threads)
         summary = file_summary(preset_path)
         preset_linear = summary["tensor_bytes"] - deployed_spec(source_model.spec, get_rules("llama.cpp")).unquantized_bytes
         rows.append({"file": f"llama.cpp {preset} (imatrix)", "preset": preset, **summary, "kl": kl(preset_path)})
