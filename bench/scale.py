@@ -266,14 +266,18 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
     cache.mkdir()
     calibration = ["--text", str(text), "--samples", str(samples), "--seq-len", str(seq_len)]
     candidates = ["--methods", "rtn,gptq", "--bits", "4", "--groups", "128", "--symmetric-only"]
-    plan, checkpoint = work / "plan.json", work / "checkpoint"
+    plan, checkpoint = work / f"{label}-plan.json", work / f"{label}-checkpoint"
+    if checkpoint.exists():
+        import shutil
+
+        shutil.rmtree(checkpoint)  # emit refuses to overwrite
     stages = {
         "profile": ["profile", str(model), *calibration, *candidates],
         "plan": ["plan", str(model), "--budget", budget, "--context", "2048", "--trials", str(trials), "--out", str(plan),
                  *calibration, *candidates],
         "emit": ["emit", str(plan), "--out", str(checkpoint)],
         "eval": ["eval", str(checkpoint), "--text", str(text), "--samples", str(eval_samples), "--seq-len", str(seq_len),
-                 "--json", str(work / "scorecard.json")],
+                 "--json", str(work / f"{label}-scorecard.json")],
     }
     env = dict(os.environ, BITPLAN_CACHE=str(cache), PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]))
     env.pop("TRITON_INTERPRET", None)
@@ -297,6 +301,8 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
         if out.returncode or not lines:
             raise SystemExit(f"{stage} failed: {out.stderr[-2000:]}")
         result = json.loads(lines[-1])
+        if result["rc"]:
+            raise SystemExit(f"{stage} exited with {result['rc']}: {out.stderr[-2000:]}")
         per_block = result["seconds"] / blocks
         here = per_block * share * 80
         row = {"stage": stage, "command": "bitplan " + " ".join(argv), **result, "seconds_per_block": per_block,

@@ -36,7 +36,7 @@ from bitplan.methods.registry import CALIBRATED, SMOOTHING, quantize, quantize_s
 from bitplan.methods.scheme import Scheme
 from bitplan.models.source import ModelSource, WeightReader, cache_dir
 from bitplan.models.spec import SCALE_DTYPES, LayerSpec, ModelSpec
-from bitplan.profiles.blocks import BlockRunner, run_block
+from bitplan.profiles.blocks import HEAD_ROWS, BlockRunner, run_block
 from bitplan.profiles.calibration import CalibrationSettings, calibration_slices
 from bitplan.profiles.distributed import barrier, join_launcher_group, run_workers, share_columns, world
 from bitplan.profiles.resume import ProfileCheckpoint
@@ -90,7 +90,12 @@ class LayerStats:
         return len(self.folds) > 1 and all(fold.count for fold in self.folds)
 
     def forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        x = inputs[0].detach()
+        self.record_input(inputs[0])
+        output.register_hook(self.grad_hook)
+
+    def record_input(self, x: torch.Tensor) -> None:
+        """The input rows the next :meth:`grad_hook` pairs with its output gradient."""
+        x = x.detach()
         self.pending_input = x.reshape(-1, x.shape[-1])
         if x.dim() == 3:  # [windows, tokens, width]: each row's slice and fold are its window's
             seen = slice(self.windows_seen, self.windows_seen + x.shape[0])
@@ -104,7 +109,6 @@ class LayerStats:
             self.pending_folds = torch.zeros(self.pending_input.shape[0], dtype=torch.int64)
         for f in self.pending_folds.unique().tolist():
             self.folds[f].add(self.pending_input[self.pending_folds == f])
-        output.register_hook(self.grad_hook)
 
     def grad_hook(self, grad: torch.Tensor) -> None:
         g2 = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64).pow(2)
@@ -160,18 +164,31 @@ def head_gradient(
     """d sum_t log p(y_t) / d hidden for labels y_t sampled from the model's own distribution.
 
     With ``head_stats`` the lm_head's own statistics are collected on the way (untied heads).
+    The head's part is written out (d/dlogits = onehot(y) - p, then through the head a row range
+    at a time, ``HEAD_ROWS``), so no widened copy of a 128k-vocabulary head is kept for a
+    backward pass; autograd runs the final norm only.
     """
     norm_weight, head_weight = runner.head_weights()
+    cap = getattr(runner.hf, "final_logit_softcapping", None)
+    ranges = [(a, min(a + HEAD_ROWS, head_weight.shape[0])) for a in range(0, head_weight.shape[0], HEAD_ROWS)]
     grads = []
     for start in range(0, hidden.shape[0], chunk):
         h = hidden[start : start + chunk].detach().clone().requires_grad_(True)
         normed = runner.final_norm(h, norm_weight)
-        logits = runner.logits(normed, head_weight)
-        if head_stats is not None:
-            head_stats.forward_hook(None, (normed,), logits)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        labels = torch.multinomial(log_probs.detach().exp().reshape(-1, log_probs.shape[-1]), 1, generator=generator)
-        log_probs.reshape(-1, log_probs.shape[-1]).gather(1, labels).sum().backward()
+        with torch.no_grad():
+            raw = torch.cat([normed @ head_weight[a:b].float().T for a, b in ranges], dim=-1)  # the head's output
+            logits = torch.tanh(raw / cap) * cap if cap else raw
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            probs = log_probs.exp().reshape(-1, log_probs.shape[-1])
+            labels = torch.multinomial(probs, 1, generator=generator)
+            grad = (-probs).scatter_add_(1, labels, torch.ones_like(labels, dtype=probs.dtype)).reshape(raw.shape)
+            if cap:
+                grad = grad * (1 - torch.tanh(raw / cap).pow(2))
+            if head_stats is not None:
+                head_stats.record_input(normed)
+                head_stats.grad_hook(grad)
+            grad_normed = sum(grad[..., a:b] @ head_weight[a:b].float() for a, b in ranges)
+        normed.backward(grad_normed)
         grads.append(h.grad)
     return torch.cat(grads)
 
