@@ -163,7 +163,7 @@ class InputStats:
     def second_moment(self) -> torch.Tensor:
         """X Xᵀ / n, float32 ``[in, in]``: ‖ΔW X‖² / n = tr(ΔW · this · ΔWᵀ)."""
         self._require_data()
-        return self.gram.matrix() / self.count
+        return self.gram.matrix().div_(self.count)  # in place: one [in, in] matrix, not three
 
     def second_moment_diagonal(self) -> torch.Tensor:
         """diag(X Xᵀ) / n, float32 ``[in]`` (ggml's importance matrix), without the matrix."""
@@ -172,7 +172,7 @@ class InputStats:
 
     def hessian(self) -> torch.Tensor:
         """GPTQ's H = 2 X Xᵀ / n, float32 ``[in, in]``."""
-        return 2.0 * self.second_moment()
+        return self.second_moment().mul_(2.0)
 
     def mean_abs(self) -> torch.Tensor:
         """Per-channel mean |x| over all tokens, float32 ``[in]`` (AWQ's s_X)."""
