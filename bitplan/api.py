@@ -155,7 +155,8 @@ def assemble_plan(source: ModelSource, deployment: Deployment, goal: Target, tab
                                  "refine_tokens": tokens, "refine_candidates": found.candidates,
                                  "refine_measured_tokens": found.measured_tokens, "refine_stopped_by": found.stopped_by,
                                  "refine_seconds": round(found.seconds, 1) if found.stopped_by == "clock" else None,
-                                 "search_minutes": settings.search_minutes})
+                                 "search_minutes": settings.search_minutes,
+                                 "method_factors": {m: f.to_dict() for m, f in found.factors.items()} if found.factors else None})
         predicted.update(calibration_kl=found.measured_kl, exact_calibration_kl=found.exact_kl)
     if goal.device is not None:
         predicted.update(decode_prediction(source.spec, allocation.choice, goal.device, deployment))

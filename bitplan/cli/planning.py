@@ -155,6 +155,9 @@ def print_plan(result, console: Console) -> None:
         console.print(f"measured search: {search.refine_trials} trials, {search.refine_candidates} candidates measured on "
                       f"{search.refine_measured_tokens} tokens in all" + (f", {seconds:.0f} s" if seconds is not None else "")
                       + f"; stopped by {search.refine_stopped_by}")
+    if search.method_factors:
+        console.print("methods' scores scaled by their probes' measured KL / score: " + ", ".join(
+            f"{m} x{f['factor']:.2f} ({f['scheme']}: {f['measured_kl']:.3f} measured, {f['score']:.3f} scored)" for m, f in search.method_factors.items()))
     print_slices(result, console)
     if result.kv_cache is not None:
         print_kv(result, console)

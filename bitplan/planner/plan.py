@@ -99,6 +99,7 @@ class SearchRecord:
     search_minutes: float | None = None  # the time budget given
     slice_bounds: dict | None = None  # each limited slice's bound on predicted KL (``planner.slices``)
     uniform_scheme: str | None = None  # the best uniform plan relative slice limits refer to
+    method_factors: dict | None = None  # each method's probe and the factor its scores were scaled by (``planner.method_factors``)
 
     def to_dict(self) -> dict:
         return _compact(asdict(self))

@@ -45,6 +45,7 @@ from bitplan.methods.registry import needs_calibration
 from bitplan.methods.scheme import Scheme
 from bitplan.models.source import ModelSource
 from bitplan.models.spec import ModelSpec
+from bitplan.planner.method_factors import MethodFactor, method_factors, scaled_table
 from bitplan.planner.evolve import STAGES, columns_of, generation, locate, offspring, search_units, stage_windows
 from bitplan.planner.objective import assignment_sum
 from bitplan.planner.quality import QualityMeter, load_dense_model
@@ -74,6 +75,7 @@ class Refinement:
     measured_tokens: int
     seconds: float
     stopped_by: str
+    factors: dict[str, MethodFactor] | None = None
 
 
 def plan_digest(columns: list[int]) -> str:
@@ -113,6 +115,16 @@ def refine(
     total = max(trials, 1)
     bounds = dict(sorted((slice_bounds or {}).items()))
     limits = tuple(bound * (1 + SLICE_SLACK) for bound in bounds.values())
+
+    def measure_plan(choice: dict[str, str]) -> float:
+        meter.apply({name: Scheme.parse(scheme) for name, scheme in choice.items()})
+        return meter.measure(windows).kl
+
+    plain = table  # the plan's reported score is the profile's
+    factors = method_factors(table, spec, weight_budget_bytes, measure_plan) if trials > 0 else {}
+    if factors:
+        table = scaled_table(table, factors)
+        log.info("method factors: %s", ", ".join(f"{m} {f.factor:.3f}" for m, f in factors.items()))
     exact = allocate(table, spec, weight_budget_bytes, tie_fused, extra_cost=extra_cost, slice_bounds=bounds)
     exact_columns = [table.schemes.index(exact.choice[name]) for name in table.layers]
     units = search_units(table, spec, tie_fused, extra_cost, tuple(bounds))
@@ -170,11 +182,11 @@ def refine(
     done = finished_trials(study)
     exact_kl = min((t for t in done if t.user_attrs.get("exact")), key=lambda t: t.number).user_attrs["kl"]
     best = min(done, key=lambda t: (t.value, t.number))
-    allocation = allocation_of(table, best.user_attrs["plan"], exact)
+    allocation = allocation_of(plain, best.user_attrs["plan"], exact)
     assert allocation.weight_bytes <= weight_budget_bytes
     return Refinement(allocation, best.user_attrs["kl"], exact_kl, len(done), len({plan_digest(t.user_attrs["plan"]) for t in done}),
                       sum(t.user_attrs["candidates"] for t in done), sum(t.user_attrs["tokens"] for t in done),
-                      time.monotonic() - started, stopped_by)
+                      time.monotonic() - started, stopped_by, factors or None)
 
 
 WHOLE_MODEL_SHARE = 0.25  # the whole-model meter while its two float32 copies take at most this share of RAM

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 RDB_SCHEMES = ("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")
 WAIT_FOR_OTHERS_S = 3600  # how long a worker waits for other workers' running trials before it decides
 SEARCH = "measured-search-1"  # the search's trial format (``planner.refine``): part of the study's name
-STOP_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+STOP_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)  # a queued trial (the exact plan) is yet to run
 
 
 def study_name(table: SensitivityTable, weight_budget_bytes: int, tie_fused: bool, windows: torch.Tensor, seed: int,
@@ -64,7 +64,7 @@ def open_study(storage: str | None, name: str, seed: int) -> optuna.Study:
 
 
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that count towards the study's total: finished, running or queued."""
+    """Trials that count towards the study's total: finished or running (the queued exact plan still runs)."""
     return len(study.get_trials(deepcopy=False, states=STOP_STATES))
 
 
