@@ -290,7 +290,8 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
     env.pop("TRITON_INTERPRET", None)
     root = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()  # saved results are not code
     commit += "+uncommitted" if dirty else ""
     saved = RESULTS / f"scale_shape-{label}.json"
     # a run of some stages keeps the saved rows of the others (each row names its commit)
