@@ -36,7 +36,9 @@ the stage's peak resident memory, its wall time per decoder block, the bound the
 inputs and one block's input statistics, itemised), and a labelled extrapolation to Llama-3-70B
 on this machine and on one H100 (per-block time x the 70B block's share of work, x 80 blocks; on
 the H100 also x this machine's measured float32 matmul rate / the H100's float32 peak:
-compute-bound, ignoring disk reads). Saved to bench/results/scale_shape-<config>.json. ``--layers N``
+compute-bound, ignoring disk reads). Saved to bench/results/scale_shape-<config>.json (``--stages`` runs some
+stages only, reusing the work folder's profile, plan and checkpoint; the saved rows of the others are kept, and every row
+names its commit). ``--layers N``
 writes the same width with N decoder blocks (per-block memory and time at the real width, in a
 fraction of the time; saved as scale_shape-<config>-<N>-blocks.json).
 
@@ -241,7 +243,7 @@ def statistics_bytes(inputs: list[int], tokens: int) -> int:
 
 
 def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len: int, trials: int, eval_samples: int,
-              layers: int | None = None) -> None:
+              layers: int | None = None, only: list[str] | None = None) -> None:
     from random_model import write_random_model
 
     config = json.loads(config_path.read_text())
@@ -259,15 +261,15 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
 
         text.write_text("\n\n".join(topics.topics[k] for k in sorted(topics.topics)))
     cache = work / "cache"
-    if cache.exists():
+    if cache.exists() and (only is None or "profile" in only):
         import shutil
 
-        shutil.rmtree(cache)  # every stage measured afresh
-    cache.mkdir()
+        shutil.rmtree(cache)  # every stage measured afresh (a run of later stages only reuses the profile)
+    cache.mkdir(exist_ok=True)
     calibration = ["--text", str(text), "--samples", str(samples), "--seq-len", str(seq_len)]
     candidates = ["--methods", "rtn,gptq", "--bits", "4", "--groups", "128", "--symmetric-only"]
     plan, checkpoint = work / f"{label}-plan.json", work / f"{label}-checkpoint"
-    if checkpoint.exists():
+    if checkpoint.exists() and (only is None or "emit" in only):
         import shutil
 
         shutil.rmtree(checkpoint)  # emit refuses to overwrite
@@ -279,8 +281,22 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
         "eval": ["eval", str(checkpoint), "--text", str(text), "--samples", str(eval_samples), "--seq-len", str(seq_len),
                  "--json", str(work / f"{label}-scorecard.json")],
     }
+    if only is not None:
+        unknown = [stage for stage in only if stage not in stages]
+        if unknown:
+            raise SystemExit(f"unknown stages {unknown}: choose from {', '.join(stages)}")
+        stages = {stage: argv for stage, argv in stages.items() if stage in only}
     env = dict(os.environ, BITPLAN_CACHE=str(cache), PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]))
     env.pop("TRITON_INTERPRET", None)
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()  # saved results are not code
+    commit += "+uncommitted" if dirty else ""
+    saved = RESULTS / f"scale_shape-{label}.json"
+    # a run of some stages keeps the saved rows of the others (each row names its commit)
+    kept = [] if only is None or not saved.is_file() else [row for row in json.loads(saved.read_text()).get("rows", [])
+                                                          if row["stage"] not in stages]
     blocks = int(config["num_hidden_layers"])
     block = block_numbers(config)
     hidden = int(config["hidden_size"])
@@ -305,7 +321,7 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
             raise SystemExit(f"{stage} exited with {result['rc']}: {out.stderr[-2000:]}")
         per_block = result["seconds"] / blocks
         here = per_block * share * 80
-        row = {"stage": stage, "command": "bitplan " + " ".join(argv), **result, "seconds_per_block": per_block,
+        row = {"stage": stage, "commit": commit, "command": "bitplan " + " ".join(argv), **result, "seconds_per_block": per_block,
                "bound_bytes": bound, "within_bound": result["peak_rss_bytes"] <= bound,
                "extrapolated_70b_here_s": here, "extrapolated_70b_h100_s": here * rate / h100}
         rows.append(row)
@@ -316,7 +332,7 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
                                        "slack": 2 * 2**30, "total": bound},
                              "matmul_flops_here": rate, "h100_fp32_flops": h100, "block_work_70b_over_this": share,
                              "settings": {"samples": samples, "seq_len": seq_len, "trials": trials, "eval_samples": eval_samples,
-                                          "budget": budget}, "rows": rows,
+                                          "budget": budget}, "rows": kept + rows,
                              "note": "extrapolations scale the measured per-block time; GPTQ's O(in^2 out) share grows faster "
                                      "than the block's parameters, so the 70B figures are lower bounds"})
 
@@ -325,7 +341,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depths", type=lambda text: [int(d) for d in text.split(",") if d], default=[60])
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--stages", default="refine-whole,refine-streaming,profile")
+    parser.add_argument("--stages", help="stages to run (default: refine-whole,refine-streaming,profile; with --config: "
+                        "profile,plan,emit,eval; later stages reuse the work folder's profile, plan and checkpoint)")
     parser.add_argument("--plan", choices=("rtn", "gptq"), default="rtn")
     parser.add_argument("--eval-samples", type=int, default=4, help="windows per held-out slice for the eval stages")
     parser.add_argument("--config", type=Path, help="a real model's config.json: run the whole measured path on random weights of that shape")
@@ -337,8 +354,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.config:
         args.work.mkdir(parents=True, exist_ok=True)
-        shape_run(args.config, args.work, args.budget, args.samples, args.seq_len, args.trials, args.eval_samples, args.layers)
+        shape_run(args.config, args.work, args.budget, args.samples, args.seq_len, args.trials, args.eval_samples, args.layers,
+                  args.stages.split(",") if args.stages else None)
         return
+    args.stages = args.stages or "refine-whole,refine-streaming,profile"
     cache = tempfile.mkdtemp(prefix="bitplan-scale-")
     from bitplan.models.source import ensure_builtin
 

@@ -21,6 +21,7 @@ rounding): with H = 2 X Xᵀ / n it is ‖(W − Q) X‖²_F / n, a free sensiti
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -36,18 +37,25 @@ BLOCK = 128  # lazy-update width
 DAMP = 0.01  # fraction of mean(diag H) added to the diagonal
 ACT_ORDER = False  # columns in their own order (static groups either way)
 
-def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+def inverse_hessian_factor(H: torch.Tensor, damp: float, remake: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H), and λ.
 
     If H + λI is not positive definite (too few or degenerate calibration rows), λ is raised
     tenfold up to four times, with a warning. The factor is computed in one matrix besides ``H``
-    (in place: factor, inverse, factor), which for a 14336-input Linear is 0.8 GB, not 2.5.
+    (in place: factor, inverse, factor), which for a 14336-input Linear is 0.8 GB, not 2.5. With
+    ``remake`` (a function that returns a fresh ``H``), ``H`` is the caller's to overwrite: the
+    factor is made in ``H`` itself, no second matrix, and ``remake`` gives ``H`` again should more
+    damping be needed.
     """
     mean_diag = float(torch.diag(H).mean())
     info = torch.empty((), dtype=torch.int32)
     for attempt in range(5):
         lam = damp * (10.0**attempt) * mean_diag
-        A = H.clone()
+        if remake is None:
+            A = H.clone()
+        else:
+            A = H if attempt == 0 else remake()
+            H = None  # overwritten below: a retry remakes it
         A.diagonal().add_(lam)
         torch.linalg.cholesky_ex(A, out=(A, info))
         if int(info) == 0:
@@ -90,7 +98,7 @@ def _static_column_params(
 
 
 def _gptq_columns(
-    W: torch.Tensor,
+    Wt: torch.Tensor,
     Hinv: torch.Tensor,
     scheme: Scheme,
     scale_dtype: torch.dtype,
@@ -99,17 +107,16 @@ def _gptq_columns(
     scale_cols: torch.Tensor | None,
     zero_cols: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
-    """The blocked GPTQ loop over columns of ``W`` (already permuted).
+    """The blocked GPTQ loop over the columns of a weight, given as its transpose ``Wt`` ``[in, out]``
+    (already permuted; a column is a contiguous row), which it updates in place.
 
-    Works on the transpose, so a column is a contiguous row. Returns codes ``[out, in]``
-    (float, in ``W``'s column order), per-row losses, and, for lazy groups, the list of group
-    scales and zeros in column order.
+    Returns codes ``[in, out]`` (int8, in ``Wt``'s row order), per-row losses of the weight, and,
+    for lazy groups, the list of group scales and zeros in column order.
     """
     qmin, qmax = integer_range(scheme.bits)
-    columns = W.shape[1]
-    Wt = W.T.contiguous()  # [in, out]
-    codes_t = torch.zeros_like(Wt)
-    row_losses = torch.zeros(W.shape[0], dtype=torch.float32)
+    columns = Wt.shape[0]
+    codes_t = torch.zeros(Wt.shape, dtype=torch.int8)  # the codes are integers in int8's range: stored as such, not as float
+    row_losses = torch.zeros(Wt.shape[1], dtype=torch.float32)
     group_scales: list[torch.Tensor] = []
     group_zeros: list[torch.Tensor | None] = []
     width = columns if scheme.group_size == 0 else scheme.group_size
@@ -148,12 +155,12 @@ def _gptq_columns(
             W1[i:] -= Hinv1[i, i:].unsqueeze(1) * err.unsqueeze(0)
             Err1[i] = err
         Wt[i2:] -= Hinv[i1:i2, i2:].T @ Err1
-    return codes_t.T, row_losses, group_scales, group_zeros
+    return codes_t, row_losses, group_scales, group_zeros
 
 
 def gptq_rows(
     weight: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | Callable[[], torch.Tensor],
     scheme: Scheme,
     block: int = 128,
     damp: float = 0.01,
@@ -164,39 +171,57 @@ def gptq_rows(
 
     Rows are independent given H, so Linears that share an input (q/k/v, gate/up) can be
     quantized in one call on their concatenated rows and split afterwards.
+    ``H`` may be a function that makes it (``InputStats.hessian``): GPTQ then owns the matrix and
+    factors it in place, so a 14336-input Linear holds one 0.8 GB matrix, not two. The weight is
+    held once in float32, as its transpose (the loop's layout), and the codes in int8.
     """
     if not scheme.fits(weight.shape[1]):
         raise ValueError(f"group {scheme.group_size} does not divide {weight.shape[1]} inputs")
-    if H.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight inputs {weight.shape[1]}")
-    W = weight.detach().to(torch.float32).clone()
-    H = H.detach().to(torch.float32)
-    dead = torch.diag(H) == 0
-    if bool(dead.any()):  # a copy only then: the caller's H is not changed
-        H = H.clone()
-        H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    columns = W.shape[1]
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(columns)
+    columns = weight.shape[1]
+
+    def prepared() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """H as the loop uses it (float32, dead inputs' diagonal 1, permuted for act-order), its
+        dead inputs, the column order, and whether the matrix is a copy of the caller's."""
+        given = (H() if callable(H) else H).detach()
+        made = given.to(torch.float32)
+        owned = callable(H) or made is not given  # a float32 tensor of the caller's is used as it is, never changed
+        if made.shape != (columns, columns):
+            raise ValueError(f"Hessian shape {tuple(made.shape)} does not match weight inputs {columns}")
+        dead = torch.diag(made) == 0
+        if bool(dead.any()):  # a copy only then: the caller's H is not changed
+            if not owned:
+                made, owned = made.clone(), True
+            made[dead, dead] = 1.0
+        order = torch.argsort(torch.diag(made), descending=True, stable=True) if act_order else torch.arange(columns)
+        if act_order:
+            made, owned = made[order][:, order], True
+        return made, dead, order, owned
+
+    hessian, dead, perm, owned = prepared()
+    Wt = torch.empty(columns, weight.shape[0], dtype=torch.float32)
+    Wt.copy_(weight.detach().T)  # the weight's one float32 working copy, transposed
+    Wt[dead] = 0.0
     lazy = not act_order and scheme.group_size != 0
     scale = zero = scale_cols = zero_cols = None
     if not lazy:
-        scale, zero, scale_cols, zero_cols = _static_column_params(W, scheme, scale_dtype, perm)
-    Hinv, _ = inverse_hessian_factor(H[perm][:, perm] if act_order else H, damp)
+        scale, zero, scale_cols, zero_cols = _static_column_params(Wt.T, scheme, scale_dtype, perm)
+    if act_order:
+        Wt = Wt[perm]
+    Hinv, _ = inverse_hessian_factor(hessian, damp, (lambda: prepared()[0]) if owned else None)
+    del hessian  # the factor, when it was made in place
     with _one_thread():
-        codes, row_losses, group_scales, group_zeros = _gptq_columns(
-            W[:, perm] if act_order else W, Hinv, scheme, scale_dtype, block, lazy, scale_cols, zero_cols
-        )
-    codes = (codes[:, torch.argsort(perm)] if act_order else codes).to(torch.int8)
+        codes_t, row_losses, group_scales, group_zeros = _gptq_columns(Wt, Hinv, scheme, scale_dtype, block, lazy, scale_cols, zero_cols)
+    del Wt, Hinv
+    codes = (codes_t[torch.argsort(perm)] if act_order else codes_t).T.contiguous()
     if lazy:
         scale = torch.cat(group_scales, dim=1)
         zero = None if scheme.symmetric else torch.cat(group_zeros, dim=1)
-    return QuantizedWeight(codes.contiguous(), scale, zero, scheme), row_losses
+    return QuantizedWeight(codes, scale, zero, scheme), row_losses
 
 
 def quantize_gptq(
     weight: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | Callable[[], torch.Tensor],
     scheme: Scheme,
     block: int = BLOCK,
     damp: float = DAMP,
@@ -205,7 +230,7 @@ def quantize_gptq(
 ) -> tuple[QuantizedWeight, float]:
     """GPTQ-quantize ``weight`` ``[out, in]`` given its input Hessian ``H`` ``[in, in]``.
 
-    ``H`` is 2 X Xᵀ / n (``InputStats.hessian``); ``damp``
+    ``H`` is 2 X Xᵀ / n (``InputStats.hessian``, or that function: see :func:`gptq_rows`); ``damp``
     is the fraction of mean(diag H) added to the diagonal; ``block`` the lazy-update width;
     ``act_order`` processes columns by decreasing diag(H) with static groups. Returns the
     quantized weight on the same grid as RTN (emits as pack-quantized) and the loss

@@ -54,8 +54,9 @@ def _gptq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats:
     from bitplan.methods import gptq
 
     inputs = stats["input"]
-    # no calibration token reached it (an expert the router never chose): H = I, no error to spread, RTN's numbers
-    hessian = inputs.hessian() if inputs.count else torch.eye(weight.shape[1], dtype=torch.float32)
+    # no calibration token reached it (an expert the router never chose): H = I, no error to spread, RTN's numbers.
+    # Otherwise GPTQ is given the function that makes H, so it owns the matrix and factors it in place
+    hessian = inputs.hessian if inputs.count else torch.eye(weight.shape[1], dtype=torch.float32)
     return quantize_gptq(weight, hessian, scheme, gptq.BLOCK, gptq.DAMP, gptq.ACT_ORDER, scale_dtype=scale_dtype)[0]
 
 

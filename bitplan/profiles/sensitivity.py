@@ -307,31 +307,36 @@ def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_w
     windows of a single one), quantized to the other folds' input statistics and scored on this
     fold's tokens, so its score is what it loses on tokens it was not fitted to (every token is
     scored once).
-    A Linear larger than ``methods.registry.ROW_CHUNK`` (a big vocabulary's head) is read and
-    scored a row range at a time (``row_chunks``; the score sums over rows), so the profile never
-    holds it whole in float32.
+    One Linear's weight is held at a time (a smoothing group's together), in float32: it is read,
+    every scheme of this rank is scored on it, and it is dropped before the next is read. Each
+    quantized version is scored as soon as it is made and dropped (a fitted method's folds one
+    after the other). A Linear larger than ``methods.registry.ROW_CHUNK`` (a big vocabulary's
+    head) is read and scored a row range at a time (``row_chunks``; the score sums over rows), so
+    the profile never holds it whole in float32.
     """
     scores, sizes, per_slice, slices = table
     scale_dtype = SCALE_DTYPES[spec.dtype]
-    chunked = {layer.name for layer in layers if len(row_chunks(layer.out_features, layer.in_features)) > 1}
-    weights = {layer.name: reader.tensor(f"{layer.name}.weight") for layer in layers if layer.name not in chunked}
+    num_slices = len(slices.names)
 
-    def slice_scores(layer, rows, weight, fits: list[tuple[torch.Tensor, torch.Tensor | None, int | None]], fmt=None) -> list[float]:
-        """Each slice's score of ``layer``'s output rows ``rows`` (a range; None: all): ``fits`` holds each
-        quantized version of ``weight`` (its dequantized weight, the input rows it sees at run time for a
-        W8A8 format, and the fold it was held out from: scored on that fold's tokens; None: on all)."""
-        layer_stats, out = stats[layer.name], []
-        for s in range(len(slices.names)):
-            tokens = layer_stats.slice_tokens(s) * tokens_per_window
-            channel = layer_stats.channel_weight(s) if rows is None else layer_stats.channel_weight(s)[rows[0] : rows[1]]
-            score = 0.0
-            for effective, samples, fold in fits:
+    class SliceScores:
+        """Each slice's score of ``layer``'s output rows ``rows`` (a range; None: all), summed over
+        the quantized versions of ``weight`` added one at a time: each is scored on the tokens of
+        the fold it was held out from (None: on all), plus, for a W8A8 format, the activation
+        rounding of the input rows it sees at run time (its share: 1 / ``versions``)."""
+
+        def __init__(self, layer, rows, weight, versions: int, fmt=None):
+            self.layer_stats, self.rows, self.weight, self.versions, self.fmt = stats[layer.name], rows, weight, versions, fmt
+            self.out = [0.0] * num_slices
+
+        def add(self, effective: torch.Tensor, samples: torch.Tensor | None, fold: int | None) -> None:
+            layer_stats, rows = self.layer_stats, self.rows
+            for s in range(num_slices):
+                tokens = layer_stats.slice_tokens(s) * tokens_per_window
+                channel = layer_stats.channel_weight(s) if rows is None else layer_stats.channel_weight(s)[rows[0] : rows[1]]
                 held_out = layer_stats.hessian[s] if fold is None else [layer_stats.hessian[s][fold]]
-                score += score_scheme(weight, effective, held_out, channel, tokens)
-                if fmt:
-                    score += activation_score(effective, samples, fmt, layer_stats, s, tokens_per_window, rows) / len(fits)
-            out.append(score)
-        return out
+                self.out[s] += score_scheme(self.weight, effective, held_out, channel, tokens)
+                if self.fmt:
+                    self.out[s] += activation_score(effective, samples, self.fmt, layer_stats, s, tokens_per_window, rows) / self.versions
 
     def fitted_folds(layer) -> list[int | None]:
         """The folds held out in turn (None: none, fitted and scored in sample, when a fold is empty)."""
@@ -349,54 +354,71 @@ def score_block(layers, stats, reader, spec, schemes, names, table, tokens_per_w
 
     def record(layer, column, parts: list[list[float]]) -> None:
         row = names.index(layer.name)
-        for s in range(len(slices.names)):
+        for s in range(num_slices):
             per_slice[s, row, column] = sum(part[s] for part in parts)
         scores[row, column] = float(sum(w * float(per_slice[s, row, column]) for s, w in enumerate(slices.weights)))
 
     rank, workers = world()
-    for column, scheme in enumerate(schemes):
-        if column % workers != rank:
-            continue  # another rank's column (profiles.distributed)
-        smoothing, fmt, fitted = scheme.method in SMOOTHING, activation_format(scheme), scheme.method in CALIBRATED
+    mine = [(column, scheme) for column, scheme in enumerate(schemes) if column % workers == rank]  # others: another rank's (profiles.distributed)
+    for column, scheme in mine:
         for layer in layers:
             if scheme.fits(layer.in_features):
                 sizes[names.index(layer.name), column] = scheme.weight_bytes(layer.out_features, layer.in_features, spec.dtype_bytes)
-        if scheme.is_dense:
-            for layer in layers:
+            if scheme.is_dense:
                 scores[names.index(layer.name), column] = 0.0
                 per_slice[:, names.index(layer.name), column] = 0.0
+    quantized = [(column, scheme) for column, scheme in mine if not scheme.is_dense]
+
+    per_layer = [(column, scheme) for column, scheme in quantized if scheme.method not in SMOOTHING]
+    for layer in layers:  # one Linear at a time: read, every scheme scored, dropped
+        fitting = [(column, scheme) for column, scheme in per_layer if scheme.fits(layer.in_features)]
+        if not fitting:
             continue
-        if not smoothing:
-            for layer in layers:
-                if scheme.fits(layer.in_features):
-                    parts = []
-                    samples = stats[layer.name].samples() if fmt else None
-                    folds = fitted_folds(layer) if fitted else [None]
-                    for rows in row_chunks(layer.out_features, layer.in_features) if layer.name in chunked else [None]:
-                        weight = weights[layer.name] if rows is None else reader.rows(f"{layer.name}.weight", *rows)
-                        fits = [(quantize(weight, scheme, scale_dtype, {"input": fold_inputs(layer, fold)} if fitted else {}).dequantize(),
-                                 samples, fold) for fold in folds]
-                        parts.append(slice_scores(layer, rows, weight, fits, fmt))
-                    record(layer, column, parts)
-            continue
-        groups: dict[str, list] = {}
-        for layer in layers:
-            if scheme.fits(layer.in_features):
-                groups.setdefault(previous_op(layer) if layer.smoothed_by else layer.name, []).append(layer)
-        for members in groups.values():
-            for member in members:  # a smoothing group is quantized whole
-                weights.setdefault(member.name, reader.tensor(f"{member.name}.weight"))
-            fits: dict[str, list] = {member.name: [] for member in members}
+        samples = stats[layer.name].samples() if any(activation_format(scheme) for _, scheme in fitting) else None
+        parts: dict[int, list[list[float]]] = {column: [] for column, _ in fitting}
+        chunks = row_chunks(layer.out_features, layer.in_features)
+        for rows in chunks if len(chunks) > 1 else [None]:
+            weight = reader.tensor(f"{layer.name}.weight") if rows is None else reader.rows(f"{layer.name}.weight", *rows)
+            for column, scheme in fitting:
+                fmt, fitted = activation_format(scheme), scheme.method in CALIBRATED
+                folds = fitted_folds(layer) if fitted else [None]
+                part = SliceScores(layer, rows, weight, len(folds), fmt)
+                for fold in folds:  # each fold's quantization scored as soon as it is made
+                    effective = quantize(weight, scheme, scale_dtype, {"input": fold_inputs(layer, fold)} if fitted else {}).dequantize()
+                    part.add(effective, samples if fmt else None, fold)
+                    del effective
+                parts[column].append(part.out)
+            del weight
+        for column, _ in fitting:
+            record(layer, column, parts[column])
+
+    smoothing = [(column, scheme) for column, scheme in quantized if scheme.method in SMOOTHING]
+    groups: dict[str, list] = {}  # every smoothing scheme's groups: the Linears that share an input
+    for layer in layers:
+        if any(scheme.fits(layer.in_features) for _, scheme in smoothing):
+            groups.setdefault(previous_op(layer) if layer.smoothed_by else layer.name, []).append(layer)
+    for group_layers in groups.values():  # one group's weights at a time: read, every smoothing scheme scored, dropped
+        weights = {member.name: reader.tensor(f"{member.name}.weight") for member in group_layers}
+        for column, scheme in smoothing:
+            members = [member for member in group_layers if scheme.fits(member.in_features)]
+            if not members:
+                continue
+            fmt = activation_format(scheme)
+            folds = fitted_folds(members[0])
+            parts = {member.name: SliceScores(member, None, weights[member.name], len(folds), fmt) for member in members}
             samples = stats[members[0].name].samples() if fmt else None
-            for fold in fitted_folds(members[0]):
+            for fold in folds:
                 inputs = fold_inputs(members[0], fold)
                 group = quantize_smoothing_group({m.name: weights[m.name] for m in members}, scheme, scale_dtype, inputs, clip_flags(members),
                                                  foldable=bool(members[0].smoothed_by))
                 for member in members:
                     folded = group.quantized[member.name].dequantize()
-                    fits[member.name].append((folded / group.scales, samples / group.scales if fmt else None, fold))
+                    parts[member.name].add(folded / group.scales, samples / group.scales if fmt else None, fold)
+                    del folded
+                del group
             for member in members:
-                record(member, column, [slice_scores(member, None, weights[member.name], fits[member.name], fmt)])
+                record(member, column, [parts[member.name].out])
+        del weights
 
 
 def sensitivity_table(source: ModelSource, schemes: list[Scheme], calibration: CalibrationSettings, seed: int = 0,
