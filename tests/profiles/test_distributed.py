@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -19,9 +21,15 @@ def test_two_gloo_workers_write_the_one_worker_table(tiny_llama_folder, tmp_path
     source = open_model(tiny_llama_folder)
     calibration = CalibrationSettings((), 2, 32)
     tables = {}
-    for workers in (1, 2):
-        monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / f"workers-{workers}"))
-        tables[workers] = sensitivity_table(source, SCHEMES, calibration, workers=workers)
+    threads = torch.get_num_threads()
+    try:
+        for workers in (1, 2):
+            monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / f"workers-{workers}"))
+            # One worker at the threads each of two workers gets: CPU reductions split by thread count.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+            tables[workers] = sensitivity_table(source, SCHEMES, calibration, workers=workers)
+    finally:
+        torch.set_num_threads(threads)
     assert world() == (0, 1)  # the parent never joined a group
     [one] = (tmp_path / "workers-1" / "profiles").glob("*.safetensors")
     [two] = (tmp_path / "workers-2" / "profiles").glob("*.safetensors")
