@@ -30,7 +30,7 @@ def add_commands(commands) -> None:
                       help="quality: least predicted KL; speed: least predicted decode time (needs --target); "
                            "balanced: KL/KL_ref + time/time_ref (see bitplan/planner/objective.py)")
     plan.add_argument("--trials", type=int, default=16,
-                      help="trials of the measured search on held-in text: the exact plan's, then one per generation (0: exact allocation only)")
+                      help="trials of the measured search on held-in text: the exact plan's, then one per generation (0: exact allocation only); with several methods, each method's uniform probe at the budget's bits is measured first and joins as a trial")
     plan.add_argument("--search-minutes", type=float, metavar="M",
                       help="stop the measured search after M minutes, or at --trials, whichever comes first")
     plan.add_argument("--study-storage", help="share the refinement's Optuna study with other workers running the same plan: "

@@ -3,12 +3,14 @@
 A plan is one option per unit (``search.Unit``: a layer, a group of Linears the engine fuses
 and ties, or a smoothing group), every option a cell the engine allows. A unit's options are its
 *levels*: per distinct size the best-scored option, plus every option of the Pareto frontier the
-exact allocation chooses from (:func:`levels`), sorted by bytes.
+exact allocation chooses from, plus the method probes' schemes (:func:`levels`), sorted by bytes.
 
 A mutation is a level switch at equal or fewer bytes: one unit moves up to its next larger
 level, then other units move down one level each (drawn among those whose step down frees
 enough, else among all) until the plan fits the weight budget again; a unit raised is not
-lowered in the same offspring, nor the reverse. Units are drawn by rank (the score's gain or
+lowered in the same offspring, nor the reverse. Or (with chance ``SWITCH_SHARE``, and always
+when no unit can move up, as at the budget's floor) one unit switches to another option of its
+size: another method at the same bytes. Units are drawn by rank (the score's gain or
 loss per byte: moves the score favours come first, every move stays possible) from a seeded
 ``numpy.random.Generator``. An offspring takes 1 to ``MAX_MUTATIONS`` of them; offspring that
 break a slice bound are never offered.
@@ -31,22 +33,26 @@ from bitplan.profiles.tables import SensitivityTable
 
 MAX_MUTATIONS = 3  # level switches per offspring, drawn from 1..MAX_MUTATIONS
 OFFSPRING = 16  # offspring per generation
+SWITCH_SHARE = 0.5  # chance that a mutation switches a unit to another option of its size, when one exists
 STAGES = ((1 / 16, 4), (1 / 4, 1))  # (share of the held-in tokens measured, offspring kept); the last one is measured on all
 
 
-def levels(options: list[Option]) -> tuple[Option, ...]:
-    """Per distinct size the best-scored option, and the Pareto frontier; sorted by (bytes, score)."""
+def levels(options: list[Option], keep: frozenset[int] = frozenset()) -> tuple[Option, ...]:
+    """Per distinct size the best-scored option, the Pareto frontier, and every option that gives
+    the whole unit one column of ``keep``; sorted by (bytes, score)."""
+    kept = {option for option in options if len(set(option[0])) == 1 and option[0][0] in keep}
     best: dict[int, Option] = {}
     for option in options:
         if option[1] not in best or (option[2], option[0]) < (best[option[1]][2], best[option[1]][0]):
             best[option[1]] = option
-    return tuple(sorted(set(pareto(options)) | set(best.values()), key=lambda o: (o[1], o[2], o[3], o[0])))
+    return tuple(sorted(set(pareto(options)) | set(best.values()) | kept, key=lambda o: (o[1], o[2], o[3], o[0])))
 
 
 def search_units(table: SensitivityTable, spec: ModelSpec, tie_fused: bool, extra_cost: np.ndarray | None = None,
-                 limited: tuple[str, ...] = ()) -> list[Unit]:
-    """The units of :func:`search.build_units` (same ties and smoothing groups), with their levels."""
-    return build_units(table, spec, tie_fused, None, extra_cost, limited, prune=levels)
+                 limited: tuple[str, ...] = (), keep: frozenset[int] = frozenset()) -> list[Unit]:
+    """The units of :func:`search.build_units` (same ties and smoothing groups), with their levels;
+    the scheme columns in ``keep`` (the method probes') stay options of every unit that can take them."""
+    return build_units(table, spec, tie_fused, None, extra_cost, limited, prune=lambda options: levels(options, keep))
 
 
 def columns_of(units: list[Unit], picks: list[int], rows: int) -> list[int]:
@@ -92,6 +98,12 @@ def step(unit: Unit, pick: int, direction: int) -> int | None:
                key=lambda index: (unit.options[index][2], index))
 
 
+def same_size(unit: Unit, pick: int) -> list[int]:
+    """The unit's other options of the size it has now (another method at the same bytes)."""
+    size = unit.options[pick][1]
+    return [index for index, option in enumerate(unit.options) if option[1] == size and index != pick]
+
+
 def ranked(rng: np.random.Generator, items: list, key) -> object:
     """One of ``items`` drawn by rank: sorted by ``key`` (best first), the item at rank r with
     probability proportional to 1 / (r + 1), so moves the scores favour come first and every
@@ -117,6 +129,14 @@ def mutate(units: list[Unit], parent: list[int], budget_bytes: int, limits: tupl
 
     for _ in range(int(rng.integers(1, MAX_MUTATIONS + 1))):
         up = [(u, higher) for u, unit in enumerate(units) if u not in lowered and (higher := step(unit, picks[u], 1)) is not None]
+        across = [(u, other) for u, unit in enumerate(units) if u not in raised and u not in lowered
+                  for other in same_size(unit, picks[u])]
+        if across and (not up or rng.random() < SWITCH_SHARE):
+            u, other = ranked(rng, across, lambda move: (per_byte(*move), move))
+            picks[u] = other
+            raised.add(u)
+            lowered.add(u)
+            continue
         if not up:
             return None
         chosen, higher = ranked(rng, up, lambda move: (per_byte(*move), move[0]))

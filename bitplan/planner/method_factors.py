@@ -13,14 +13,17 @@ the engine allows it; other layers dense) is measured on the held-in windows, an
 column scores are multiplied by ``measured KL / summed score`` of its probe, normalised so the
 factors' geometric mean is 1 (the table's overall level, which the speed objective and slice
 limits are expressed in, is kept). The probes' quantized weights stay in the meter's cache for
-the search that follows.
+the search that follows, and the probes themselves join the search as measured trials
+(``planner.refine``): a probe that fits the budget and measures better than the exact plan is
+kept or searched from, so the plan is never worse on the held-in tokens than the best uniform
+plan of its method at the budget's bits.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +41,7 @@ class MethodFactor:
     score: float
     measured_kl: float
     factor: float
+    plan: dict[str, str] = field(default_factory=dict, repr=False, compare=False)  # layer -> scheme of the probe
 
     def to_dict(self) -> dict:
         return {"scheme": self.scheme, "score": round(self.score, 6), "measured_kl": round(self.measured_kl, 6), "factor": round(self.factor, 6)}
@@ -82,12 +86,12 @@ def method_factors(table: SensitivityTable, spec: ModelSpec, weight_budget_bytes
         columns = torch.tensor([table.schemes.index(plan[name]) for name in table.layers])
         score = float(table.scores[rows, columns].sum())
         kl = measure(plan)
-        raw[method] = (plan[next(name for name in table.layers if plan[name] != "none")], score, kl)
-    usable = {m: kl / score for m, (_, score, kl) in raw.items() if score > 0 and kl > 0 and math.isfinite(kl / score)}
+        raw[method] = (plan[next(name for name in table.layers if plan[name] != "none")], score, kl, plan)
+    usable = {m: kl / score for m, (_, score, kl, _) in raw.items() if score > 0 and kl > 0 and math.isfinite(kl / score)}
     if len(usable) < 2:
         return {}
     mean_log = sum(math.log(r) for r in usable.values()) / len(usable)
-    return {m: MethodFactor(m, raw[m][0], raw[m][1], raw[m][2], math.exp(math.log(r) - mean_log)) for m, r in sorted(usable.items())}
+    return {m: MethodFactor(m, raw[m][0], raw[m][1], raw[m][2], math.exp(math.log(r) - mean_log), raw[m][3]) for m, r in sorted(usable.items())}
 
 
 def scaled_table(table: SensitivityTable, factors: dict[str, MethodFactor]) -> SensitivityTable:

@@ -9,14 +9,20 @@ groups, the weight budget and the slice bounds.
 
 The search is an Optuna study (``planner.study``: in memory, or in shared storage where several
 workers add trials to it). Trial 0 is the exact plan (``enqueue_trial``), measured on all held-in
-tokens. Every later trial is one generation: its parent is the best plan of the study's finished
+tokens; then each method's probe (``planner.method_factors``: that method's scheme nearest the
+budget's bits on every layer), measured before the allocation, where it fits the budget and the
+slice limits. Every later trial is one generation: its parent is the best plan of the study's finished
 trials, its offspring drawn with a generator seeded by ``(seed, trial number)``, and its value
 the survivor's measured KL on all held-in tokens; ``user_attrs`` hold the plan (one scheme
 column per table row), its KL, and the candidates and tokens the generation measured. The kept
 plan is the best finished trial, ``min (value, number)``: never worse on the measured tokens than
-the exact plan, and what a single worker keeps given the same trials.
+the exact plan or a probe, and what a single worker keeps given the same trials.
 
-The search stops at ``trials`` (the study's total) or after ``search_minutes``, whichever comes
+Before the exact allocation each method's scores are put on the scale of measured KL by its
+probe (``planner.method_factors``); the exact plan is allocated on the scaled table, and the
+plan's reported score is the profile's own.
+
+The search stops at ``trials`` (the study's total, plus the probes) or after ``search_minutes``, whichever comes
 first; a generation the clock interrupts is dropped (a failed trial). Quantized weights and the
 reference's log-probabilities are computed once (``quality.VariantCache``): no trial re-runs GPTQ.
 
@@ -46,7 +52,7 @@ from bitplan.methods.scheme import Scheme
 from bitplan.models.source import ModelSource
 from bitplan.models.spec import ModelSpec
 from bitplan.planner.method_factors import MethodFactor, method_factors, scaled_table
-from bitplan.planner.evolve import STAGES, columns_of, generation, locate, offspring, search_units, stage_windows
+from bitplan.planner.evolve import STAGES, columns_of, generation, locate, offspring, search_units, stage_windows, within_limits
 from bitplan.planner.objective import assignment_sum
 from bitplan.planner.quality import QualityMeter, load_dense_model
 from bitplan.planner.search import SLICE_SLACK, Allocation, SearchSettings, allocate, build_units
@@ -112,7 +118,6 @@ def refine(
     deadline = None if search_minutes is None else started + 60.0 * search_minutes
     out_of_time = lambda: deadline is not None and time.monotonic() >= deadline  # noqa: E731
     report = progress or (lambda stage, done, total: None)
-    total = max(trials, 1)
     bounds = dict(sorted((slice_bounds or {}).items()))
     limits = tuple(bound * (1 + SLICE_SLACK) for bound in bounds.values())
 
@@ -127,7 +132,8 @@ def refine(
         log.info("method factors: %s", ", ".join(f"{m} {f.factor:.3f}" for m, f in factors.items()))
     exact = allocate(table, spec, weight_budget_bytes, tie_fused, extra_cost=extra_cost, slice_bounds=bounds)
     exact_columns = [table.schemes.index(exact.choice[name]) for name in table.layers]
-    units = search_units(table, spec, tie_fused, extra_cost, tuple(bounds))
+    probe_columns = frozenset(table.schemes.index(factor.scheme) for factor in factors.values())
+    units = search_units(table, spec, tie_fused, extra_cost, tuple(bounds), probe_columns)
     if locate(units, exact_columns) is None:  # a tie broken otherwise: search over the exact solver's own options
         units = build_units(table, spec, tie_fused, None, extra_cost, tuple(bounds))
     values: dict[tuple, tuple[float, float]] = {}  # (plan, windows) -> (value, KL)
@@ -145,8 +151,24 @@ def refine(
             values[key] = (kl + (assignment_sum(table, choice, extra_cost) if extra_cost is not None else 0.0), kl)
         return values[key][0]
 
+    probes = {}  # method -> picks of each probe plan the search may keep: within the budget and the slice limits
+    for method, factor in factors.items():
+        columns = [table.schemes.index(factor.plan[name]) for name in table.layers]
+        picks = locate(units, columns)
+        if picks is None or int(table.bytes[torch.arange(len(columns)), torch.tensor(columns)].sum()) > weight_budget_bytes:
+            continue
+        if not within_limits(units, picks, limits):
+            continue
+        probes[method] = picks
+        choice = {name: table.schemes[column] for name, column in zip(table.layers, columns)}  # measured already: no second forward
+        values[(tuple(columns), tuple(windows.shape), windows.data_ptr())] = (
+            factor.measured_kl + (assignment_sum(table, choice, extra_cost) if extra_cost is not None else 0.0), factor.measured_kl)
+    total = max(trials, 1) + len(probes)  # the probes are trials measured before the search: they cost no generation
+
     study = open_study(storage, study_name(table, weight_budget_bytes, tie_fused, windows, seed, extra_cost, bounds), seed)
     study.enqueue_trial({}, user_attrs={"exact": True}, skip_if_exists=True)
+    for method in probes:
+        study.enqueue_trial({"probe": method}, user_attrs={"probe": method}, skip_if_exists=True)  # distinct params: Optuna skips by params
     stopped_by = "trials"
     subsets: dict[tuple[float, int], torch.Tensor] = {}
     while counted_trials(study) < total:
@@ -158,6 +180,10 @@ def refine(
         spent.update(candidates=0, tokens=0)
         if trial.user_attrs.get("exact"):
             picks, value = locate(units, exact_columns), measure(locate(units, exact_columns), windows)
+        elif trial.user_attrs.get("probe") in probes:
+            picks = probes[trial.user_attrs["probe"]]
+            value = measure(picks, windows)
+            spent.update(candidates=1, tokens=int(windows.numel()))  # its measurement, made for the factors
         else:
             best = min(complete, key=lambda t: (t.value, t.number)) if complete else None
             parent = locate(units, best.user_attrs["plan"]) if best is not None else locate(units, exact_columns)

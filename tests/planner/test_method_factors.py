@@ -107,7 +107,8 @@ def test_the_search_allocates_on_measured_scales_and_loses_less(spec):
     raw = allocate(table, spec, four_bits(table))
     meter = TruthMeter(table, truth)
     found = refine(table, spec, four_bits(table), False, meter, WINDOWS, 1, 0)
-    assert len(meter.plans) == 4, "three probes, then the exact plan"
+    assert len(meter.plans) == 4, "three probes, then the exact plan; the probes join the study without a second forward"
+    assert found.trials == 4, "the exact trial and the three probes"
     assert set(found.factors) == {"rtn", "gptq", "awq"}
     methods = lambda choice: sum(Scheme.parse(s).method.value == "awq" for s in choice.values() if s != "none")  # noqa: E731
     assert methods(found.allocation.choice) > methods(raw.choice), "the overstated method is picked once measured"
@@ -116,3 +117,44 @@ def test_the_search_allocates_on_measured_scales_and_loses_less(spec):
     assert found.allocation.score == pytest.approx(sum(float(table.scores[row, table.schemes.index(found.allocation.choice[name])])
                                                        for row, name in enumerate(table.layers))), "the reported score is the profile's"
 
+
+
+class UniformFavouringMeter(TruthMeter):
+    """Loss is not additive: a plan that is AWQ 4-bit throughout measures a fifth of its summed loss."""
+
+    def apply(self, assignments):
+        super().apply(assignments)
+        if {scheme.name for scheme in assignments.values()} == {"awq-w4g64s"}:
+            self.loss *= 0.2
+
+
+def test_a_probe_that_measures_better_than_the_exact_plan_is_kept(spec):
+    from bitplan.planner.refine import refine
+
+    table, truth = table_and_truth(spec)
+    table.scores[:, 0], table.bytes[:, 0] = float("nan"), -1  # no dense cells: every layer can take AWQ 4-bit
+    meter = UniformFavouringMeter(table, truth)
+    found = refine(table, spec, four_bits(table), False, meter, WINDOWS, 3, 0)
+    assert set(found.allocation.choice.values()) == {"awq-w4g64s"}, "the measured uniform probe beats the exact plan"
+    assert found.measured_kl == pytest.approx(found.factors["awq"].measured_kl) and found.measured_kl < found.exact_kl
+    assert found.trials == 3 + 3, "the exact plan, three probes, two generations"
+
+
+def test_at_the_budgets_floor_the_search_switches_methods_at_equal_bytes(spec):
+    """Every layer at its smallest size: no unit can move up, so each offspring swaps a unit's
+    method at the same bytes (the moves that took SmolLM2's 3-bit plan anywhere at all)."""
+    from bitplan.planner.evolve import columns_of, locate, offspring, search_units
+
+    table, _ = table_and_truth(spec)
+    three = [j for j, s in enumerate(table.schemes) if "-w3" in s]
+    floor = int(table.bytes[:, table.schemes.index("rtn-w3g64s")].sum())
+    units = search_units(table, spec, False, keep=frozenset(three))
+    columns = [table.schemes.index("rtn-w3g64s")] * len(table.layers)
+    parent = locate(units, columns)
+    assert parent is not None, "the kept probe columns make a uniform plan a point of the search"
+    children = offspring(units, parent, floor, (), np.random.default_rng(0))
+    assert children, "moves exist at the floor"
+    for child in children:
+        moved = [(table.schemes[a], table.schemes[b]) for a, b in zip(columns, columns_of(units, child, len(table.layers))) if a != b]
+        assert moved and all(Scheme.parse(b).bits == 3 and Scheme.parse(a).method != Scheme.parse(b).method for a, b in moved)
+        assert int(table.bytes[torch.arange(len(columns)), torch.tensor(columns_of(units, child, len(table.layers)))].sum()) <= floor
