@@ -12,12 +12,18 @@ One meter (and its cache of quantized tensors) serves every budget, so later bud
 the GPTQ results of earlier ones; each search's seconds include the GPTQ it still had to run.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/search_quality.py [--budgets 3.3,3.6,4.0,4.5 --minutes 5]
+
+With ``--methods rtn,gptq,awq`` the candidates are those methods on the same grid: the search
+then measures each method's probe first (``planner.method_factors``) and allocates on the
+probe-scaled scores; ``--uniform awq,rtn`` also measures those methods' uniform plans at each
+budget's bits (the out-of-domain rule of issue 11: a plan no worse than the best uniform one).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 from common import save
@@ -30,13 +36,14 @@ from bitplan.methods.scheme import Scheme
 from bitplan.models.source import open_model
 from bitplan.planner.quality import QualityMeter, load_dense_model
 from bitplan.planner.refine import REFINE_WINDOWS, refine
+from bitplan.planner.baselines import assignment_bytes, uniform_assignment
 from bitplan.planner.search import allocate
 from bitplan.profiles.calibration import CalibrationSettings, calibration_windows, load_tokenizer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--budgets", default="3.3,3.6,4.0,4.5", help="bits per weight of the Linears")
+    parser.add_argument("--budgets", default="3.3,3.6,4.0,4.5", help="bits per weight of the Linears; uB: the bytes of uniform B-bit group 64 (u3,u4)")
     parser.add_argument("--minutes", type=float, default=5.0, help="time budget of each search")
     parser.add_argument("--trials", type=int, default=10_000, help="trial limit of each search (the clock usually ends it first)")
     parser.add_argument("--heldout", type=int, default=6, help="held-out windows per domain")
@@ -45,6 +52,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--held-in", type=int, default=REFINE_WINDOWS, help="held-in calibration windows the search measures on")
     parser.add_argument("--out", default="search_quality", help="name of the results file in bench/results")
+    parser.add_argument("--methods", default=",".join(CANDIDATES.methods), help="candidate methods (bits 3,4,8, group 64, symmetric)")
+    parser.add_argument("--uniform", default="", help="methods whose uniform plan at each budget's bits is measured too, e.g. awq,rtn")
     parser.add_argument("--cache-gib", type=float, default=1.5, help="memory cap of the quantized-tensor cache")
     args = parser.parse_args()
 
@@ -53,7 +62,8 @@ def main() -> None:
     rules = resolve_target(ENGINE, None).rules
     calibration = CalibrationSettings((), args.samples, args.seq_len)
     started = time.time()
-    table = restrict_table(bitplan.profile("smollm2-135m", CANDIDATES, calibration, rules=rules), spec, rules)
+    candidates = replace(CANDIDATES, methods=tuple(args.methods.split(",")))
+    table = restrict_table(bitplan.profile("smollm2-135m", candidates, calibration, rules=rules), spec, rules)
     profile_seconds = time.time() - started
     windows = calibration_windows(source.folder, calibration, args.held_in)  # the first samples are the profile's
     held_in = windows[calibration.samples:]
@@ -70,11 +80,21 @@ def main() -> None:
         return {name: meter.measure(w).kl for name, w in domains.items()}
 
     rows = []
-    for bits in (float(b) for b in args.budgets.split(",")):
-        weight_budget = int(bits * spec.linear_weights / 8)
-        exact = allocate(table, spec, weight_budget, rules.fused_share_scheme)
+    for budget in args.budgets.split(","):
+        if budget.startswith("u"):  # the bytes of uniform B-bit group-64 symmetric (scales included)
+            weight_budget = assignment_bytes(spec, uniform_assignment(spec, Scheme.parse(f"rtn-w{budget[1:]}g64s")))
+            bits = 8 * weight_budget / spec.linear_weights
+        else:
+            bits = float(budget)
+            weight_budget = int(bits * spec.linear_weights / 8)
         found = refine(table, spec, weight_budget, rules.fused_share_scheme, meter, held_in, args.trials, args.seed,
                        search_minutes=args.minutes)
+        exact = found.exact or allocate(table, spec, weight_budget, rules.fused_share_scheme)
+        uniform = {}
+        for method in filter(None, args.uniform.split(",")):
+            name = f"{method}-w{int(bits + 1e-9)}g64s"
+            uniform[name] = {"weight_bytes": assignment_bytes(spec, uniform_assignment(spec, Scheme.parse(name))),
+                             "heldout_kl": heldout_kl({layer.name: name for layer in spec.layers})}
         row = {"bits_per_weight": bits, "weight_budget_bytes": weight_budget,
                "exact": {"weight_bytes": exact.weight_bytes, "held_in_kl": found.exact_kl, "heldout_kl": heldout_kl(exact.choice),
                          "schemes": counts(exact.choice)},
@@ -82,12 +102,14 @@ def main() -> None:
                             "heldout_kl": heldout_kl(found.allocation.choice), "schemes": counts(found.allocation.choice),
                             "changed_layers": sum(exact.choice[n] != s for n, s in found.allocation.choice.items())},
                "search": {"seconds": round(found.seconds, 1), "trials": found.trials, "candidates": found.candidates,
-                          "measured_tokens": found.measured_tokens, "stopped_by": found.stopped_by, "distinct_plans": found.distinct_plans}}
+                          "measured_tokens": found.measured_tokens, "stopped_by": found.stopped_by, "distinct_plans": found.distinct_plans,
+                          "method_factors": {m: f.to_dict() for m, f in (found.factors or {}).items()}},
+               "uniform": uniform}
         rows.append(row)
-        print(f"{bits} bpw: exact {row['exact']['heldout_kl']} searched {row['searched']['heldout_kl']}; held-in "
+        print(f"{bits:.3f} bpw: exact {row['exact']['heldout_kl']} searched {row['searched']['heldout_kl']}; held-in "
               f"{found.exact_kl:.4f} -> {found.measured_kl:.4f}; {row['search']}", flush=True)
 
-    print(f"\nSmolLM2-135M, engine {ENGINE}, candidates {', '.join(s.name for s in CANDIDATES.schemes() if not s.is_dense)}; "
+    print(f"\nSmolLM2-135M, engine {ENGINE}, candidates {', '.join(s.name for s in candidates.schemes() if not s.is_dense)}; "
           f"search {args.minutes:g} min per budget on {held_in.numel()} held-in tokens; held-out KL on "
           f"{domains['pydoc'].numel()} pydoc and {domains['fortunes'].numel()} fortunes tokens\n")
     print("| bits/weight | Linear MB | domain | exact KL | searched KL | searched/exact | held-in exact -> searched | seconds | trials | candidates |")
@@ -95,10 +117,13 @@ def main() -> None:
     for row in rows:
         for domain in domains:
             e, s = row["exact"]["heldout_kl"][domain], row["searched"]["heldout_kl"][domain]
-            print(f"| {row['bits_per_weight']:.1f} | {row['weight_budget_bytes'] / 1e6:.1f} | {domain} | {e:.4f} | {s:.4f} | {s / e:.3f} | "
+            print(f"| {row['bits_per_weight']:.2f} | {row['weight_budget_bytes'] / 1e6:.2f} | {domain} | {e:.4f} | {s:.4f} | {s / e:.3f} | "
                   f"{row['exact']['held_in_kl']:.4f} -> {row['searched']['held_in_kl']:.4f} | {row['search']['seconds']:.0f} | "
                   f"{row['search']['trials']} | {row['search']['candidates']} |")
-    print("saved", save(args.out, {"engine": ENGINE, "candidates": [s.name for s in CANDIDATES.schemes()], "samples": args.samples,
+    for row in rows:
+        for name, measured in row["uniform"].items():
+            print(f"uniform {name} at {measured['weight_bytes'] / 1e6:.2f} MB: {measured['heldout_kl']}")
+    print("saved", save(args.out, {"engine": ENGINE, "candidates": [s.name for s in candidates.schemes()], "samples": args.samples,
                                            "seq_len": args.seq_len, "held_in_tokens": int(held_in.numel()),
                                            "heldout_tokens": {n: int(w.numel()) for n, w in domains.items()}, "minutes": args.minutes,
                                            "seed": args.seed, "profile_seconds": round(profile_seconds, 1), "rows": rows}))

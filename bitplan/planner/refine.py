@@ -82,6 +82,7 @@ class Refinement:
     seconds: float
     stopped_by: str
     factors: dict[str, MethodFactor] | None = None
+    exact: Allocation | None = None  # the exact allocation the search started from (on the probe-scaled table)
 
 
 def plan_digest(columns: list[int]) -> str:
@@ -212,7 +213,7 @@ def refine(
     assert allocation.weight_bytes <= weight_budget_bytes
     return Refinement(allocation, best.user_attrs["kl"], exact_kl, len(done), len({plan_digest(t.user_attrs["plan"]) for t in done}),
                       sum(t.user_attrs["candidates"] for t in done), sum(t.user_attrs["tokens"] for t in done),
-                      time.monotonic() - started, stopped_by, factors or None)
+                      time.monotonic() - started, stopped_by, factors or None, allocation_of(plain, exact_columns, exact))
 
 
 WHOLE_MODEL_SHARE = 0.25  # the whole-model meter while its two float32 copies take at most this share of RAM
