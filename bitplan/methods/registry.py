@@ -57,7 +57,7 @@ def _gptq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats:
     # no calibration token reached it (an expert the router never chose): H = I, no error to spread, RTN's numbers.
     # Otherwise GPTQ is given the function that makes H, so it owns the matrix and factors it in place
     hessian = inputs.hessian if inputs.count else torch.eye(weight.shape[1], dtype=torch.float32)
-    return quantize_gptq(weight, hessian, scheme, gptq.BLOCK, gptq.DAMP, gptq.ACT_ORDER, scale_dtype=scale_dtype)[0]
+    return quantize_gptq(weight, hessian, scheme, gptq.BLOCK, gptq.DAMP, gptq.ACT_ORDER, scale_dtype=scale_dtype, shrink=gptq.SHRINK)[0]
 
 
 def _nf4(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
@@ -92,9 +92,10 @@ def implementations() -> dict[str, dict]:
     # version 2 of rtn, gptq, awq, hqq, smoothquant: symmetric grids spread over all 2**bits codes (methods/rtn.py)
     # version 3 of gptq, awq, smoothquant, ggml: X Xᵀ from kept rows while they are fewer than the inputs
     # (calibration_stats.OuterSum), which rounds differently in float32
+    # version 4 of gptq: H shrunk toward its diagonal (gptq.SHRINK)
     return {
         "rtn": {"version": 2},
-        "gptq": {"version": 3, "block": gptq.BLOCK, "damp": gptq.DAMP, "act_order": gptq.ACT_ORDER},
+        "gptq": {"version": 4, "block": gptq.BLOCK, "damp": gptq.DAMP, "act_order": gptq.ACT_ORDER, "shrink": gptq.SHRINK},
         "awq": {"version": 3, "n_grid": awq.N_GRID, "max_shrink": awq.MAX_SHRINK},
         "hqq": {"version": 2, **asdict(HqqOptions())},
         "nf4": {"version": 1, "offset": NF4_OFFSET},

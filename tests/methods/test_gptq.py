@@ -132,3 +132,24 @@ def test_lazy_block_updates_do_not_change_the_result(group_size):
     whole, loss_whole = quantize_gptq(weight, H, scheme, block=512)
     assert torch.equal(blocked.codes, whole.codes) and torch.equal(blocked.scale, whole.scale)
     assert loss_blocked == pytest.approx(loss_whole, rel=1e-4)
+
+
+def test_shrink_moves_h_toward_its_diagonal_and_leaves_the_callers_h_alone():
+    """shrink=1 is GPTQ on diag(H): RTN's codes; shrink=0.5 is GPTQ on H with halved
+    correlations, and its loss is the quadratic error under that H."""
+    weight = torch.randn(32, 256, generator=torch.Generator().manual_seed(3))
+    x = correlated_inputs(1024, 256)
+    H = 2 * x.T @ x / x.shape[0]
+    before = H.clone()
+    scheme = Scheme("gptq", 3, 64, True)
+    assert torch.equal(quantize_gptq(weight, H, scheme, shrink=1.0)[0].codes, quantize_rtn(weight, scheme).codes)
+    half = 0.5 * H + 0.5 * torch.diag(torch.diag(H))
+    shrunk, loss = quantize_gptq(weight, H, scheme, shrink=0.5)
+    assert torch.equal(shrunk.codes, quantize_gptq(weight, half, scheme)[0].codes)
+    assert not torch.equal(shrunk.codes, quantize_gptq(weight, H, scheme)[0].codes)
+    _, lam = inverse_hessian_factor(half, 0.01)
+    delta = weight - shrunk.dequantize()
+    assert loss == pytest.approx(float(0.5 * ((delta @ (half + lam * torch.eye(256))) * delta).sum()), rel=1e-4)
+    assert torch.equal(H, before)
+    with pytest.raises(ValueError, match="shrink"):
+        quantize_gptq(weight, H, scheme, shrink=1.5)

@@ -15,7 +15,7 @@ from bitplan.profiles.sensitivity import sensitivity_table
 from bitplan.profiles.tables import table_key
 
 SCHEMES = [Scheme.parse("gptq-w4g32s"), DENSE]
-SETTINGS = [(gptq, "DAMP", 0.1), (gptq, "BLOCK", 32), (gptq, "ACT_ORDER", True), (awq, "N_GRID", 10), (awq, "MAX_SHRINK", 0.25),
+SETTINGS = [(gptq, "DAMP", 0.1), (gptq, "SHRINK", 0.0), (gptq, "BLOCK", 32), (gptq, "ACT_ORDER", True), (awq, "N_GRID", 10), (awq, "MAX_SHRINK", 0.25),
             (smoothquant, "ALPHA_GRID", (0.5,)), (nf4, "NF4_OFFSET", 0.99)]
 
 
