@@ -40,7 +40,9 @@ compute-bound, ignoring disk reads). Saved to bench/results/scale_shape-<config>
 stages only, reusing the work folder's profile, plan and checkpoint; the saved rows of the others are kept, and every row
 names its commit). ``--layers N``
 writes the same width with N decoder blocks (per-block memory and time at the real width, in a
-fraction of the time; saved as scale_shape-<config>-<N>-blocks.json).
+fraction of the time; saved as scale_shape-<config>-<N>-blocks.json). ``--resume`` keeps the work folder's
+cache: a profile stopped with SIGTERM resumes at its first unfinished block on the same command, and the
+profile row sums the parts' times (``<label>-profile-parts.json``).
 
     PYTHONPATH=. .venv/bin/python bench/scale.py --config tests/data/configs/llama-3-8b.json --work /big/disk [--budget 9GB]
 
@@ -242,8 +244,13 @@ def statistics_bytes(inputs: list[int], tokens: int) -> int:
     return sum(tokens * width * (4 + 8) if tokens <= width else 2 * 8 * width * width for width in inputs)
 
 
+def finished_units(cache: Path) -> int:
+    """Profile units (head and decoder blocks) finished in ``cache``'s resumable profile checkpoints."""
+    return sum(1 for path in cache.rglob("*.safetensors") if path.name == "head.safetensors" or path.name.startswith("block-"))
+
+
 def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len: int, trials: int, eval_samples: int,
-              layers: int | None = None, only: list[str] | None = None) -> None:
+              layers: int | None = None, only: list[str] | None = None, resume: bool = False) -> None:
     from random_model import write_random_model
 
     config = json.loads(config_path.read_text())
@@ -261,7 +268,9 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
 
         text.write_text("\n\n".join(topics.topics[k] for k in sorted(topics.topics)))
     cache = work / "cache"
-    if cache.exists() and (only is None or "profile" in only):
+    parts_file = work / f"{label}-profile-parts.json"
+    if cache.exists() and (only is None or "profile" in only) and not resume:
+        parts_file.unlink(missing_ok=True)
         import shutil
 
         shutil.rmtree(cache)  # every stage measured afresh (a run of later stages only reuses the profile)
@@ -312,11 +321,25 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
     print(f"{label}: {blocks} blocks, block {block['fp32_bytes'] / 2**30:.2f} GiB in float32; this machine {rate / 1e9:.0f} GFLOP/s fp32")
     print(f"{'stage':8} {'peak RSS GiB':>12} {'bound GiB':>9} {'s/block':>8} {'70B here (extrap.) h':>21} {'70B on H100 (extrap.) min':>26}")
     for stage, argv in stages.items():
+        before = finished_units(cache) if stage == "profile" else 0
         out = subprocess.run([sys.executable, "-c", STAGE, *argv], env=env, capture_output=True, text=True)
         lines = out.stdout.strip().splitlines()
         if out.returncode or not lines:
             raise SystemExit(f"{stage} failed: {out.stderr[-2000:]}")
         result = json.loads(lines[-1])
+        if stage == "profile" and resume:
+            # a profile run in parts (SIGTERM, then the same command with --resume): each part's time and
+            # peak is recorded; the row sums the parts' times (each part repeats the forward pass to the
+            # first unfinished block, so the sum is what the interruptions cost too) and keeps the highest peak
+            parts = json.loads(parts_file.read_text()) if parts_file.is_file() else []
+            parts.append({"seconds": result["seconds"], "peak_rss_bytes": result["peak_rss_bytes"], "rc": result["rc"],
+                          "units_before": before, "units_after": finished_units(cache) if result["rc"] else blocks + 1})
+            parts_file.write_text(json.dumps(parts, indent=1))
+            print(f"profile part {len(parts)}: {result['seconds']:.0f} s, units {before} -> {parts[-1]['units_after']} of {blocks + 1}")
+            if result["rc"]:
+                raise SystemExit(f"profile stopped ({result['rc']}); run the same command again to resume it")
+            result = dict(result, seconds=sum(part["seconds"] for part in parts),
+                          peak_rss_bytes=max(part["peak_rss_bytes"] for part in parts), parts=parts)
         if result["rc"]:
             raise SystemExit(f"{stage} exited with {result['rc']}: {out.stderr[-2000:]}")
         per_block = result["seconds"] / blocks
@@ -351,11 +374,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="with --config: calibration windows")
     parser.add_argument("--trials", type=int, default=2, help="with --config: measured refinement trials")
     parser.add_argument("--layers", type=int, help="with --config: that many decoder blocks of the real width (per-block figures)")
+    parser.add_argument("--resume", action="store_true", help="with --config: keep the work folder's cache, so an interrupted "
+                        "profile (SIGTERM) resumes at its first unfinished block; the profile row sums the parts")
     args = parser.parse_args()
     if args.config:
         args.work.mkdir(parents=True, exist_ok=True)
         shape_run(args.config, args.work, args.budget, args.samples, args.seq_len, args.trials, args.eval_samples, args.layers,
-                  args.stages.split(",") if args.stages else None)
+                  args.stages.split(",") if args.stages else None, args.resume)
         return
     args.stages = args.stages or "refine-whole,refine-streaming,profile"
     cache = tempfile.mkdtemp(prefix="bitplan-scale-")
