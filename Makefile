@@ -19,9 +19,11 @@ PEERS_STAMP := $(PEERS_VENV)/.installed
 PEERS_LOCK := requirements/peers-lock.txt
 # A second calibration domain (English prose from Debian's fortunes, pinned): bench/domain_calibration.py.
 FORTUNES_HOME ?= $(HOME)/.cache/bitplan-tools/fortunes-1.99.1-7.3
+# A third domain, for evaluation only (the Jargon File's prose, Debian's jargon-text, pinned): bench/search_quality.py.
+JARGON_HOME ?= $(HOME)/.cache/bitplan-tools/jargon-4.4.7-4.1
 PYTEST_ENV := TRITON_INTERPRET=1 BITPLAN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python BITPLAN_LLAMA_CPP=$(LLAMA_CPP_HOME)
 
-.PHONY: demo test test-all engines llama-cpp text-fortunes lock lock-engines bench bench-peers clean
+.PHONY: demo test test-all engines llama-cpp text-fortunes text-jargon lock lock-engines bench bench-peers clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +57,11 @@ text-fortunes: $(FORTUNES_HOME)/fortunes-heldout.txt
 
 $(FORTUNES_HOME)/fortunes-heldout.txt: scripts/fetch_fortunes.sh
 	bash scripts/fetch_fortunes.sh $(FORTUNES_HOME)
+
+text-jargon: $(JARGON_HOME)/jargon-heldout.txt
+
+$(JARGON_HOME)/jargon-heldout.txt: scripts/fetch_jargon.sh
+	bash scripts/fetch_jargon.sh $(JARGON_HOME)
 
 llama-cpp: $(LLAMA_CPP_STAMP)
 

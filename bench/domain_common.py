@@ -4,7 +4,8 @@ the budget, and held-out KL per slice of a plan, measured by bitplan's QualityMe
 Texts: the built-in Python documentation (calibration part written to a JSONL file with its
 ``prose`` and ``code`` slices, so it can be mixed with others by ``--text`` weights) and English
 prose from Debian's fortunes (``make text-fortunes``). Held-out: the built-in held-out ``prose``
-and ``code`` slices and ``fortunes-heldout.txt`` (never calibrated on).
+and ``code`` slices and ``fortunes-heldout.txt`` (never calibrated on), and a third domain for plans
+calibrated on both: the Jargon File (``jargon-heldout.txt``, ``make text-jargon``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bitplan.profiles.calibration import calibration_windows
 from bitplan.profiles.text import builtin_slices, tokenize_windows
 
 FORTUNES = Path(os.environ.get("BITPLAN_FORTUNES", Path.home() / ".cache/bitplan-tools/fortunes-1.99.1-7.3"))
+JARGON = Path(os.environ.get("BITPLAN_JARGON", Path.home() / ".cache/bitplan-tools/jargon-4.4.7-4.1"))
 ENGINE = "bitplan"  # vLLM has no 3-bit kernel: at 4 bits/weight its plans could only trade group sizes and 8 bits
 CANDIDATES = Candidates(("rtn", "gptq"), (3, 4, 8), (64,), (True,), costly_bits=None)
 CONTEXT = 512
@@ -48,6 +50,13 @@ def heldout(tokenizer, windows: int, seq_len: int) -> dict[str, torch.Tensor]:
     slices = {s.name: s.text for s in builtin_slices("heldout")}
     slices["fortunes"] = (FORTUNES / "fortunes-heldout.txt").read_text()
     return {name: tokenize_windows(tokenizer, text, seq_len, windows) for name, text in slices.items()}
+
+
+def jargon_heldout(tokenizer, windows: int, seq_len: int) -> torch.Tensor:
+    """Held-out windows of a third domain, never calibrated on: the Jargon File's prose (``make text-jargon``)."""
+    if not (JARGON / "jargon-heldout.txt").is_file():
+        subprocess.run(["bash", str(Path(__file__).parent.parent / "scripts/fetch_jargon.sh"), str(JARGON)], check=True)
+    return tokenize_windows(tokenizer, (JARGON / "jargon-heldout.txt").read_text(), seq_len, windows)
 
 
 def budget_at(spec: ModelSpec, scheme: str = "rtn-w4g64s") -> tuple[int, int]:

@@ -7,7 +7,10 @@ times the Linears' weights / 8), the exact allocation (the knapsack on summed sc
 measured search (``planner.refine``: trial 0 the exact plan, then generations measured on the
 4 held-in calibration windows the CLI uses, or ``--held-in``, stopped by ``--minutes``) are both measured on
 held-out text neither saw: pydoc's held-out prose and code (``--heldout`` windows, half each)
-and English prose from Debian's fortunes (``fortunes-heldout.txt``; ``make text-fortunes``).
+and English prose from Debian's fortunes (``fortunes-heldout.txt``; ``make text-fortunes``), and the
+Jargon File's prose (``make text-jargon``), a third domain. ``--calibration mixed`` calibrates (profile,
+GPTQ/AWQ statistics, the held-in windows the search measures) on pydoc and the fortunes' calibration
+part at equal weight, so that the Jargon File is the one domain no part of the plan saw.
 One meter (and its cache of quantized tensors) serves every budget, so later budgets re-use
 the GPTQ results of earlier ones; each search's seconds include the GPTQ it still had to run.
 
@@ -22,12 +25,14 @@ budget's bits (the out-of-domain rule of issue 11: a plan no worse than the best
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 from dataclasses import replace
 
 import torch
 from common import save
-from domain_common import CANDIDATES, ENGINE, heldout
+from domain_common import CANDIDATES, ENGINE, heldout, jargon_heldout, texts
 
 import bitplan
 from bitplan.engines import resolve_target
@@ -54,13 +59,19 @@ def main() -> None:
     parser.add_argument("--out", default="search_quality", help="name of the results file in bench/results")
     parser.add_argument("--methods", default=",".join(CANDIDATES.methods), help="candidate methods (bits 3,4,8, group 64, symmetric)")
     parser.add_argument("--uniform", default="", help="methods whose uniform plan at each budget's bits is measured too, e.g. awq,rtn")
+    parser.add_argument("--calibration", choices=("pydoc", "mixed"), default="pydoc",
+                        help="pydoc: the built-in Python documentation; mixed: pydoc's slices and the fortunes, equal weight")
     parser.add_argument("--cache-gib", type=float, default=1.5, help="memory cap of the quantized-tensor cache")
     args = parser.parse_args()
 
     source = open_model("smollm2-135m")
     spec = source.spec
     rules = resolve_target(ENGINE, None).rules
-    calibration = CalibrationSettings((), args.samples, args.seq_len)
+    if args.calibration == "mixed":
+        files = texts(Path(tempfile.mkdtemp(prefix="bitplan-search-quality-")))
+        calibration = CalibrationSettings((files["pydoc"], files["fortunes"]), args.samples, args.seq_len)
+    else:
+        calibration = CalibrationSettings((), args.samples, args.seq_len)
     started = time.time()
     candidates = replace(CANDIDATES, methods=tuple(args.methods.split(",")))
     table = restrict_table(bitplan.profile("smollm2-135m", candidates, calibration, rules=rules), spec, rules)
@@ -69,9 +80,11 @@ def main() -> None:
     held_in = windows[calibration.samples:]
     meter = QualityMeter(load_dense_model(source.folder), spec, batch_size=1, cache_bytes=int(args.cache_gib * 2**30))
     meter.calibrate(windows[: calibration.samples])
-    texts = heldout(load_tokenizer(source.folder), args.heldout, args.seq_len)
+    tokenizer = load_tokenizer(source.folder)
+    held = heldout(tokenizer, args.heldout, args.seq_len)
     half = args.heldout // 2
-    domains = {"pydoc": torch.cat([texts["prose"][:half], texts["code"][: args.heldout - half]]), "fortunes": texts["fortunes"]}
+    domains = {"pydoc": torch.cat([held["prose"][:half], held["code"][: args.heldout - half]]), "fortunes": held["fortunes"],
+               "jargon": jargon_heldout(tokenizer, args.heldout, args.seq_len)}
     print(f"profile {profile_seconds:.0f} s; held-in {tuple(held_in.shape)}; held-out " +
           ", ".join(f"{name} {tuple(w.shape)}" for name, w in domains.items()), flush=True)
 
@@ -111,7 +124,7 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M, engine {ENGINE}, candidates {', '.join(s.name for s in candidates.schemes() if not s.is_dense)}; "
           f"search {args.minutes:g} min per budget on {held_in.numel()} held-in tokens; held-out KL on "
-          f"{domains['pydoc'].numel()} pydoc and {domains['fortunes'].numel()} fortunes tokens\n")
+          ", ".join(f"{w.numel()} {name}" for name, w in domains.items()) + f" tokens; calibration {args.calibration}\n")
     print("| bits/weight | Linear MB | domain | exact KL | searched KL | searched/exact | held-in exact -> searched | seconds | trials | candidates |")
     print("|---:|---:|---|---:|---:|---:|---|---:|---:|---:|")
     for row in rows:
@@ -126,7 +139,7 @@ def main() -> None:
     print("saved", save(args.out, {"engine": ENGINE, "candidates": [s.name for s in candidates.schemes()], "samples": args.samples,
                                            "seq_len": args.seq_len, "held_in_tokens": int(held_in.numel()),
                                            "heldout_tokens": {n: int(w.numel()) for n, w in domains.items()}, "minutes": args.minutes,
-                                           "seed": args.seed, "profile_seconds": round(profile_seconds, 1), "rows": rows}))
+                                           "seed": args.seed, "calibration": calibration.to_dict(), "profile_seconds": round(profile_seconds, 1), "rows": rows}))
 
 
 def counts(choice: dict[str, str]) -> dict[str, int]:

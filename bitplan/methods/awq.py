@@ -16,6 +16,11 @@ Weight clipping (the reference ``auto_clip``, on by default): after scaling, eac
 row's group is clamped to ±max·(1 − i/20), i < 10, choosing i per (row, group) by the group's
 own output error Δw M_gg Δwᵀ (M_gg the group's diagonal block of M, in scaled coordinates).
 As in the reference, q and k are not clipped.
+
+AWQ + GPTQ (``gptq_shrink`` given; the method ``awqgptq``): the same scale search, then GPTQ
+quantizes each scaled weight W·diag(s) against the Hessian of the scaled input, diag(s)⁻¹ M diag(s)⁻¹,
+instead of rounding it, as llm-compressor's AWQ-then-GPTQ recipes do. No clipping: GPTQ's error
+feedback replaces it (clipping first measured worse: held-out KL 0.130 against 0.108 at 4 bits, SmolLM2).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from bitplan.kernels.numerics import grouped
+from bitplan.methods import gptq
 from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.scheme import QuantizedWeight, Scheme
 
@@ -124,12 +130,15 @@ def quantize_awq(
     clip: list[bool] | bool = True,
     scale_dtype: torch.dtype = torch.bfloat16,
     n_grid: int = N_GRID,
+    gptq_shrink: float | None = None,
 ) -> AwqResult:
     """AWQ for a group of Linears ``weights`` (each ``[out_l, in]``) sharing one input.
 
     ``mean_abs`` ``[in]``: per-channel mean |x| (``InputStats.mean_abs``). ``second_moment``
     ``[in, in]``: X Xᵀ / n (``InputStats.second_moment``). ``clip``: one flag per Linear (or
-    one for all) to run the clip search; the reference leaves q and k unclipped.
+    one for all) to run the clip search; the reference leaves q and k unclipped. ``gptq_shrink``:
+    quantize the scaled weights with GPTQ (that Hessian shrink, :func:`gptq.gptq_rows`) instead of
+    clipping and rounding them.
     """
     in_features = weights[0].shape[1]
     for weight in weights:
@@ -142,6 +151,10 @@ def quantize_awq(
     quantized = []
     for weight, do_clip in zip(weights, flags):
         scaled = weight * scales
+        if gptq_shrink is not None:
+            quantized.append(gptq.quantize_gptq(scaled, scaled_moment.clone(), scheme, gptq.BLOCK, gptq.DAMP, gptq.ACT_ORDER,
+                                                scale_dtype=scale_dtype, shrink=gptq_shrink)[0])
+            continue
         if do_clip:
             scaled = clip_weight(scaled, scaled_moment, scheme, scale_dtype)
         quantized.append(quantize_rtn(scaled, scheme, scale_dtype))

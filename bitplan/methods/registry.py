@@ -10,7 +10,7 @@ Per-layer methods: RTN, GPTQ, HQQ (integer codes, compressed-tensors ``pack-quan
 ggml (llama.cpp's GGUF types, quantized exactly as ggml does, with the importance matrix when
 calibration statistics are given; returns a ``GGMLQuantized``, whose ``dequantize()`` is the
 weight llama.cpp decodes).
-Smoothing methods (``SMOOTHING``: AWQ, SmoothQuant W8A8) act on a group of Linears that share an
+Smoothing methods (``SMOOTHING``: AWQ, AWQ + GPTQ, SmoothQuant W8A8) act on a group of Linears that share an
 input: :func:`quantize_smoothing_group` returns one scale vector for the group, to be folded
 into the op that feeds it, and each member's quantized ``W · diag(s)``.
 
@@ -97,6 +97,8 @@ def implementations() -> dict[str, dict]:
         "rtn": {"version": 2},
         "gptq": {"version": 4, "block": gptq.BLOCK, "damp": gptq.DAMP, "act_order": gptq.ACT_ORDER, "shrink": gptq.SHRINK},
         "awq": {"version": 3, "n_grid": awq.N_GRID, "max_shrink": awq.MAX_SHRINK},
+        "awqgptq": {"version": 1, "n_grid": awq.N_GRID, "block": gptq.BLOCK, "damp": gptq.DAMP, "act_order": gptq.ACT_ORDER,
+                    "shrink": gptq.SHRINK},
         "hqq": {"version": 2, **asdict(HqqOptions())},
         "nf4": {"version": 1, "offset": NF4_OFFSET},
         "fp8": {"version": 1},
@@ -107,10 +109,10 @@ def implementations() -> dict[str, dict]:
 
 QUANTIZERS: dict[Method, Quantizer] = {Method.RTN: _rtn, Method.HQQ: _hqq, Method.GPTQ: _gptq, Method.NF4: _nf4, Method.FP8: _fp8,
                                        Method.GGML: _ggml}
-SMOOTHING = frozenset({Method.AWQ, Method.SMOOTHQUANT})  # fold one scale vector per smoothing group
+SMOOTHING = frozenset({Method.AWQ, Method.AWQ_GPTQ, Method.SMOOTHQUANT})  # fold one scale vector per smoothing group
 CALIBRATED = frozenset({Method.GPTQ, Method.GGML, *SMOOTHING})  # ggml: the importance matrix
 DEFAULT_METHODS = ("rtn", "gptq", "awq", "hqq", "nf4", "fp8", "smoothquant")
-COSTLY = frozenset({Method.GPTQ, Method.AWQ, Method.HQQ})  # seconds per layer and scheme to profile, not milliseconds
+COSTLY = frozenset({Method.GPTQ, Method.AWQ, Method.AWQ_GPTQ, Method.HQQ})  # seconds per layer and scheme to profile, not milliseconds
 COSTLY_DEFAULT_BITS = (2, 3, 4)  # where they beat RTN by most; above 4 bits RTN is close to lossless
 
 
@@ -136,10 +138,13 @@ def quantize_smoothing_group(weights: dict[str, torch.Tensor], scheme: Scheme, s
     from bitplan.methods import awq, smoothquant
 
     names = list(weights)
-    if scheme.method == Method.AWQ:
+    if scheme.method in (Method.AWQ, Method.AWQ_GPTQ):
+        from bitplan.methods import gptq
+
         flags = [True if clip is None else clip[name] for name in names]
         result = awq.quantize_awq([weights[n] for n in names], stats.mean_abs(), stats.second_moment(), scheme, flags, scale_dtype,
-                                  n_grid=awq.N_GRID if foldable else 1)
+                                  n_grid=awq.N_GRID if foldable else 1,
+                                  gptq_shrink=gptq.SHRINK if scheme.method == Method.AWQ_GPTQ else None)
         return SmoothedGroup(result.scales, dict(zip(names, result.quantized)), result.alpha)
     if scheme.method == Method.SMOOTHQUANT:
         result = smoothquant.search_alpha([weights[n] for n in names], stats.absmax(), stats.samples, scheme,

@@ -18,6 +18,7 @@ class Method(StrEnum):
     RTN = "rtn"
     GPTQ = "gptq"
     AWQ = "awq"
+    AWQ_GPTQ = "awqgptq"  # AWQ's scales, then GPTQ on the scaled weights (methods/awq.py)
     HQQ = "hqq"
     SMOOTHQUANT = "smoothquant"
     NF4 = "nf4"

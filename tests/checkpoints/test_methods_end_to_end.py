@@ -1,6 +1,6 @@
 """Every method's checkpoint format, emitted and loaded back on the real model.
 
-One hand-made assignment puts AWQ (folded into a norm, and into up_proj's rows), SmoothQuant
+One hand-made assignment puts AWQ (folded into a norm, and into up_proj's rows), AWQ + GPTQ, SmoothQuant
 W8A8, FP8 (weight-only and W8A8), NF4, GPTQ and RTN into one checkpoint; the loaded model must
 give the fake-quantized model's logits, compressed-tensors must decode its standard formats,
 and a smoothing group that mixes methods must be refused.
@@ -31,6 +31,7 @@ BLOCK_SCHEMES = {
         "gate": "smoothquant-w8gcsa8", "up": "smoothquant-w8gcsa8", "down": "awq-w4gca"},
     1: dict.fromkeys(("q", "k", "v", "o", "gate", "up", "down"), "nf4-w4g64s"),
     2: {"q": "fp8-w8g64s", "k": "gptq-w4g64s", "v": "gptq-w4gcs", "o": "none", "gate": "awq-w8gcs", "up": "awq-w8gcs", "down": "rtn-w3g64a"},
+    3: {"q": "awqgptq-w4g64s", "k": "awqgptq-w4g64s", "v": "awqgptq-w4g64s", "gate": "awqgptq-w3g64s", "up": "awqgptq-w3g64s"},
 }
 
 

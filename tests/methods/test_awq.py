@@ -112,3 +112,47 @@ def test_real_layers_awq_beats_rtn_on_median(real_layers):
             awq = relative_output_error(weight, effective_weight(result.quantized[0], result.scales), held.second_moment())
             rtn = relative_output_error(weight, quantize_rtn(weight, scheme).dequantize(), held.second_moment())
             assert awq < rtn, (name, bits, awq, rtn)
+
+
+def test_awq_then_gptq_keeps_the_scales_and_lowers_the_output_error():
+    """``awqgptq``: AWQ's scale search unchanged, then GPTQ on the scaled weights, which must fit
+    the calibration output better than AWQ's clip-and-round (and decode on the same grid)."""
+    from bitplan.methods.registry import quantize_smoothing_group
+
+    g = torch.Generator().manual_seed(4)
+    # correlated channels, as real activations have (GPTQ's error feedback needs them), a few large
+    x = (torch.randn(1024, 16, generator=g) @ torch.randn(16, 128, generator=g) + 0.3 * torch.randn(1024, 128, generator=g))
+    x = x * outlier_inputs(1, 128, seed=3).abs().clamp_min(1.0)
+    weights = {"up": torch.randn(96, 128, generator=g), "gate": torch.randn(64, 128, generator=g)}
+    stats = stats_of(x)
+    for bits in (3, 4):
+        awq = quantize_smoothing_group(weights, Scheme("awq", bits, 64, True), torch.bfloat16, stats)
+        both = quantize_smoothing_group(weights, Scheme.parse(f"awqgptq-w{bits}g64s"), torch.bfloat16, stats)
+        assert torch.equal(both.scales, awq.scales) and both.alpha == awq.alpha
+        for name, weight in weights.items():
+            codes = both.quantized[name].codes
+            assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
+            fitted = output_error(weight - effective_weight(both.quantized[name], both.scales), stats.second_moment())
+            rounded = output_error(weight - effective_weight(awq.quantized[name], awq.scales), stats.second_moment())
+            assert fitted < 0.9 * rounded, (bits, name, fitted, rounded)
+
+
+@pytest.mark.slow
+def test_real_layers_awq_then_gptq_beats_awq_at_4_bits_and_matches_gptq(real_layers):
+    """Held-out output error of real Linears: AWQ + GPTQ below AWQ at 4 bits, and never more than
+    0.5% above plain GPTQ at 3 and 4 bits (measured: 0.0856 / 0.0898 / 0.0728 against AWQ's 0.0918 /
+    0.0931 / 0.0831 at 4 bits; at 3 bits AWQ's clip is ahead on up and down)."""
+    from bitplan.methods.registry import quantize, quantize_smoothing_group
+
+    for name in ("model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj", "model.layers.3.self_attn.o_proj"):
+        weight, calib, held = real_layers[name]
+        for bits in (3, 4):
+            errors = {}
+            for method in ("awq", "awqgptq"):
+                result = quantize_smoothing_group({"w": weight}, Scheme(method, bits, 64, True), torch.bfloat16, calib)
+                errors[method] = relative_output_error(weight, effective_weight(result.quantized["w"], result.scales), held.second_moment())
+            plain = quantize(weight, Scheme("gptq", bits, 64, True), torch.bfloat16, {"input": calib}).dequantize()
+            errors["gptq"] = relative_output_error(weight, plain, held.second_moment())
+            assert errors["awqgptq"] < 1.005 * errors["gptq"], (name, bits, errors)
+            if bits == 4:
+                assert errors["awqgptq"] < errors["awq"], (name, bits, errors)
