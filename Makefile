@@ -55,12 +55,12 @@ engines: $(VLLM_STAMP) $(LLAMA_CPP_STAMP)
 
 text-fortunes: $(FORTUNES_HOME)/fortunes-heldout.txt
 
-$(FORTUNES_HOME)/fortunes-heldout.txt: scripts/fetch_fortunes.sh
+$(FORTUNES_HOME)/fortunes-heldout.txt: scripts/fetch_fortunes.sh scripts/debian_package.sh
 	bash scripts/fetch_fortunes.sh $(FORTUNES_HOME)
 
 text-jargon: $(JARGON_HOME)/jargon-heldout.txt
 
-$(JARGON_HOME)/jargon-heldout.txt: scripts/fetch_jargon.sh
+$(JARGON_HOME)/jargon-heldout.txt: scripts/fetch_jargon.sh scripts/debian_package.sh
 	bash scripts/fetch_jargon.sh $(JARGON_HOME)
 
 llama-cpp: $(LLAMA_CPP_STAMP)

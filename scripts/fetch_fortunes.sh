@@ -19,10 +19,9 @@ CATEGORIES="education humorists law love medicine miscellaneous people politics 
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+source "$(dirname "$0")/debian_package.sh"
 cd "$WORK"
-apt-get download -q "fortunes=$VERSION" >/dev/null 2>&1 || apt-get download "fortunes=$VERSION"
-echo "$SHA256  $DEB" | sha256sum -c --quiet -
-dpkg-deb -x "$DEB" extracted
+fetch_package fortunes "$VERSION" "$DEB" "$SHA256"
 mkdir -p "$DEST"
 python3 - "$WORK/extracted/usr/share/games/fortunes" "$DEST" $CATEGORIES <<'PY'
 import re

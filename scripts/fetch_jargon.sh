@@ -17,10 +17,9 @@ SHA256=17d05997e30eb3d5d6713929b8e2f81b63a5f50073858ad2a06701c71f54dcdb
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+source "$(dirname "$0")/debian_package.sh"
 cd "$WORK"
-apt-get download -q "jargon-text=$VERSION" >/dev/null 2>&1 || apt-get download "jargon-text=$VERSION"
-echo "$SHA256  $DEB" | sha256sum -c --quiet -
-dpkg-deb -x "$DEB" extracted
+fetch_package jargon-text "$VERSION" "$DEB" "$SHA256"
 mkdir -p "$DEST"
 python3 - "$WORK/extracted/usr/share/doc/jargon-text/jargon.txt.gz" "$DEST" <<'PY'
 import gzip
