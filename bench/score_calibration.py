@@ -1,10 +1,10 @@
 """Predicted against measured KL over many plans: does the summed score predict a plan's KL on
 text it never saw, and by what calibration?
 
-SmolLM2-135M, profiled once (RTN, GPTQ, AWQ, HQQ at 3, 4 and 8 bits, group 64, symmetric; GPTQ
+SmolLM2-135M, profiled once (RTN, GPTQ, AWQ, HQQ, AWQ + GPTQ at 3, 4 and 8 bits, group 64, symmetric; GPTQ
 and AWQ cross-fitted, ``profiles.sensitivity``). Plans: the exact allocation at seven budgets
 between 3.25 and 6 bits per weight for three candidate sets ({RTN}, {RTN, GPTQ}, {RTN, GPTQ,
-AWQ, HQQ}), and uniform RTN/GPTQ/AWQ/HQQ at 3 and 4 bits: 29 plans. Each is measured (KL to the
+AWQ, HQQ, AWQ + GPTQ}), and uniform RTN/GPTQ/AWQ/HQQ/AWQ + GPTQ at 3 and 4 bits: 31 plans. Each is measured (KL to the
 original, per token) on held-out Python documentation (prose and code, never calibrated on) and
 on English prose from Debian's fortunes (``make text-fortunes``). GPTQ and AWQ are fitted to the
 whole calibration text, as emit fits them.
@@ -12,7 +12,9 @@ whole calibration text, as emit fits them.
 The calibration is ``measured = c * predicted ** gamma``, fitted in logs on the held-out Python
 documentation; the stated factor is the largest ratio, either way, between a plan's calibrated
 prediction and its measured KL. The fitted constants go to ``bitplan/planner/score_calibration.json``
-(``--write``), which ``bitplan plan`` reads to print a calibrated prediction.
+(``--write``), which ``bitplan plan`` reads to print a calibrated prediction. The plot of predicted
+against measured KL, both domains, with the fit and its stated factor, goes to
+``bench/results/score_calibration.png`` (``--plot-only`` redraws it from the saved JSON).
 
     .venv/bin/python bench/score_calibration.py [--samples 8 --heldout 4] [--write]
 """
@@ -41,9 +43,10 @@ from bitplan.planner.search import allocate
 from bitplan.profiles.calibration import calibration_windows, load_tokenizer
 from bitplan.profiles.tables import METRIC_VERSION
 
-METHOD_SETS = {"rtn": ("rtn",), "rtn+gptq": ("rtn", "gptq"), "all": ("rtn", "gptq", "awq", "hqq")}
+METHOD_SETS = {"rtn": ("rtn",), "rtn+gptq": ("rtn", "gptq"), "all": ("rtn", "gptq", "awq", "hqq", "awqgptq")}
 BITS_PER_WEIGHT = (3.25, 3.5, 3.75, 4.0, 4.5, 5.0, 6.0)
-UNIFORM = ("rtn-w3g64s", "gptq-w3g64s", "awq-w3g64s", "hqq-w3g64s", "rtn-w4g64s", "gptq-w4g64s", "awq-w4g64s", "hqq-w4g64s")
+UNIFORM = ("rtn-w3g64s", "gptq-w3g64s", "awq-w3g64s", "hqq-w3g64s", "awqgptq-w3g64s",
+           "rtn-w4g64s", "gptq-w4g64s", "awq-w4g64s", "hqq-w4g64s", "awqgptq-w4g64s")
 OUT = Path(__file__).resolve().parents[1] / "bitplan" / "planner" / "score_calibration.json"
 
 
@@ -56,18 +59,63 @@ def fit(predicted: list[float], measured: list[float]) -> tuple[float, float, fl
     return float(np.exp(log_c)), float(gamma), factor
 
 
+def plot(rows: list[dict], c: float, gamma: float, factor: float, path: Path) -> None:
+    """Predicted (summed score) against measured KL, log-log, one panel per domain: the plans by candidate set,
+    the fitted calibration and the band of its stated factor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {label: [r for r in rows if r["plan"].startswith(f"{label} @")] for label in METHOD_SETS}
+    groups["uniform"] = [r for r in rows if r["plan"].startswith("uniform")]
+    predicted = [r["predicted_kl"] for r in rows]
+    xs = np.geomspace(min(predicted) / 1.3, max(predicted) * 1.3, 50)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5.2), sharex=True, sharey=True)
+    for axis, (domain, key) in zip(axes, (("held-out pydoc (fitted here)", "measured_kl_pydoc"),
+                                          ("fortunes (another domain, same fit)", "measured_kl_fortunes"))):
+        for (label, group), marker in zip(groups.items(), "osD^"):
+            axis.scatter([r["predicted_kl"] for r in group], [r[key] for r in group], marker=marker, s=36, label=label)
+        for r in groups["uniform"]:
+            axis.annotate(r["plan"].removeprefix("uniform ").replace("g64s", ""), (r["predicted_kl"], r[key]), fontsize=6,
+                          xytext=(3, 3), textcoords="offset points")
+        fitted = c * xs ** gamma
+        axis.plot(xs, fitted, color="black", lw=1, label=f"fit: {c:.3f} * predicted^{gamma:.3f}")
+        axis.fill_between(xs, fitted / factor, fitted * factor, color="grey", alpha=0.2, label=f"within {factor:.2f}x")
+        axis.plot(xs, xs, color="grey", lw=0.8, ls="--", label="measured = predicted")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_title(domain)
+        axis.set_xlabel("predicted KL (sum of the plan's scores)")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("measured KL per token (nats)")
+    axes[0].legend(fontsize=7)
+    figure.suptitle(f"SmolLM2-135M: predicted against measured KL, {len(rows)} plans (bench/score_calibration.py)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=8, help="calibration windows of --seq-len tokens")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--heldout", type=int, default=4, help="held-out windows per slice")
     parser.add_argument("--write", action="store_true", help="write the fitted constants to bitplan/planner/score_calibration.json")
+    parser.add_argument("--plot-only", action="store_true", help="redraw bench/results/score_calibration.png from the saved JSON")
     args = parser.parse_args()
+    png = Path(__file__).resolve().parent / "results" / "score_calibration.png"
+    if args.plot_only:
+        saved = json.loads((png.with_suffix(".json")).read_text())
+        record = saved["calibration"]
+        plot(saved["rows"], record["c"], record["gamma"], record["factor"], png)
+        print("wrote", png)
+        return
     started = time.time()
     folder = resolve_model("smollm2-135m")
     spec = spec_from_folder(folder)
     calibration = CalibrationSettings(samples=args.samples, seq_len=args.seq_len)
-    candidates = Candidates(("rtn", "gptq", "awq", "hqq"), (3, 4, 8), (64,), (True,), costly_bits=None)
+    candidates = Candidates(tuple(dict.fromkeys(m for methods in METHOD_SETS.values() for m in methods)), (3, 4, 8), (64,), (True,),
+                            costly_bits=None)
     table = bitplan.profile("smollm2-135m", candidates, calibration)
     print(f"profile: {len(table.layers)} Linears x {len(table.schemes)} schemes in {time.time() - started:.0f} s", flush=True)
     tokenizer = load_tokenizer(folder)
@@ -118,7 +166,8 @@ def main() -> None:
                                        "fortunes": {"factor_with_pydoc_calibration": in_domain_on_fortunes, "c": c_out,
                                                     "gamma": gamma_out, "factor": factor_out},
                                        "seconds": time.time() - started})
-    print("saved", path)
+    plot(rows, c, gamma, factor, png)
+    print("saved", path, "and", png)
     if args.write:
         OUT.write_text(json.dumps(calibration_record, indent=2, sort_keys=True) + "\n")
         print("wrote", OUT)
