@@ -161,6 +161,20 @@ class Rows:
     def get(self, key: str) -> dict | None:
         return self.rows.get(key)
 
+    def reuse(self, path: Path, families: tuple[str, ...]) -> int:
+        """Seed the external peers' rows (``families``: llama.cpp, AutoRound) from a saved ``peers.json`` measured by
+        the same evaluator (same model, windows and token counts), so that a rerun re-measures only bitplan's own
+        rows. Their code did not change; bitplan's own uniform GPTQ/AWQ rows and plans are always measured again."""
+        saved = json.loads(path.read_text())
+        if saved.get("evaluator") != self.evaluator_key:
+            raise SystemExit(f"{path}: measured by another evaluator ({saved.get('evaluator')}); drop --reuse to measure every peer")
+        count = 0
+        for row in saved.get("peers", []):
+            if row.get("family") in families and "kl" in row and peer_key(row) not in self.rows:
+                self.rows[peer_key(row)] = dict(row, reused_from=f"{path.name} of {saved.get('when')}")
+                count += 1
+        return count
+
     def put(self, key: str, row: dict) -> dict:
         self.rows[key] = row
         mine = {**self.read(self.path), **self.rows}
@@ -173,7 +187,16 @@ class Rows:
         return row
 
 
+def peer_key(row: dict) -> str:
+    """The key of a llama.cpp or AutoRound row (as ``gguf_peers`` and ``autoround_peers`` write it)."""
+    if row["family"] == "llama.cpp":
+        return f"gguf:{row['preset']}:imatrix{row['settings']['imatrix_chunks']}"
+    return f"autoround:{row['peer'].removeprefix('AutoRound ')}"
+
+
 def gguf_peers(args, folder: Path, spec: ModelSpec, evaluator: Evaluator, rows: Rows) -> list[dict]:
+    if all(rows.get(f"gguf:{preset}:imatrix{args.imatrix_chunks}") for preset in args.presets):  # all reused or measured
+        return [rows.get(f"gguf:{preset}:imatrix{args.imatrix_chunks}") for preset in args.presets]
     build = llamacpp.find_llama_cpp()
     work = args.work / "gguf"
     work.mkdir(parents=True, exist_ok=True)
@@ -271,20 +294,23 @@ def bitplan_rows(args, spec: ModelSpec, evaluator: Evaluator, rows: Rows, peers:
     out = []
     (args.work / "plans").mkdir(parents=True, exist_ok=True)
     for engine in args.engines:
-        sizes = sorted({p["bytes"] for p in peers if "bytes" in p and (engine != "llama.cpp" or p["family"] == "llama.cpp")})
+        sizes = sorted({p["bytes"] for p in peers if "bytes" in p and (engine != "llama.cpp" or p["family"] == "llama.cpp")
+                        and p["bytes"] >= args.min_mb * 1e6})
         candidates = Candidates(ggml_types=OFF_GRID) if engine == "llama.cpp" else args.candidates
         for size in sizes:
-            tag = "default" if args.default_candidates or engine == "llama.cpp" else "narrow"
-            key = f"bitplan:{engine}:{tag}:{size}:trials{args.trials}:cal{args.nsamples}"
+            tag = "default" if args.default_candidates or engine == "llama.cpp" else args.candidates_tag
+            minutes = "" if args.search_minutes is None else f":min{args.search_minutes:g}"
+            key = f"bitplan:{engine}:{tag}:{size}:trials{args.trials}{minutes}:cal{args.nsamples}"
             row = rows.get(key)
             if row is None:
-                path = args.work / "plans" / f"bitplan-{engine}-{tag}-{size}-t{args.trials}.json"
+                path = args.work / "plans" / f"bitplan-{engine}-{tag}-{size}-t{args.trials}{minutes.replace(':', '-')}.json"
                 started = time.perf_counter()
                 if path.is_file():
                     plan = load_plan(path)
                 else:
                     plan = bitplan.plan(MODEL, budget=budget_for(MODEL, size, engine), context=PLAN_CONTEXT, overhead=0, engine=engine,
-                                        candidates=candidates, calibration=CalibrationSettings(samples=args.nsamples), trials=args.trials)
+                                        candidates=candidates, calibration=CalibrationSettings(samples=args.nsamples), trials=args.trials,
+                                        search_minutes=args.search_minutes)
                     plan.save(path)
                 seconds = round(time.perf_counter() - started, 1)
                 schemes = plan.schemes()
@@ -297,10 +323,18 @@ def bitplan_rows(args, spec: ModelSpec, evaluator: Evaluator, rows: Rows, peers:
                                      "bytes": pb.scheme_linear_bytes(spec, schemes), "kl": evaluator.of_assignments(schemes),
                                      "types": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "grid_tensors": len(near),
                                      "grid_bytes": near_bytes, "predicted_kl": plan.predicted.score_kl,
-                                     "plan_seconds": seconds, "trials": args.trials,
-                                     "candidates": [str(s) for s in candidates.schemes(None)] if tag == "narrow" else tag})
+                                     "plan_seconds": seconds, "trials": args.trials, "search_minutes": args.search_minutes,
+                                     "search": plan.search.to_dict(), "commit": commit(),
+                                     "candidates": [str(s) for s in candidates.schemes(None)] if tag != "default" else tag})
             out.append(row)
     return out
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return out + ("+uncommitted" if dirty else "")
 
 
 def table(peers: list[dict], plans: list[dict], weights: int) -> tuple[list[dict], str]:
@@ -408,11 +442,27 @@ def main() -> None:
     parser.add_argument("--autoscheme-options", type=lambda t: [int(b) for b in t.split(",")], default=[2, 3, 4, 8])
     parser.add_argument("--engines", type=lambda t: tuple(t.split(",")) if t else (), default=("bitplan",))
     parser.add_argument("--trials", type=int, default=0, help="bitplan's measured refinement trials")
+    parser.add_argument("--search-minutes", type=float, default=None, help="bitplan's measured search stops after this long")
+    parser.add_argument("--methods", default=None, help="bitplan's candidate methods at --bits, group 64, symmetric "
+                        "(e.g. rtn,gptq,awq,awqgptq) instead of NARROW")
+    parser.add_argument("--bits", default="3,4,8", help="bits of the --methods candidates")
+    parser.add_argument("--costly-bits", default="", help="bits at which GPTQ, AWQ and the other fitted methods are offered "
+                        "(default: all of --bits)")
+    parser.add_argument("--min-mb", type=float, default=0.0, help="plan bitplan only at peer sizes of at least this many MB")
+    parser.add_argument("--out", default="peers", help="results name: bench/results/NAME.json and NAME.png")
+    parser.add_argument("--reuse", type=Path, default=None, help="a saved peers.json: reuse its llama.cpp and AutoRound rows "
+                        "(same evaluator) and measure only bitplan's own rows (uniform GPTQ/AWQ and the plans)")
     parser.add_argument("--default-candidates", action="store_true",
                         help="plan with today's default candidates (every method, 2-8 bits, groups 32/64/128/channel: a profile "
                              "of an hour or more on two shared cores) instead of NARROW")
     args = parser.parse_args()
-    args.candidates = Candidates() if args.default_candidates else NARROW
+    args.candidates, args.candidates_tag = (Candidates(), "default") if args.default_candidates else (NARROW, "narrow")
+    if args.methods and not args.default_candidates:
+        bits = tuple(int(b) for b in args.bits.split(","))
+        costly = tuple(int(b) for b in args.costly_bits.split(",")) if args.costly_bits else None
+        args.candidates = Candidates(tuple(args.methods.split(",")), bits, (64,), (True,), costly_bits=costly)
+        args.candidates_tag = f"{args.methods.replace(',', '+')}-b{''.join(map(str, bits))}" + (
+            f"-c{''.join(map(str, costly))}" if costly else "")
     args.work.mkdir(parents=True, exist_ok=True)
 
     folder = resolve_model(MODEL)
@@ -422,6 +472,8 @@ def main() -> None:
     evaluator_key = {"model": MODEL, "heldout": args.heldout, "seq_len": args.seq_len, "fortunes": str(FORTUNES),
                      "tokens": {d: list(w.shape) for d, w in windows.items()}}
     rows = Rows(args.work / args.rows, evaluator_key)
+    if args.reuse:
+        print(f"reused {rows.reuse(args.reuse, ('llama.cpp', 'AutoRound'))} llama.cpp and AutoRound rows from {args.reuse}", flush=True)
     evaluator = Evaluator(folder, spec, windows)
     calib = calibration_windows(folder, CalibrationSettings(samples=args.nsamples))[: args.nsamples]
     evaluator.calibration = calib  # GPTQ's and AWQ's statistics, gathered when a row first needs them
@@ -440,12 +492,13 @@ def main() -> None:
           + ", ".join(f"{d} {w.shape[0]} x {w.shape[1]}" for d, w in windows.items()) + "\n")
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    plot(peers, plans, weights, RESULTS / "peers.png")
-    path = save("peers", {"model": MODEL, "linear_weights": weights, "evaluator": evaluator_key, "nsamples": args.nsamples,
+    plot(peers, plans, weights, RESULTS / f"{args.out}.png")
+    path = save(args.out, {"model": MODEL, "linear_weights": weights, "evaluator": evaluator_key, "nsamples": args.nsamples,
                           "group": args.group, "signround_iters": args.signround_iters, "signround_samples": args.signround_samples, "autoscheme_options": args.autoscheme_options,
-                          "engines": list(args.engines), "trials": args.trials, "llama_cpp": llamacpp.LLAMA_CPP_VERSION,
+                          "engines": list(args.engines), "trials": args.trials, "search_minutes": args.search_minutes,
+                          "candidates": args.candidates_tag, "reused": str(args.reuse) if args.reuse else None, "llama_cpp": llamacpp.LLAMA_CPP_VERSION,
                           "peers": peers, "bitplan": plans, "table": summary, "markdown": text, "load_average": os.getloadavg()})
-    print(f"wrote {path} and {RESULTS / 'peers.png'}")
+    print(f"wrote {path} and {RESULTS / f'{args.out}.png'}")
     sys.stdout.flush()
 
 

@@ -69,3 +69,29 @@ def test_near_grid_schemes_are_flagged():
     assert not pb.scheme_near_grid(Scheme.parse("rtn-w4g32s"))
     assert not pb.scheme_near_grid(Scheme.parse("gptq-w4g64a"))
     assert not pb.scheme_near_grid(Scheme.ggml("Q4_K"))
+
+
+def test_a_rerun_reuses_only_the_external_peers_of_the_same_evaluator(tmp_path):
+    """``peers.py --reuse``: llama.cpp and AutoRound rows come from a saved peers.json measured on the same windows;
+    bitplan's own rows (uniform GPTQ/AWQ, plans) are measured again; another evaluator's file is refused."""
+    import json
+
+    import peers
+    import pytest
+
+    evaluator = {"model": "smollm2-135m", "heldout": 2, "seq_len": 512, "tokens": {"pydoc": [4, 512]}}
+    saved = {"evaluator": evaluator, "when": "2026-12-05 08:37", "peers": [
+        {"peer": "llama.cpp Q3_K_S (imatrix)", "family": "llama.cpp", "preset": "Q3_K_S", "settings": {"imatrix_chunks": 16},
+         "bytes": 1, "kl": {"pydoc": 0.29}},
+        {"peer": "AutoRound signround-w3g64-i10n8", "family": "AutoRound", "bytes": 2, "kl": {"pydoc": 0.62}},
+        {"peer": "uniform gptq-w3g64s (bitplan's GPTQ)", "family": "uniform", "bytes": 3, "kl": {"pydoc": 1.37}},
+        {"peer": "AutoRound rtn-w3g64", "family": "AutoRound", "skipped": "no venv"}]}
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps(saved))
+    rows = peers.Rows(tmp_path / "rows.json", evaluator)
+    assert rows.reuse(path, ("llama.cpp", "AutoRound")) == 2
+    assert rows.get("gguf:Q3_K_S:imatrix16")["kl"] == {"pydoc": 0.29}
+    assert rows.get("autoround:signround-w3g64-i10n8")["reused_from"] == "peers.json of 2026-12-05 08:37"
+    assert rows.get("uniform:gptq-w3g64s:cal16") is None and rows.get("autoround:rtn-w3g64") is None
+    with pytest.raises(SystemExit, match="another evaluator"):
+        peers.Rows(tmp_path / "rows.json", dict(evaluator, heldout=4)).reuse(path, ("llama.cpp",))
