@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,15 +71,23 @@ def variant_bytes(variant: Variant) -> int:
 class VariantCache:
     """Quantized tensors computed once: the least recently used leave memory beyond ``memory_bytes``
     (the newest always stays); with ``spill_dir`` they are written there first and read back when
-    asked again. ``computed`` counts the variants quantized so far."""
+    asked again, up to ``disk_bytes`` on disk (default: half the space free there when the cache is
+    made); beyond that an evicted variant is dropped and computed again if asked for (a float32
+    variant of every Linear of an 8B model is 28 GB per scheme). ``computed`` counts the variants
+    quantized so far, ``dropped`` those evicted without a copy on disk."""
 
-    def __init__(self, memory_bytes: int, spill_dir: Path | None = None):
+    def __init__(self, memory_bytes: int, spill_dir: Path | None = None, disk_bytes: int | None = None):
         self.memory_bytes = memory_bytes
         self.spill_dir = spill_dir
+        if spill_dir is not None and disk_bytes is None:
+            disk_bytes = shutil.disk_usage(spill_dir).free // 2
+        self.disk_bytes = disk_bytes or 0
         self.memory: OrderedDict[tuple, Variant] = OrderedDict()
         self.spilled: dict[tuple, Path] = {}
         self.held = 0
+        self.spilled_bytes = 0
         self.computed = 0
+        self.dropped = 0
 
     def get(self, key: tuple, compute: Callable[[], Variant]) -> Variant:
         if key in self.memory:
@@ -94,16 +103,26 @@ class VariantCache:
             self.held += variant_bytes(variant)
         while self.held > self.memory_bytes and len(self.memory) > 1:
             old_key, old = self.memory.popitem(last=False)
-            self.held -= variant_bytes(old)
-            if self.spill_dir is not None and old_key not in self.spilled:
-                self.spilled[old_key] = self.spill_dir / f"variant-{len(self.spilled)}.pt"
-                torch.save(old, self.spilled[old_key])
+            size = variant_bytes(old)
+            self.held -= size
+            if self.spill_dir is None or old_key in self.spilled:
+                continue
+            if self.spilled_bytes + size > self.disk_bytes:
+                self.dropped += 1
+                continue
+            path = self.spill_dir / f"variant-{len(self.spilled)}.pt"
+            torch.save(old, path)
+            self.spilled[old_key] = path
+            self.spilled_bytes += path.stat().st_size
         return variant
 
     def clear(self) -> None:
+        for path in self.spilled.values():
+            path.unlink(missing_ok=True)
         self.memory.clear()
         self.spilled.clear()
         self.held = 0
+        self.spilled_bytes = 0
 
 
 def cached_block(cache: VariantCache, layers: list, assignments: dict[str, Scheme], read, stats: Callable[[], dict],

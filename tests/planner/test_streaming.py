@@ -7,6 +7,7 @@ RTN, FP8 W8A8 on an untied lm_head."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tiny_models import write_tiny_llama
 
@@ -67,3 +68,30 @@ def test_refinement_streams_only_models_whose_two_copies_do_not_fit(tiny_llama_f
     assert isinstance(refine.choose_meter(source), QualityMeter)  # a tiny model: the faster whole-model meter
     monkeypatch.setattr(refine, "WHOLE_MODEL_SHARE", 0.0)  # as if the machine had no room for two copies
     assert isinstance(refine.choose_meter(source), StreamingMeter)
+
+
+def test_the_variant_cache_spills_to_disk_up_to_its_cap_then_drops_and_recomputes(tmp_path):
+    """Evicted variants go to disk while they fit under ``disk_bytes``; beyond it they are dropped (an 8B model's
+    float32 variants once filled the disk mid-plan) and computed again when asked for, with the same tensors."""
+    from bitplan.planner.quality import VariantCache
+
+    calls: list[int] = []
+
+    def variant(i: int):
+        def compute():
+            calls.append(i)
+            return {f"w{i}": torch.full((256,), float(i))}, {}
+        return compute
+
+    one = 256 * 4
+    cache = VariantCache(memory_bytes=one, spill_dir=tmp_path, disk_bytes=int(1.5 * one) + 2048)  # room for one spilled file
+    for i in range(3):
+        cache.get(("linear", i), variant(i))
+    assert calls == [0, 1, 2] and len(cache.spilled) == 1 and cache.dropped == 1
+    assert sum(f.stat().st_size for f in tmp_path.iterdir()) == cache.spilled_bytes <= cache.disk_bytes
+    assert torch.equal(cache.get(("linear", 0), variant(0))[0]["w0"], torch.zeros(256))  # read back from disk
+    assert calls == [0, 1, 2]
+    assert torch.equal(cache.get(("linear", 1), variant(1))[0]["w1"], torch.ones(256))  # dropped: computed again
+    assert calls == [0, 1, 2, 1] and cache.computed == 4
+    cache.clear()
+    assert not list(tmp_path.iterdir())
