@@ -41,6 +41,7 @@ from bitplan.engines.formats import BITPLAN_MODEL_TYPE, Format, checkpoint_forma
 from bitplan.engines.rules import assignment_violations
 from bitplan.errors import BitplanError
 from bitplan.kernels import layout
+from bitplan.memory import release_freed_memory
 from bitplan.methods.block import quantize_block
 from bitplan.methods.registry import needs_calibration
 from bitplan.methods.scheme import Method, QuantizedWeight, Scheme
@@ -299,6 +300,7 @@ def write_checkpoint(folder: Path, config: dict, spec: ModelSpec, assignments: d
     scale_dtype = SCALE_DTYPES[spec.dtype]
     read = lambda name: reader.tensor(name) if name in reader.location else None  # noqa: E731
     for done, block in enumerate(sorted(by_block, key=lambda b: (b < 0, b)), 1):
+        release_freed_memory()  # a plan without calibrated methods loads no block (bitplan.memory)
         stats = calibration.block_stats(block, spec) if calibration else {}
         layers = [layer for layer in spec.layers if layer.block == block]
         quantized = (quantize_block(layers, assignments, read, stats, scale_dtype, norm_offset(spec.model_type), reader.rows)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bitplan.errors import BitplanError
+from bitplan.memory import release_freed_memory
 from bitplan.models.architectures import Family
 from bitplan.models.experts import rename_modules, unfuse_experts
 from bitplan.models.source import READ_ROWS, WeightReader
@@ -114,6 +115,7 @@ class BlockRunner:
         Called as ``block(hidden, position_embeddings=...)`` with what :meth:`position_embeddings`
         returns; a pre-hook picks the block's layer type's rotary and gives it its attention mask.
         """
+        release_freed_memory()  # what the previous block freed, before this one is allocated
         block = copy.deepcopy(self.skeleton.model.layers[index]).to_empty(device="cpu")
         self.fill_block(block, index, overrides)
         block.eval().requires_grad_(False)
