@@ -250,7 +250,7 @@ def finished_units(cache: Path) -> int:
 
 
 def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len: int, trials: int, eval_samples: int,
-              layers: int | None = None, only: list[str] | None = None, resume: bool = False) -> None:
+              layers: int | None = None, only: list[str] | None = None, resume: bool = False, methods: str = "rtn,gptq") -> None:
     from random_model import write_random_model
 
     config = json.loads(config_path.read_text())
@@ -262,6 +262,8 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
         shallow.write_text(json.dumps(config, indent=2))
         config_path = shallow
     model = write_random_model(config_path, work / f"{label}-random") if not (work / f"{label}-random").is_dir() else work / f"{label}-random"
+    if methods != "rtn,gptq":  # another candidate set: its own plan, checkpoint and results file, the same model
+        label += "-" + methods.replace(",", "+")
     text = work / "pydoc.txt"
     if not text.is_file():
         import pydoc_data.topics as topics
@@ -276,7 +278,7 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
         shutil.rmtree(cache)  # every stage measured afresh (a run of later stages only reuses the profile)
     cache.mkdir(exist_ok=True)
     calibration = ["--text", str(text), "--samples", str(samples), "--seq-len", str(seq_len)]
-    candidates = ["--methods", "rtn,gptq", "--bits", "4", "--groups", "128", "--symmetric-only"]
+    candidates = ["--methods", methods, "--bits", "4", "--groups", "128", "--symmetric-only"]
     plan, checkpoint = work / f"{label}-plan.json", work / f"{label}-checkpoint"
     if checkpoint.exists() and (only is None or "emit" in only):
         import shutil
@@ -376,11 +378,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="with --config: that many decoder blocks of the real width (per-block figures)")
     parser.add_argument("--resume", action="store_true", help="with --config: keep the work folder's cache, so an interrupted "
                         "profile (SIGTERM) resumes at its first unfinished block; the profile row sums the parts")
+    parser.add_argument("--methods", default="rtn,gptq", help="with --config: the candidate methods (another set than the default "
+                        "saves to its own scale_shape-<config>-<methods>.json)")
     args = parser.parse_args()
     if args.config:
         args.work.mkdir(parents=True, exist_ok=True)
         shape_run(args.config, args.work, args.budget, args.samples, args.seq_len, args.trials, args.eval_samples, args.layers,
-                  args.stages.split(",") if args.stages else None, args.resume)
+                  args.stages.split(",") if args.stages else None, args.resume, args.methods)
         return
     args.stages = args.stages or "refine-whole,refine-streaming,profile"
     cache = tempfile.mkdtemp(prefix="bitplan-scale-")
