@@ -249,6 +249,23 @@ def finished_units(cache: Path) -> int:
     return sum(1 for path in cache.rglob("*.safetensors") if path.name == "head.safetensors" or path.name.startswith("block-"))
 
 
+def gptq_variant(source: Path, out: Path) -> None:
+    """``source`` with every RTN assignment made GPTQ of the same bits, group and symmetry (the same
+    checkpoint format and bytes), sealed again: emit's calibrated path on a whole plan."""
+    from bitplan.planner.plan import load_plan
+
+    plan = load_plan(source)
+    swap = {scheme: "gptq-" + scheme.removeprefix("rtn-") for scheme in set(plan.assignments.values()) if scheme.startswith("rtn-")}
+    if not swap:
+        raise SystemExit(f"{source} assigns no RTN scheme: nothing to make GPTQ")
+    import dataclasses
+
+    plan = dataclasses.replace(plan, assignments={name: swap.get(scheme, scheme) for name, scheme in plan.assignments.items()},
+                               formats={swap.get(name, name): count for name, count in plan.formats.items()})
+    plan.save(out)
+    print(f"{out.name}: {sum(1 for s in plan.assignments.values() if s.startswith('gptq-'))} Linears made GPTQ ({', '.join(sorted(swap.values()))})")
+
+
 def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len: int, trials: int, eval_samples: int,
               layers: int | None = None, only: list[str] | None = None, resume: bool = False, methods: str = "rtn,gptq") -> None:
     from random_model import write_random_model
@@ -280,10 +297,12 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
     calibration = ["--text", str(text), "--samples", str(samples), "--seq-len", str(seq_len)]
     candidates = ["--methods", methods, "--bits", "4", "--groups", "128", "--symmetric-only"]
     plan, checkpoint = work / f"{label}-plan.json", work / f"{label}-checkpoint"
-    if checkpoint.exists() and (only is None or "emit" in only):
-        import shutil
+    plan_gptq, checkpoint_gptq = work / f"{label}-plan-gptq.json", work / f"{label}-checkpoint-gptq"
+    for stage, folder in (("emit", checkpoint), ("emit-gptq", checkpoint_gptq)):
+        if folder.exists() and (only is None or stage in only):
+            import shutil
 
-        shutil.rmtree(checkpoint)  # emit refuses to overwrite
+            shutil.rmtree(folder)  # emit refuses to overwrite
     stages = {
         "profile": ["profile", str(model), *calibration, *candidates],
         "plan": ["plan", str(model), "--budget", budget, "--context", "2048", "--trials", str(trials), "--out", str(plan),
@@ -291,7 +310,14 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
         "emit": ["emit", str(plan), "--out", str(checkpoint)],
         "eval": ["eval", str(checkpoint), "--text", str(text), "--samples", str(eval_samples), "--seq-len", str(seq_len),
                  "--json", str(work / f"{label}-scorecard.json")],
+        # the plan with every RTN Linear quantized by GPTQ instead (same format and bytes): emit's heaviest path, the
+        # calibration tokens run block by block for GPTQ's statistics; only on request (a plan edited here, not planned)
+        "emit-gptq": ["emit", str(plan_gptq), "--out", str(checkpoint_gptq)],
+        "eval-gptq": ["eval", str(checkpoint_gptq), "--text", str(text), "--samples", str(eval_samples), "--seq-len", str(seq_len),
+                      "--json", str(work / f"{label}-scorecard-gptq.json")],
     }
+    if only is None:
+        stages = {stage: argv for stage, argv in stages.items() if not stage.endswith("-gptq")}
     if only is not None:
         unknown = [stage for stage in only if stage not in stages]
         if unknown:
@@ -324,6 +350,8 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
     print(f"{'stage':8} {'peak RSS GiB':>12} {'bound GiB':>9} {'s/block':>8} {'70B here (extrap.) h':>21} {'70B on H100 (extrap.) min':>26}")
     for stage, argv in stages.items():
         before = finished_units(cache) if stage == "profile" else 0
+        if stage == "emit-gptq":
+            gptq_variant(plan, plan_gptq)
         out = subprocess.run([sys.executable, "-c", STAGE, *argv], env=env, capture_output=True, text=True)
         lines = out.stdout.strip().splitlines()
         if out.returncode or not lines:
@@ -367,7 +395,8 @@ def main() -> None:
     parser.add_argument("--depths", type=lambda text: [int(d) for d in text.split(",") if d], default=[60])
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--stages", help="stages to run (default: refine-whole,refine-streaming,profile; with --config: "
-                        "profile,plan,emit,eval; later stages reuse the work folder's profile, plan and checkpoint)")
+                        "profile,plan,emit,eval; on request emit-gptq,eval-gptq: the plan with GPTQ wherever it has RTN; "
+                        "later stages reuse the work folder's profile, plan and checkpoint)")
     parser.add_argument("--plan", choices=("rtn", "gptq"), default="rtn")
     parser.add_argument("--eval-samples", type=int, default=4, help="windows per held-out slice for the eval stages")
     parser.add_argument("--config", type=Path, help="a real model's config.json: run the whole measured path on random weights of that shape")
