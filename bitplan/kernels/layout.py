@@ -69,16 +69,29 @@ def packed_weight_bytes(
     return total + SHAPE_TENSOR_BYTES
 
 
+PACK_ELEMENTS = 1 << 24  # codes packed or unpacked at a time: the int64 work arrays stay near 128 MiB each
+# (a 128k x 4096 head packed whole took 14 GB of them; measured on the Llama-3-8B shape, bench/scale.py)
+
+
 def pack_codes(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     """Pack signed integer codes of a 2-D tensor densely into int32 words along ``dim``."""
     if codes.ndim != 2:
         raise ValueError(f"pack_codes takes a 2-D tensor, got shape {tuple(codes.shape)}")
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
+    source = codes.t() if dim == 0 else codes
+    rows, cols = source.shape
+    out = torch.empty(rows, packed_words(cols, bits), dtype=torch.int32)
+    step = max(1, PACK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        out[start : start + step] = _pack_rows(source[start : start + step], bits)
+    return out.t().contiguous() if dim == 0 else out
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_codes` along dim 1 of a few rows, through int64 work arrays."""
     values = codes.to(torch.int64) + (1 << (bits - 1))
-    assert int(values.min()) >= 0 and int(values.max()) < (1 << bits), "codes out of range"
-    if dim == 0:
-        values = values.t()
+    assert values.numel() == 0 or (int(values.min()) >= 0 and int(values.max()) < (1 << bits)), "codes out of range"
     rows, cols = values.shape
     words = packed_words(cols, bits)
     bit_pos = torch.arange(cols, dtype=torch.int64) * bits
@@ -92,17 +105,25 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
         high = values[:, spill] >> (32 - shift[spill])
         out.scatter_add_(1, (word_idx[spill] + 1).expand(rows, -1), high)
     out = out[:, :words]
-    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
-    return out.t().contiguous() if dim == 0 else out
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int, dim: int = 1) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: int32 words to signed int8 codes, ``count`` along ``dim``."""
     if packed.dtype != torch.int32:
         raise ValueError(f"packed codes must be int32, got {packed.dtype}")
+    source = packed.t() if dim == 0 else packed
+    rows, words = source.shape
+    out = torch.empty(rows, count, dtype=torch.int8)
+    step = max(1, PACK_ELEMENTS // max(count, words, 1))
+    for start in range(0, rows, step):
+        out[start : start + step] = _unpack_rows(source[start : start + step], bits, count)
+    return out.t().contiguous() if dim == 0 else out
+
+
+def _unpack_rows(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """:func:`unpack_codes` along dim 1 of a few rows, through int64 work arrays."""
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    if dim == 0:
-        words = words.t()
     rows = words.shape[0]
     words = torch.cat([words, torch.zeros(rows, 1, dtype=torch.int64)], dim=1)
     bit_pos = torch.arange(count, dtype=torch.int64) * bits
@@ -112,8 +133,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, dim: int = 1) -> t
     high = words[:, word_idx + 1] << (32 - shift)
     mask = (1 << bits) - 1
     values = (low | torch.where(shift + bits > 32, high, torch.zeros_like(high))) & mask
-    codes = (values - (1 << (bits - 1))).to(torch.int8)
-    return codes.t().contiguous() if dim == 0 else codes
+    return (values - (1 << (bits - 1))).to(torch.int8)
 
 
 def dense_weight_bytes(out_features: int, in_features: int, dtype_bytes: int) -> int:

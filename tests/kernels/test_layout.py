@@ -45,3 +45,21 @@ def test_byte_count_equals_the_packed_tensors(bits, group, symmetric):
 def test_short_groups_do_not_fit():
     assert not layout.group_fits(576, 128)
     assert layout.group_fits(576, 64) and layout.group_fits(576, 0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_packing_a_few_rows_at_a_time_gives_the_same_words(monkeypatch, bits, dim):
+    """A 128k-row head is packed and unpacked in row ranges (its int64 work arrays took 14 GB
+    whole): every range size gives the words and codes of one pass over the whole tensor."""
+    from bitplan.kernels import layout as packing
+
+    generator = torch.Generator().manual_seed(bits * 10 + dim)
+    codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (37, 45), generator=generator).to(torch.int8)
+    monkeypatch.setattr(packing, "PACK_ELEMENTS", 1 << 30)
+    whole = packing.pack_codes(codes, bits, dim=dim)
+    for elements in (1, 45, 100, 45 * 7):
+        monkeypatch.setattr(packing, "PACK_ELEMENTS", elements)
+        packed = packing.pack_codes(codes, bits, dim=dim)
+        assert torch.equal(packed, whole)
+        assert torch.equal(packing.unpack_codes(packed, bits, codes.shape[dim], dim=dim), codes)
