@@ -20,10 +20,10 @@ def dequantize_codes(
     """
     out_features, in_features = codes.shape
     width = in_features if group_size == 0 else group_size
-    values = codes.to(torch.float32).view(out_features, -1, width)
+    values = codes.to(torch.float32, copy=True).view(out_features, -1, width)  # one float32 copy, worked in place
     if zero is not None:
-        values = values - zero.to(torch.float32).unsqueeze(-1)
-    values = values * scale.to(torch.float32).unsqueeze(-1)
+        values.sub_(zero.to(torch.float32).unsqueeze(-1))
+    values.mul_(scale.to(torch.float32).unsqueeze(-1))
     return values.reshape(out_features, in_features).to(dtype)
 
 

@@ -53,11 +53,13 @@ def load_dense_model(folder: Path) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def block_variant(layers: list, assignments: dict[str, Scheme], read, stats: dict, spec: ModelSpec
+def block_variant(layers: list, assignments: dict[str, Scheme], read, stats: dict, spec: ModelSpec, read_rows=None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """One block under ``assignments``: its float32 tensors by full name (dequantized Linears,
-    folded norms and biases) and the activation format of each W8A8 Linear."""
-    quantized = quantize_block(layers, assignments, read, stats, SCALE_DTYPES[spec.dtype], norm_offset(spec.model_type))
+    folded norms and biases) and the activation format of each W8A8 Linear. With ``read_rows``
+    a large Linear nothing folds into (a 128k-vocabulary head) is read and quantized a row range
+    at a time, as emit does (the same codes; its float32 source is never whole)."""
+    quantized = quantize_block(layers, assignments, read, stats, SCALE_DTYPES[spec.dtype], norm_offset(spec.model_type), read_rows)
     tensors = {f"{name}.weight": (w.dequantize() if isinstance(w, (QuantizedWeight, GGMLQuantized)) else w.to(torch.float32))
                for name, w in quantized.linears.items()}
     tensors.update({name: t.to(torch.float32) for name, t in quantized.replaced.items()})
@@ -126,7 +128,7 @@ class VariantCache:
 
 
 def cached_block(cache: VariantCache, layers: list, assignments: dict[str, Scheme], read, stats: Callable[[], dict],
-                 spec: ModelSpec) -> Variant:
+                 spec: ModelSpec, read_rows=None) -> Variant:
     """:func:`block_variant` through ``cache``: assembled from per-(Linear, scheme) entries, or one
     entry per block variant when a smoothing scheme couples the block's Linears. Dense Linears
     (a cast to the checkpoint dtype) are not kept. ``stats()`` gives the block's statistics when needed."""
@@ -137,7 +139,7 @@ def cached_block(cache: VariantCache, layers: list, assignments: dict[str, Schem
     for layer in layers:
         scheme = assignments[layer.name]
         alone = lambda layer=layer, scheme=scheme: block_variant([layer], {layer.name: scheme}, read,  # noqa: E731
-                                                                 {} if scheme.is_dense else stats(), spec)
+                                                                 {} if scheme.is_dense else stats(), spec, read_rows)
         part = alone() if scheme.is_dense else cache.get(("linear", layer.name, scheme), alone)
         tensors.update(part[0])
         activations.update(part[1])

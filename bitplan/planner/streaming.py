@@ -106,6 +106,12 @@ class StreamingMeter:
             return self.runner.embedding_weight()
         return self.reader.tensor(name) if self.reader.has(name) else None
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a source matrix in float32 (a tied head reads the embedding's)."""
+        if name == f"{self.runner.family.lm_head}.weight" and not self.reader.has(name):
+            name = f"{self.runner.family.embedding}.weight"
+        return self.reader.rows(name, start, stop)
+
     def calibrate(self, windows: torch.Tensor) -> None:
         """Gather every Linear's input statistics on ``windows`` block by block; each block's go to disk."""
         hidden = self.runner.embed(windows)
@@ -137,7 +143,8 @@ class StreamingMeter:
 
     def block_tensors(self, block: int, assignments: dict[str, Scheme]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The float32 tensors (full names) and activation formats of block ``block`` under ``assignments``."""
-        return cached_block(self.cache, self.blocks[block], assignments, self.read, lambda: self.block_stats(block), self.spec)
+        return cached_block(self.cache, self.blocks[block], assignments, self.read, lambda: self.block_stats(block), self.spec,
+                            self.read_rows)
 
     def apply(self, assignments: dict[str, Scheme]) -> None:
         """The plan the next :meth:`measure` runs (layer name -> scheme; missing = dense)."""
