@@ -91,11 +91,15 @@ class VariantCache:
         self.computed = 0
         self.dropped = 0
 
-    def get(self, key: tuple, compute: Callable[[], Variant]) -> Variant:
+    def get(self, key: tuple, compute: Callable[[], Variant], expected_bytes: int = 0) -> Variant:
+        """The variant of ``key``, computed by ``compute`` if neither in memory nor on disk. With
+        ``expected_bytes`` (its size, when known), older variants leave memory first to make room:
+        a 2.1 GB head variant is not computed beside a full cache."""
         if key in self.memory:
             self.memory.move_to_end(key)
             variant = self.memory[key]
         else:
+            self.evict(self.memory_bytes - expected_bytes, keep=0)
             if key in self.spilled:
                 variant = torch.load(self.spilled[key], weights_only=True)
             else:
@@ -103,7 +107,13 @@ class VariantCache:
                 self.computed += 1
             self.memory[key] = variant
             self.held += variant_bytes(variant)
-        while self.held > self.memory_bytes and len(self.memory) > 1:
+        self.evict(self.memory_bytes, keep=1)
+        return variant
+
+    def evict(self, limit: int, keep: int) -> None:
+        """Move the least recently used variants out of memory (to disk while it has room, else
+        dropped) until at most ``limit`` bytes are held or ``keep`` variants remain."""
+        while self.held > limit and len(self.memory) > keep:
             old_key, old = self.memory.popitem(last=False)
             size = variant_bytes(old)
             self.held -= size
@@ -116,7 +126,6 @@ class VariantCache:
             torch.save(old, path)
             self.spilled[old_key] = path
             self.spilled_bytes += path.stat().st_size
-        return variant
 
     def clear(self) -> None:
         for path in self.spilled.values():
@@ -140,7 +149,7 @@ def cached_block(cache: VariantCache, layers: list, assignments: dict[str, Schem
         scheme = assignments[layer.name]
         alone = lambda layer=layer, scheme=scheme: block_variant([layer], {layer.name: scheme}, read,  # noqa: E731
                                                                  {} if scheme.is_dense else stats(), spec, read_rows)
-        part = alone() if scheme.is_dense else cache.get(("linear", layer.name, scheme), alone)
+        part = alone() if scheme.is_dense else cache.get(("linear", layer.name, scheme), alone, 4 * layer.out_features * layer.in_features)
         tensors.update(part[0])
         activations.update(part[1])
     return tensors, activations

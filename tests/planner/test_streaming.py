@@ -95,3 +95,28 @@ def test_the_variant_cache_spills_to_disk_up_to_its_cap_then_drops_and_recompute
     assert calls == [0, 1, 2, 1] and cache.computed == 4
     cache.clear()
     assert not list(tmp_path.iterdir())
+
+
+def test_the_variant_cache_makes_room_before_computing_a_large_variant(tmp_path):
+    """Given its size, a variant is computed only after older ones left memory: the 8B shape's 2.1 GB
+    float32 head variant was computed beside a full cache (the plan stage peaked 2.7 GiB above its bound)."""
+    from bitplan.planner.quality import VariantCache, variant_bytes
+
+    one = 256 * 4
+    cache = VariantCache(memory_bytes=2 * one, spill_dir=tmp_path)
+    held_while_computing: list[int] = []
+
+    def compute(i: int, n: int):
+        def run():
+            held_while_computing.append(cache.held)
+            return {f"w{i}": torch.full((n,), float(i))}, {}
+        return run
+
+    cache.get(("linear", 0), compute(0, 256), one)
+    cache.get(("linear", 1), compute(1, 256), one)
+    assert cache.held == 2 * one and held_while_computing == [0, one]
+    big = cache.get(("linear", 2), compute(2, 512), 2 * one)
+    assert held_while_computing[-1] == 0, "the older variants stayed in memory while the large one was computed"
+    assert cache.held == variant_bytes(big) == 2 * one and len(cache.spilled) == 2
+    assert torch.equal(cache.get(("linear", 0), compute(0, 256), one)[0]["w0"], torch.zeros(256))  # back from disk, not recomputed
+    assert cache.computed == 3
