@@ -53,7 +53,7 @@ from pathlib import Path
 
 import peer_bytes as pb
 import torch
-from common import RESULTS, save
+from common import RESULTS, code_commit, save
 from domain_common import FORTUNES, heldout
 from gguf_presets import CONTEXT as PLAN_CONTEXT
 from gguf_presets import OFF_GRID, budget_for, quantize_preset
@@ -324,17 +324,10 @@ def bitplan_rows(args, spec: ModelSpec, evaluator: Evaluator, rows: Rows, peers:
                                      "types": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "grid_tensors": len(near),
                                      "grid_bytes": near_bytes, "predicted_kl": plan.predicted.score_kl,
                                      "plan_seconds": seconds, "trials": args.trials, "search_minutes": args.search_minutes,
-                                     "search": plan.search.to_dict(), "commit": commit(),
+                                     "search": plan.search.to_dict(), "commit": code_commit(),
                                      "candidates": [str(s) for s in candidates.schemes(None)] if tag != "default" else tag})
             out.append(row)
     return out
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    return out + ("+uncommitted" if dirty else "")
 
 
 def table(peers: list[dict], plans: list[dict], weights: int) -> tuple[list[dict], str]:

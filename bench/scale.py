@@ -60,7 +60,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, save
+from common import RESULTS, code_commit, save
 
 CHILD = """
 import json, os, resource, sys, time
@@ -252,14 +252,14 @@ def finished_units(cache: Path) -> int:
 def gptq_variant(source: Path, out: Path) -> None:
     """``source`` with every RTN assignment made GPTQ of the same bits, group and symmetry (the same
     checkpoint format and bytes), sealed again: emit's calibrated path on a whole plan."""
+    import dataclasses
+
     from bitplan.planner.plan import load_plan
 
     plan = load_plan(source)
     swap = {scheme: "gptq-" + scheme.removeprefix("rtn-") for scheme in set(plan.assignments.values()) if scheme.startswith("rtn-")}
     if not swap:
         raise SystemExit(f"{source} assigns no RTN scheme: nothing to make GPTQ")
-    import dataclasses
-
     plan = dataclasses.replace(plan, assignments={name: swap.get(scheme, scheme) for name, scheme in plan.assignments.items()},
                                formats={swap.get(name, name): count for name, count in plan.formats.items()})
     plan.save(out)
@@ -325,11 +325,7 @@ def shape_run(config_path: Path, work: Path, budget: str, samples: int, seq_len:
         stages = {stage: argv for stage, argv in stages.items() if stage in only}
     env = dict(os.environ, BITPLAN_CACHE=str(cache), PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]))
     env.pop("TRITON_INTERPRET", None)
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"], cwd=root,
-                           capture_output=True, text=True).stdout.strip()  # saved results are not code
-    commit += "+uncommitted" if dirty else ""
+    commit = code_commit()
     saved = RESULTS / f"scale_shape-{label}.json"
     # a run of some stages keeps the saved rows of the others (each row names its commit)
     kept = [] if only is None or not saved.is_file() else [row for row in json.loads(saved.read_text()).get("rows", [])

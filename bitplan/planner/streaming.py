@@ -100,17 +100,20 @@ class StreamingMeter:
         self.references: dict[str, torch.Tensor] = {}  # tokens hash -> reference final hidden states
         self.kv = None  # K/V transform of the candidate's attention (profiles.kv_cache), or None
 
-    def read(self, name: str) -> torch.Tensor | None:
-        """A source tensor in float32 (a tied head reads the embedding), or None when absent."""
+    def source_name(self, name: str) -> str:
+        """The stored tensor behind ``name``: a tied head is the embedding."""
         if name == f"{self.runner.family.lm_head}.weight" and not self.reader.has(name):
-            return self.runner.embedding_weight()
+            return f"{self.runner.family.embedding}.weight"
+        return name
+
+    def read(self, name: str) -> torch.Tensor | None:
+        """A source tensor in float32, or None when absent."""
+        name = self.source_name(name)
         return self.reader.tensor(name) if self.reader.has(name) else None
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of a source matrix in float32 (a tied head reads the embedding's)."""
-        if name == f"{self.runner.family.lm_head}.weight" and not self.reader.has(name):
-            name = f"{self.runner.family.embedding}.weight"
-        return self.reader.rows(name, start, stop)
+        """Rows ``start:stop`` of a source matrix in float32."""
+        return self.reader.rows(self.source_name(name), start, stop)
 
     def calibrate(self, windows: torch.Tensor) -> None:
         """Gather every Linear's input statistics on ``windows`` block by block; each block's go to disk."""
