@@ -116,9 +116,63 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
         header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
+    return safetensors_header(header) + b"".join(chunks)
+
+
+def safetensors_header(header: dict) -> bytes:
+    """The 8-byte length and JSON header (keys sorted, padded with spaces to 8 bytes) that open a safetensors file."""
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+    return len(text).to_bytes(8, "little") + text
+
+
+class SafetensorsStream:
+    """A safetensors file written a tensor at a time, for files larger than what should sit in memory
+    (an emitted shard of a large model): each tensor's bytes go to a side file as they arrive, and
+    :meth:`close` writes the header (keys sorted; data in the order added) and appends the data. Memory
+    holds one tensor, never the file; the disk briefly holds the data twice. The bytes depend only on
+    the tensors and their order."""
+
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.data_path = self.path.with_name(f".{self.path.name}.data")
+        self.data = open(self.data_path, "wb")  # noqa: SIM115 (closed by close() or abandon())
+        self.header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        self.bytes = 0
+
+    def add(self, name: str, tensor) -> None:
+        import torch
+
+        if name in self.header:
+            raise ValueError(f"{name} was already written to {self.path.name}")
+        tensor = tensor.detach().contiguous().cpu()
+        data = tensor.reshape(-1).view(torch.uint8).numpy()  # the tensor's own memory, not a copy
+        self.guarded(lambda: self.data.write(data))
+        dtype = SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")]
+        self.header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [self.bytes, self.bytes + data.nbytes]}
+        self.bytes += data.nbytes
+
+    def close(self) -> None:
+        self.data.close()
+
+        def write() -> None:
+            with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+                out.write(safetensors_header(self.header))
+                shutil.copyfileobj(data, out, 64 << 20)
+        self.guarded(write)
+        self.data_path.unlink()
+
+    def abandon(self) -> None:
+        self.data.close()
+        self.data_path.unlink(missing_ok=True)
+
+    def guarded(self, write: Callable[[], object]) -> None:
+        try:
+            write()
+        except OSError as exc:  # a full disk: name the file
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+            raise
 
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from bitplan.atomic import save_safetensors, staging_folder
+from bitplan.atomic import SafetensorsStream, staging_folder
 from bitplan.engines import get_rules
 from bitplan.engines.formats import BITPLAN_MODEL_TYPE, Format, checkpoint_format
 from bitplan.engines.rules import assignment_violations
@@ -196,27 +196,29 @@ def check_plan_against_model(plan: Plan, spec: ModelSpec) -> dict[str, Scheme]:
 
 
 class ShardWriter:
-    """Collects tensors and writes ``model-XXXXX.safetensors`` shards of at most ``SHARD_BYTES``."""
+    """Writes tensors into ``model-XXXXX.safetensors`` shards of at most ``SHARD_BYTES`` (or one tensor
+    larger than that), each streamed to disk as it comes (:class:`bitplan.atomic.SafetensorsStream`):
+    emit holds one block's tensors, never a shard's."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.shard: SafetensorsStream | None = None
         self.files: list[tuple[str, list[str]]] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > SHARD_BYTES:
-            self.flush()  # before, not after: what waits never exceeds a shard (or one tensor larger than one)
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
+        if self.shard is not None and self.shard.bytes and self.shard.bytes + size > SHARD_BYTES:
+            self.flush()
+        if self.shard is None:
+            filename = f"model-{len(self.files) + 1:05d}.safetensors"
+            self.shard = SafetensorsStream(self.folder / filename, metadata={"format": "pt"})
+        self.shard.add(name, tensor)
 
     def flush(self) -> None:
-        if self.pending:
-            filename = f"model-{len(self.files) + 1:05d}.safetensors"
-            save_safetensors(self.pending, self.folder / filename, metadata={"format": "pt"})
-            self.files.append((filename, sorted(self.pending)))
-            self.pending, self.pending_bytes = {}, 0
+        if self.shard is not None:
+            self.shard.close()
+            self.files.append((self.shard.path.name, sorted(name for name in self.shard.header if name != "__metadata__")))
+            self.shard = None
 
     def finish(self) -> None:
         self.flush()
@@ -305,8 +307,10 @@ def write_checkpoint(folder: Path, config: dict, spec: ModelSpec, assignments: d
         layers = [layer for layer in spec.layers if layer.block == block]
         quantized = (quantize_block(layers, assignments, read, stats, scale_dtype, norm_offset(spec.model_type), reader.rows)
                      if layers else None)
+        del stats  # GPTQ's Hessians (down_proj's alone is in_features^2 floats) go before the writes and the next block's
         for name in by_block[block]:
             linear_bytes += write_tensor(name, reader, quantized, writer)
+        del quantized
         report("emit", done, len(by_block))
     kv_scheme = kv_cache_scheme(plan)
     if kv_scheme is not None:

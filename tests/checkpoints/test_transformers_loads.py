@@ -72,6 +72,33 @@ def test_a_mixed_checkpoint_planned_for_transformers_loads_there_with_bitplans_l
     assert result.max_logit_diff <= 1e-4 and result.top1_agreement == 1.0
 
 
+def test_a_checkpoint_written_in_shards_loads_there_with_the_same_tensors(transformers_plan, transformers_checkpoint,
+                                                                         tmp_path, monkeypatch):
+    """A large model's checkpoint comes in several streamed shards and an index: transformers loads it
+    with bitplan.load's logits, and every tensor is the one-file checkpoint's."""
+    from safetensors import safe_open
+
+    from bitplan.checkpoints import emit as emit_module
+
+    monkeypatch.setattr(emit_module, "SHARD_BYTES", 30 * 10**6)
+    sharded = bitplan.emit(transformers_plan, tmp_path / "sharded")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and sorted(set(index.values())) == [p.name for p in shards]
+    assert not list(sharded.glob(".*")), "no side file is left"
+    with safe_open(str(transformers_checkpoint / "model.safetensors"), "pt") as whole:
+        assert sorted(index) == sorted(whole.keys())
+        for shard in shards:
+            with safe_open(str(shard), "pt") as part:
+                # a shard's data plus its header, or one tensor larger than a shard (SmolLM2's 57 MB embedding)
+                assert shard.stat().st_size <= 30 * 10**6 + 2**20 or len(part.keys()) == 1
+                assert all(index[name] == shard.name and torch.equal(part.get_tensor(name), whole.get_tensor(name))
+                           for name in part.keys())
+    result = transformers_agreement(sharded)
+    assert result.ok, result.detail
+    assert result.max_logit_diff <= 1e-4 and result.top1_agreement == 1.0
+
+
 def test_every_config_bitplan_writes_for_compressed_tensors_passes_its_validation(transformers_checkpoint):
     config = json.loads((transformers_checkpoint / "config.json").read_text())["quantization_config"]
     parsed = QuantizationConfig.model_validate(config)
