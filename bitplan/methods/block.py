@@ -102,7 +102,13 @@ def quantize_block(layers: list[LayerSpec], assignments: dict[str, Scheme], read
     by_rows = {layer.name for layer in layers if read_rows is not None and len(row_chunks(layer.out_features, layer.in_features)) > 1
                and assignments[layer.name].method not in SMOOTHING and assignments[layer.name].method != Method.GGML
                and layer.name not in groups}  # nothing folds into it
-    weights = {layer.name: read(f"{layer.name}.weight").to(torch.float32) for layer in layers if layer.name not in by_rows}
+    # what smoothing reads across Linears is read first; every other Linear when its turn comes, and each
+    # float32 weight is dropped once quantized (a block's worth of float32 is never held at once)
+    coupled = {member.name for _, members in groups.values() for member in members} | (set(groups) & names)
+    weights = {layer.name: read(f"{layer.name}.weight").to(torch.float32) for layer in layers if layer.name in coupled}
+
+    def weight(name: str) -> torch.Tensor:
+        return weights.pop(name) if name in weights else read(f"{name}.weight").to(torch.float32)
     done: dict[str, QuantizedWeight] = {}
     order = sorted(groups, key=lambda key: key not in names)  # Linear-fed groups first (step 1), then norm-fed
     for key in order:
@@ -124,7 +130,7 @@ def quantize_block(layers: list[LayerSpec], assignments: dict[str, Scheme], read
     for layer in layers:
         scheme = assignments[layer.name]
         if scheme.method in SMOOTHING and not layer.smoothed_by:
-            alone = quantize_smoothing_group({layer.name: weights[layer.name]}, scheme, scale_dtype, stats[layer.name]["input"],
+            alone = quantize_smoothing_group({layer.name: weight(layer.name)}, scheme, scale_dtype, stats[layer.name]["input"],
                                              clip_flags([layer]), foldable=False)
             done[layer.name] = alone.quantized[layer.name]
         if layer.name in done:
@@ -140,9 +146,10 @@ def quantize_block(layers: list[LayerSpec], assignments: dict[str, Scheme], read
                 result.linears[layer.name] = quantize_row_ranges(rows, layer.out_features, layer.in_features, scheme, scale_dtype,
                                                                  stats.get(layer.name, {}))
         elif scheme.is_dense:
-            result.linears[layer.name] = weights[layer.name].to(scale_dtype)
+            result.linears[layer.name] = weight(layer.name).to(scale_dtype)
         else:
-            result.linears[layer.name] = quantize_by_rows(weights[layer.name], scheme, scale_dtype, stats.get(layer.name, {}))
+            result.linears[layer.name] = quantize_by_rows(weight(layer.name), scheme, scale_dtype, stats.get(layer.name, {}))
+        weights.pop(layer.name, None)
         if activation_format(scheme):
             result.activations[layer.name] = activation_format(scheme)
     return result

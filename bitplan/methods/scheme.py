@@ -202,6 +202,16 @@ class QuantizedWeight:
             return values.reshape(self.codes.shape).to(dtype)
         return dequantize_codes(self.codes, self.scale, self.zero, self.scheme.group_size, dtype)
 
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """Output rows ``start:stop`` (views, no copy): what they dequantize to is those rows of :meth:`dequantize`."""
+        zero = None if self.zero is None else self.zero[start:stop]
+        return QuantizedWeight(self.codes[start:stop], self.scale[start:stop], zero, self.scheme)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (codes, scales, zero points): a quarter of the float32 weight's or less."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
+
     def scale_rows(self, divisor: torch.Tensor) -> "QuantizedWeight":
         """The same codes with output row ``r`` divided by ``divisor[r]`` (a fold of the next
         Linear's smoothing scales into this one's output), scales rounded to their dtype."""

@@ -34,7 +34,8 @@ from bitplan.models.spec import SCALE_DTYPES, ModelSpec, family_for, norm_offset
 from bitplan.profiles.kv_cache import kv_rounding
 from bitplan.profiles.text import tokens_hash
 
-Variant = tuple[dict[str, torch.Tensor], dict[str, str]]  # float32 tensors by full name, activation format per W8A8 Linear
+# float32 tensors by full name (or, compact, a Linear's codes and scales), activation format per W8A8 Linear
+Variant = tuple[dict[str, torch.Tensor | QuantizedWeight], dict[str, str]]
 
 
 def load_dense_model(folder: Path) -> nn.Module:
@@ -53,21 +54,43 @@ def load_dense_model(folder: Path) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def block_variant(layers: list, assignments: dict[str, Scheme], read, stats: dict, spec: ModelSpec, read_rows=None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def block_variant(layers: list, assignments: dict[str, Scheme], read, stats: dict, spec: ModelSpec, read_rows=None,
+                  compact: bool = False) -> Variant:
     """One block under ``assignments``: its float32 tensors by full name (dequantized Linears,
     folded norms and biases) and the activation format of each W8A8 Linear. With ``read_rows``
     a large Linear nothing folds into (a 128k-vocabulary head) is read and quantized a row range
-    at a time, as emit does (the same codes; its float32 source is never whole)."""
+    at a time, as emit does (the same codes; its float32 source is never whole). With ``compact``,
+    a Linear quantized to codes and scales stays so (:class:`QuantizedWeight`, a quarter of its
+    float32 bytes or less), widened by whoever runs it (``BlockRunner.fill_block``, ``BlockRunner.logits``)."""
     quantized = quantize_block(layers, assignments, read, stats, SCALE_DTYPES[spec.dtype], norm_offset(spec.model_type), read_rows)
-    tensors = {f"{name}.weight": (w.dequantize() if isinstance(w, (QuantizedWeight, GGMLQuantized)) else w.to(torch.float32))
-               for name, w in quantized.linears.items()}
+    tensors = {f"{name}.weight": widened(w, compact) for name, w in quantized.linears.items()}
     tensors.update({name: t.to(torch.float32) for name, t in quantized.replaced.items()})
     return tensors, quantized.activations
 
 
+def widened(weight, compact: bool) -> torch.Tensor | QuantizedWeight:
+    """A quantized Linear's weight as a variant keeps it: float32, or its codes and scales when ``compact``."""
+    if isinstance(weight, QuantizedWeight):
+        return weight if compact else weight.dequantize()
+    return weight.dequantize() if isinstance(weight, GGMLQuantized) else weight.to(torch.float32)
+
+
 def variant_bytes(variant: Variant) -> int:
-    return sum(t.numel() * t.element_size() for t in variant[0].values())
+    return sum(t.nbytes if isinstance(t, QuantizedWeight) else t.numel() * t.element_size() for t in variant[0].values())
+
+
+def stored_variant(variant: Variant) -> Variant:
+    """``variant`` as ``torch.save`` writes it and ``torch.load(weights_only=True)`` reads it back: plain tensors,
+    a compact Linear as a dict of its tensors and scheme name (:func:`restored_variant` undoes it)."""
+    tensors = {name: {"codes": t.codes, "scale": t.scale, "zero": t.zero, "scheme": t.scheme.name} if isinstance(t, QuantizedWeight) else t
+               for name, t in variant[0].items()}
+    return tensors, variant[1]
+
+
+def restored_variant(stored: Variant) -> Variant:
+    tensors = {name: QuantizedWeight(t["codes"], t["scale"], t["zero"], Scheme.parse(t["scheme"])) if isinstance(t, dict) else t
+               for name, t in stored[0].items()}
+    return tensors, stored[1]
 
 
 class VariantCache:
@@ -101,7 +124,7 @@ class VariantCache:
         else:
             self.evict(self.memory_bytes - expected_bytes, keep=0)
             if key in self.spilled:
-                variant = torch.load(self.spilled[key], weights_only=True)
+                variant = restored_variant(torch.load(self.spilled[key], weights_only=True))
             else:
                 variant = compute()
                 self.computed += 1
@@ -123,7 +146,7 @@ class VariantCache:
                 self.dropped += 1
                 continue
             path = self.spill_dir / f"variant-{len(self.spilled)}.pt"
-            torch.save(old, path)
+            torch.save(stored_variant(old), path)
             self.spilled[old_key] = path
             self.spilled_bytes += path.stat().st_size
 
@@ -137,19 +160,20 @@ class VariantCache:
 
 
 def cached_block(cache: VariantCache, layers: list, assignments: dict[str, Scheme], read, stats: Callable[[], dict],
-                 spec: ModelSpec, read_rows=None) -> Variant:
+                 spec: ModelSpec, read_rows=None, compact: bool = False) -> Variant:
     """:func:`block_variant` through ``cache``: assembled from per-(Linear, scheme) entries, or one
     entry per block variant when a smoothing scheme couples the block's Linears. Dense Linears
     (a cast to the checkpoint dtype) are not kept. ``stats()`` gives the block's statistics when needed."""
     if any(assignments[layer.name].method in SMOOTHING for layer in layers):
         key = ("block", tuple(layer.name for layer in layers), tuple(assignments[layer.name] for layer in layers))
-        return cache.get(key, lambda: block_variant(layers, assignments, read, stats(), spec))
+        return cache.get(key, lambda: block_variant(layers, assignments, read, stats(), spec, compact=compact))
     tensors, activations = {}, {}
     for layer in layers:
         scheme = assignments[layer.name]
         alone = lambda layer=layer, scheme=scheme: block_variant([layer], {layer.name: scheme}, read,  # noqa: E731
-                                                                 {} if scheme.is_dense else stats(), spec, read_rows)
-        part = alone() if scheme.is_dense else cache.get(("linear", layer.name, scheme), alone, 4 * layer.out_features * layer.in_features)
+                                                                 {} if scheme.is_dense else stats(), spec, read_rows, compact)
+        held = layer.out_features * layer.in_features * (1 if compact else 4)  # about: int8 codes or float32
+        part = alone() if scheme.is_dense else cache.get(("linear", layer.name, scheme), alone, held)
         tensors.update(part[0])
         activations.update(part[1])
     return tensors, activations

@@ -13,8 +13,10 @@ Quantized tensors (per (Linear, scheme), or per block variant under a smoothing 
 ``quality.cached_block``) are computed once; beyond ``cache_bytes`` in memory the least recently
 used go to disk and are read back when asked again, so a search quantizes each once.
 
-Memory: one block's weights (float32) and ``cache_bytes`` of quantized tensors, plus the hidden states of the
-measured windows (twice: reference and candidate) and one batch of logits, whatever the depth.
+Memory: one block's weights (float32) and ``cache_bytes`` of quantized tensors (a quantized Linear
+as its int8 codes and scales, widened one tensor at a time as its block is filled, a quantized head
+``HEAD_ROWS`` rows at a time as it multiplies), plus the hidden states of the measured windows
+(twice: reference and candidate) and one batch of logits, whatever the depth.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from bitplan.kernels.numerics import fake_quant_activations
 from bitplan.methods.scheme import DENSE, Scheme
 from bitplan.models.source import WeightReader, cache_dir
 from bitplan.models.spec import ModelSpec
-from bitplan.planner.quality import Quality, VariantCache, cached_block
+from bitplan.planner.quality import Quality, Variant, VariantCache, cached_block
 from bitplan.profiles.blocks import BlockRunner, block_input_stats, run_block
 from bitplan.profiles.kv_cache import kv_rounding
 from bitplan.profiles.text import tokens_hash
@@ -144,10 +146,11 @@ class StreamingMeter:
             return {}
         return torch.load(self.stats_path(block), weights_only=False)
 
-    def block_tensors(self, block: int, assignments: dict[str, Scheme]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The float32 tensors (full names) and activation formats of block ``block`` under ``assignments``."""
+    def block_tensors(self, block: int, assignments: dict[str, Scheme]) -> Variant:
+        """The tensors (full names; quantized Linears as codes and scales, widened to float32 as
+        the block is filled) and activation formats of block ``block`` under ``assignments``."""
         return cached_block(self.cache, self.blocks[block], assignments, self.read, lambda: self.block_stats(block), self.spec,
-                            self.read_rows)
+                            self.read_rows, compact=True)
 
     def apply(self, assignments: dict[str, Scheme]) -> None:
         """The plan the next :meth:`measure` runs (layer name -> scheme; missing = dense)."""

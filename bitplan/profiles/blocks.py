@@ -21,6 +21,7 @@ from torch import nn
 
 from bitplan.errors import BitplanError
 from bitplan.memory import release_freed_memory
+from bitplan.methods.scheme import QuantizedWeight
 from bitplan.models.architectures import Family
 from bitplan.models.experts import rename_modules, unfuse_experts
 from bitplan.models.source import READ_ROWS, WeightReader
@@ -109,7 +110,7 @@ class BlockRunner:
         positions = torch.arange(hidden.shape[1]).unsqueeze(0)
         return make(config=self.hf, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions)
 
-    def load_block(self, index: int, overrides: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    def load_block(self, index: int, overrides: dict[str, torch.Tensor | QuantizedWeight] | None = None) -> nn.Module:
         """Decoder block ``index`` with its weights (float32); ``overrides`` replaces some by suffix.
 
         Called as ``block(hidden, position_embeddings=...)`` with what :meth:`position_embeddings`
@@ -131,8 +132,9 @@ class BlockRunner:
         block.register_forward_pre_hook(as_in_model, with_kwargs=True)
         return block
 
-    def fill_block(self, block: nn.Module, index: int, overrides: dict[str, torch.Tensor] | None = None) -> None:
-        """Load block ``index``'s weights (float32) into ``block``, ``overrides`` replacing some by suffix."""
+    def fill_block(self, block: nn.Module, index: int, overrides: dict[str, torch.Tensor | QuantizedWeight] | None = None) -> None:
+        """Load block ``index``'s weights (float32) into ``block``, ``overrides`` replacing some by suffix
+        (a quantized Linear's codes and scales are dequantized as they are copied in)."""
         prefix, overrides = self.block_prefix(index), overrides or {}
         names = {name[len(prefix):] for name in self.reader.location if name.startswith(prefix)} | set(overrides)
         targets = block.state_dict(keep_vars=True)
@@ -143,7 +145,7 @@ class BlockRunner:
         with torch.no_grad():  # one tensor at a time: the block plus one tensor, never a second copy of the block
             for name in sorted(names):
                 value = overrides[name] if name in overrides else self.reader.tensor(prefix + name)
-                targets[name].copy_(value)
+                targets[name].copy_(value.dequantize() if isinstance(value, QuantizedWeight) else value)
 
     def embedding_weight(self) -> torch.Tensor:
         return self.reader.tensor(f"{self.family.embedding}.weight")
@@ -194,11 +196,14 @@ class BlockRunner:
         variance = hidden.pow(2).mean(-1, keepdim=True)
         return hidden * torch.rsqrt(variance + eps) * (self.family.norm_offset + norm_weight)
 
-    def logits(self, normed: torch.Tensor, head_weight: torch.Tensor | nn.Module) -> torch.Tensor:
+    def logits(self, normed: torch.Tensor, head_weight: torch.Tensor | QuantizedWeight | nn.Module) -> torch.Tensor:
         """The head's logits from final-normed hidden states, soft-capped where the family caps them (Gemma 2);
         ``head_weight`` is the head's weight or the head itself (a checkpoint's quantized head)."""
         if isinstance(head_weight, nn.Module):
             logits = head_weight(normed)
+        elif isinstance(head_weight, QuantizedWeight):  # a head kept as codes and scales: dequantized HEAD_ROWS rows at a time
+            logits = torch.cat([normed @ head_weight.rows(start, start + HEAD_ROWS).dequantize().T
+                                for start in range(0, head_weight.shape[0], HEAD_ROWS)], dim=-1)
         elif head_weight.dtype == torch.float32:
             logits = normed @ head_weight.T
         else:  # a stored 16-bit head: widened to float32 HEAD_ROWS rows at a time

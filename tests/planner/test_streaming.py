@@ -11,7 +11,7 @@ import torch
 
 from tiny_models import write_tiny_llama
 
-from bitplan.methods.scheme import Scheme
+from bitplan.methods.scheme import QuantizedWeight, Scheme
 from bitplan.models.source import open_model
 from bitplan.planner.quality import QualityMeter, load_dense_model
 from bitplan.planner.streaming import StreamingMeter
@@ -46,6 +46,9 @@ def test_streaming_meter_measures_the_whole_model_meters_kl(tiny_llama_folder, u
         assert measured.reference_perplexity == pytest.approx(expected.reference_perplexity, rel=1e-5)
         assert measured.tokens == expected.tokens
     assert streaming.measure(windows[4:]).kl == 0.0  # the dense plan is the reference itself
+    kept = [t for variant in streaming.cache.memory.values() for t in variant[0].values()]
+    compact = [t for t in kept if isinstance(t, QuantizedWeight)]
+    assert compact and all(t.codes.dtype in (torch.int8, torch.uint8) for t in compact), "quantized Linears are kept as codes and scales"
     computed = streaming.cache.computed
     streaming.cache.memory_bytes = 0  # from now on only the newest entry stays in memory, the rest go to disk
     streaming.apply(plans[0])
