@@ -68,3 +68,34 @@ def test_a_fold_on_one_side_only_would_be_caught():
     with torch.no_grad():
         reference, broken = model(ids).logits, meter.working(ids).logits
     assert ((broken - reference).norm() / reference.norm()) > 0.05
+
+
+def test_a_block_reads_each_linear_when_its_turn_comes():
+    """Emit and refinement quantize a block through ``quantize_block``: without smoothing, a Linear's
+    float32 weight is read when it is quantized and dropped after, so an 8B block's 0.81 GB of float32
+    weights is never held at once (only a smoothing group's members are read together); the result is
+    the same as reading them all first."""
+    import weakref
+
+    model = tiny_model()
+    spec = spec_from_config(CONFIG)
+    ids = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(1))
+    meter = QualityMeter(model, spec, batch_size=4)
+    meter.calibrate(ids)
+    for schemes, most in (({kind: "gptq-w4g32s" for kind in SCHEMES}, 1), (SCHEMES, 7)):
+        assignments = {layer.name: Scheme.parse(schemes[layer.kind]) for layer in spec.layers}
+        alive: list[weakref.ref] = []
+        held: list[int] = []
+
+        def read(name):
+            tensor = meter.read(name)
+            if tensor is not None and name.endswith("proj.weight"):
+                tensor = tensor.clone()  # a fresh tensor, as a reader of safetensors gives
+                held.append(sum(ref() is not None for ref in alive) + 1)
+                alive.append(weakref.ref(tensor))
+            return tensor
+
+        block = quantize_block(list(spec.layers), assignments, read, meter.stats, torch.float32)
+        assert max(held) == most, held
+        eager = quantize_block(list(spec.layers), assignments, meter.read, meter.stats, torch.float32)
+        assert all(torch.equal(block.linears[name].dequantize(), eager.linears[name].dequantize()) for name in eager.linears)
