@@ -5,14 +5,14 @@ Three panels, each from measured rows only:
 1. SmolLM2's width at 30, 60 and 120 blocks (``bench/results/scale.json``): peak resident memory of
    the refinement's and the evaluation's meters, whole (the model and a copy in float32) against
    streaming (block by block);
-2. Llama-3-8B's width at 1 and 32 blocks (``scale_shape-llama-3-8b-1-blocks.json``,
-   ``scale_shape-llama-3-8b.json`` with RTN and GPTQ candidates, ``scale_shape-llama-3-8b-rtn.json``
-   with RTN alone): peak resident memory of each CLI stage (profile, plan, emit, eval) with the
-   issue's bound (2 blocks of float32 weights + activations + 2 GiB);
-3. the same stages' wall time per block at both depths.
+2. Llama-3-8B's width at 1, 4 and 32 blocks (``scale_shape-llama-3-8b-1-blocks.json`` and
+   ``scale_shape-llama-3-8b-4-blocks.json`` with RTN and GPTQ candidates, ``scale_shape-llama-3-8b.json``
+   the 32-block GPTQ profile, ``scale_shape-llama-3-8b-rtn.json`` the 32-block path with RTN
+   candidates, and its plan emitted with GPTQ, ``emit-gptq``): peak resident memory of each CLI
+   stage with the issue's bound (2 blocks of float32 weights + activations + 2 GiB);
+3. the same stages' wall time per block.
 
-The 4-block rows (``scale_shape-llama-3-8b-4-blocks.json``) were measured before the read fixes and
-are left out. Writes ``bench/results/scale.png``.
+Writes ``bench/results/scale.png``.
 
     .venv/bin/python bench/scale_plot.py
 """
@@ -23,7 +23,7 @@ import json
 
 from common import RESULTS
 
-STAGES = ("profile", "plan", "emit", "eval")
+STAGES = ("profile", "plan", "emit", "eval", "emit-gptq")
 GIB = 2**30
 
 
@@ -36,17 +36,19 @@ def depth_rows() -> dict[str, list[tuple[int, float]]]:
     return {stage: sorted(points) for stage, points in out.items()}
 
 
-SHAPES = (  # (results file, series label): each stage's row as saved, "plan-exact" (--trials 0) standing in for "plan"
-    ("scale_shape-llama-3-8b-1-blocks.json", "1 block, RTN + GPTQ"),
-    ("scale_shape-llama-3-8b.json", "32 blocks, RTN + GPTQ (emit before malloc_trim)"),
-    ("scale_shape-llama-3-8b-rtn.json", "32 blocks, RTN"),
+SHAPES = (  # (results file, series label, stages drawn): each stage's row as saved, "plan-exact" (--trials 0) standing in for "plan"
+    ("scale_shape-llama-3-8b-1-blocks.json", "1 block, RTN + GPTQ", STAGES),
+    ("scale_shape-llama-3-8b-4-blocks.json", "4 blocks, RTN + GPTQ", STAGES),
+    # its emit row (817ce74, 14.1 GiB) is from before malloc_trim and the streamed shards: superseded by the RTN run's emit-gptq
+    ("scale_shape-llama-3-8b.json", "32 blocks, RTN + GPTQ (profile, exact plan)", ("profile", "plan")),
+    ("scale_shape-llama-3-8b-rtn.json", "32 blocks, RTN", STAGES),
 )
 
 
 def shape_rows() -> list[dict]:
     """One entry per saved Llama-3-8B-width run: ``{"label", "blocks", "threads", "bound": GiB, stage: row}``."""
     out = []
-    for name, label in SHAPES:
+    for name, label, drawn in SHAPES:
         path = RESULTS / name
         if not path.is_file():
             continue
@@ -54,7 +56,8 @@ def shape_rows() -> list[dict]:
         entry = {"label": label, "blocks": int(saved["blocks"]), "threads": saved["machine"]["cpus"], "bound": saved["bound"]["total"] / GIB}
         for row in saved["rows"]:
             stage = "plan" if row["stage"] == "plan-exact" else row["stage"]
-            entry.setdefault(stage, row)
+            if stage in drawn:
+                entry.setdefault(stage, row)
         out.append(entry)
     return out
 

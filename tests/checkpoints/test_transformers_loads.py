@@ -75,7 +75,8 @@ def test_a_mixed_checkpoint_planned_for_transformers_loads_there_with_bitplans_l
 def test_a_checkpoint_written_in_shards_loads_there_with_the_same_tensors(transformers_plan, transformers_checkpoint,
                                                                          tmp_path, monkeypatch):
     """A large model's checkpoint comes in several streamed shards and an index: transformers loads it
-    with bitplan.load's logits, and every tensor is the one-file checkpoint's."""
+    with bitplan.load's logits, every tensor is the one-file checkpoint's, and emitting the plan again
+    writes the same bytes."""
     from safetensors import safe_open
 
     from bitplan.checkpoints import emit as emit_module
@@ -97,6 +98,8 @@ def test_a_checkpoint_written_in_shards_loads_there_with_the_same_tensors(transf
     result = transformers_agreement(sharded)
     assert result.ok, result.detail
     assert result.max_logit_diff <= 1e-4 and result.top1_agreement == 1.0
+    again = bitplan.emit(transformers_plan, tmp_path / "again")  # the same plan, the same bytes (file by file)
+    assert all((again / p.name).read_bytes() == p.read_bytes() for p in sharded.iterdir())
 
 
 def test_every_config_bitplan_writes_for_compressed_tensors_passes_its_validation(transformers_checkpoint):
