@@ -135,7 +135,7 @@ class SafetensorsStream:
 
     def __init__(self, path: Path, metadata: dict[str, str] | None = None):
         self.path = Path(path)
-        self.data_path = self.path.with_name(f".{self.path.name}.data")
+        self.data_path = self.path.with_name(f"{self.path.name}.partial")  # beside it, in the writer's staging folder
         self.data = open(self.data_path, "wb")  # noqa: SIM115 (closed by close() or abandon())
         self.header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         self.bytes = 0

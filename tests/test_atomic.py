@@ -78,4 +78,4 @@ def test_a_streamed_safetensors_file_reads_back_as_written(tmp_path):
     with pytest.raises(ValueError, match="already written"):
         stream.add("x", torch.ones(2))
     stream.abandon()
-    assert not (tmp_path / ".three.safetensors.data").exists()
+    assert not (tmp_path / "three.safetensors.partial").exists()

@@ -22,7 +22,6 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import bitplan.atomic
-import bitplan.checkpoints.emit
 import bitplan.models.source
 import bitplan.profiles.resume
 import bitplan.profiles.tables
@@ -61,12 +60,12 @@ if point == "read":
 
     bitplan.models.source.WeightReader.tensor = tensor
 elif point == "save":
-    real_save, real_write = bitplan.atomic.save_safetensors, bitplan.atomic.write_safetensors
+    real_close, real_write = bitplan.atomic.SafetensorsStream.close, bitplan.atomic.write_safetensors
 
-    def save(tensors, path, metadata=None):  # checkpoint shards, inside emit's staging folder
-        real_save(tensors, path, metadata)
-        if arrived(path):
-            os.truncate(path, Path(path).stat().st_size // 2)
+    def close(self):  # checkpoint shards, streamed inside emit's staging folder
+        real_close(self)
+        if arrived(self.path):
+            os.truncate(self.path, self.path.stat().st_size // 2)
             die()
 
     def write(path, tensors, metadata=None):  # profile tables and blocks, written atomically
@@ -80,7 +79,7 @@ elif point == "save":
             bitplan.atomic.write_atomic(Path(path), half)
         real_write(path, tensors, metadata)
 
-    bitplan.checkpoints.emit.save_safetensors = save
+    bitplan.atomic.SafetensorsStream.close = close
     bitplan.profiles.tables.write_safetensors = write
     bitplan.profiles.resume.write_safetensors = write
 elif point == "rename":
