@@ -68,7 +68,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    figure, axes = plt.subplots(1, 3, figsize=(16, 6.4))
     for stage, points in depth_rows().items():
         style = "--" if stage.endswith("whole") else "-"
         axes[0].plot([b for b, _ in points], [g for _, g in points], style, marker="o", label=stage)
@@ -82,7 +82,8 @@ def main() -> None:
     for i, entry in enumerate(shapes):
         xs = [s + (i - (len(shapes) - 1) / 2) * width for s in range(len(STAGES))]
         peaks = [entry[s]["peak_rss_bytes"] / GIB if s in entry else 0 for s in STAGES]
-        per_block = [entry[s]["seconds_per_block"] if s in entry else 0 for s in STAGES]
+        # a row whose wall time is not a timing (a process stopped while another job ran) draws no time bar
+        per_block = [entry[s]["seconds_per_block"] if s in entry and "timing_note" not in entry[s] else 0 for s in STAGES]
         commits = "/".join(dict.fromkeys(entry[s]["commit"] for s in STAGES if s in entry))
         label = f"{entry['label']} ({commits})"
         bars = axes[1].bar(xs, peaks, width, label=label)
@@ -97,7 +98,7 @@ def main() -> None:
     axes[2].set_ylabel("seconds per decoder block")
     for axis in axes:
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     figure.suptitle("bitplan's stages against model size on a 2-core, 24 GiB machine (bench/scale.py; random weights beyond SmolLM2)")
     figure.tight_layout()
     path = RESULTS / "scale.png"
