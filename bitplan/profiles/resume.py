@@ -81,6 +81,19 @@ class ProfileCheckpoint:
                 point = block
         return point
 
+    def resume(self) -> tuple[int, torch.Tensor] | None:
+        """:meth:`resume_point` and the gradient kept there, read at once: another run on the same
+        cache drops a block's gradient once it has the next one, so reading it later (after the
+        forward pass) could find it gone; if it goes between the two calls, look again."""
+        while True:
+            point = self.resume_point()
+            if point is None:
+                return None
+            try:
+                return point, self.load_gradient(point)
+            except FileNotFoundError:
+                continue
+
     def load_gradient(self, block: int) -> torch.Tensor:
         return load_file(str(self._path(f"grad-{block:05d}")))["grad"]
 

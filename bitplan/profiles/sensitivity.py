@@ -230,7 +230,8 @@ def profile_sensitivity(
     per_slice = torch.full((len(slices.names), len(names), len(schemes)), float("nan"), dtype=torch.float64)
     num_tokens = tokens.numel()
     table = (scores, sizes, per_slice, slices)
-    top = checkpoint.resume_point() if checkpoint is not None else None
+    resume = checkpoint.resume() if checkpoint is not None else None
+    top, kept_grad = resume if resume is not None else (None, None)
     start = spec.num_blocks if top is None else top  # blocks start.. (and the head) are finished
     rank, workers = world()  # distributed: each rank scores its columns, rank 0 writes the checkpoint
     barrier()  # every rank has read the resume point before anything is written
@@ -262,7 +263,7 @@ def profile_sensitivity(
     else:
         for block in [None, *range(start, spec.num_blocks)]:
             resumed.load_unit(block, scores, sizes, per_slice)
-        grad = resumed.load_gradient(start)
+        grad = kept_grad
         log.info("profile resumed below block %d: %d of %d blocks were finished", start, spec.num_blocks - start, spec.num_blocks)
         report("resumed", spec.num_blocks - start, spec.num_blocks)
 
