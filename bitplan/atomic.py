@@ -105,18 +105,24 @@ SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfl
 def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
     """A safetensors file whose bytes depend only on its contents: header keys sorted, tensors in
     name order (the ``safetensors`` writer orders the metadata by a hash map, so two runs differ)."""
-    import torch
-
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     chunks, offset = [], 0
     for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous().cpu()
-        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
-        dtype = SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")]
-        header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
+        data, header[name] = tensor_entry(tensors[name], offset)
+        chunks.append(data.tobytes())
+        offset += data.nbytes
     return safetensors_header(header) + b"".join(chunks)
+
+
+def tensor_entry(tensor, offset: int):
+    """A tensor's bytes (a uint8 view of its own memory, contiguous on the CPU) and its safetensors header
+    entry when its data starts at ``offset``."""
+    import torch
+
+    tensor = tensor.detach().contiguous().cpu()
+    data = tensor.reshape(-1).view(torch.uint8).numpy()
+    dtype = SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")]
+    return data, {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + data.nbytes]}
 
 
 def safetensors_header(header: dict) -> bytes:
@@ -140,16 +146,16 @@ class SafetensorsStream:
         self.header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         self.bytes = 0
 
-    def add(self, name: str, tensor) -> None:
-        import torch
+    @property
+    def names(self) -> list[str]:
+        return sorted(name for name in self.header if name != "__metadata__")
 
+    def add(self, name: str, tensor) -> None:
         if name in self.header:
             raise ValueError(f"{name} was already written to {self.path.name}")
-        tensor = tensor.detach().contiguous().cpu()
-        data = tensor.reshape(-1).view(torch.uint8).numpy()  # the tensor's own memory, not a copy
+        data, entry = tensor_entry(tensor, self.bytes)  # the tensor's own memory, not a copy
         self.guarded(lambda: self.data.write(data))
-        dtype = SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")]
-        self.header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [self.bytes, self.bytes + data.nbytes]}
+        self.header[name] = entry
         self.bytes += data.nbytes
 
     def close(self) -> None:

@@ -217,7 +217,7 @@ class ShardWriter:
     def flush(self) -> None:
         if self.shard is not None:
             self.shard.close()
-            self.files.append((self.shard.path.name, sorted(name for name in self.shard.header if name != "__metadata__")))
+            self.files.append((self.shard.path.name, self.shard.names))
             self.shard = None
 
     def finish(self) -> None:
