@@ -295,7 +295,7 @@ def bitplan_rows(args, spec: ModelSpec, evaluator: Evaluator, rows: Rows, peers:
     (args.work / "plans").mkdir(parents=True, exist_ok=True)
     for engine in args.engines:
         sizes = sorted({p["bytes"] for p in peers if "bytes" in p and (engine != "llama.cpp" or p["family"] == "llama.cpp")
-                        and p["bytes"] >= args.min_mb * 1e6})
+                        and args.min_mb * 1e6 <= p["bytes"] <= args.max_mb * 1e6})
         candidates = Candidates(ggml_types=OFF_GRID) if engine == "llama.cpp" else args.candidates
         for size in sizes:
             tag = "default" if args.default_candidates or engine == "llama.cpp" else args.candidates_tag
@@ -442,6 +442,7 @@ def main() -> None:
     parser.add_argument("--costly-bits", default="", help="bits at which GPTQ, AWQ and the other fitted methods are offered "
                         "(default: all of --bits)")
     parser.add_argument("--min-mb", type=float, default=0.0, help="plan bitplan only at peer sizes of at least this many MB")
+    parser.add_argument("--max-mb", type=float, default=float("inf"), help="plan bitplan only at peer sizes of at most this many MB")
     parser.add_argument("--out", default="peers", help="results name: bench/results/NAME.json and NAME.png")
     parser.add_argument("--reuse", type=Path, default=None, help="a saved peers.json: reuse its llama.cpp and AutoRound rows "
                         "(same evaluator) and measure only bitplan's own rows (uniform GPTQ/AWQ and the plans)")
