@@ -330,17 +330,17 @@ def bitplan_rows(args, spec: ModelSpec, evaluator: Evaluator, rows: Rows, peers:
     return out
 
 
-def table(peers: list[dict], plans: list[dict], weights: int) -> tuple[list[dict], str]:
-    """One line per peer: its bytes, bits per weight, KL in both domains, bitplan's plan at its size, and the
-    ratio of bitplan's KL to the best peer's at that size (the lowest KL among peers of at most those bytes; when
-    that peer sits partly on SmolLM2's Q4_1 grid, the ratio to the best off-grid peer too)."""
+def table(peers: list[dict], plans: list[dict], weights: int, family: str = "bitplan-bitplan") -> tuple[list[dict], str]:
+    """One line per peer: its bytes, bits per weight, KL in both domains, the plan of ``family`` (bitplan for one
+    engine) at its size, and the ratio of that plan's KL to the best peer's at that size (the lowest KL among peers of
+    at most those bytes; when that peer sits partly on SmolLM2's Q4_1 grid, the ratio to the best off-grid peer too)."""
     measured = [p for p in peers if "kl" in p]
     lines, summary = [], []
     head = ("| peer | MB | bits/weight | KL pydoc | KL fortunes | grid (Q4_1/Q5_1 or near) | bitplan MB | bitplan KL pydoc | "
             "bitplan KL fortunes | ratio pydoc | ratio fortunes |")
     lines += [head, "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for peer in sorted(measured, key=lambda p: p["bytes"]):
-        mine = [p for p in plans if p.get("target_bytes") == peer["bytes"] and p["family"] == "bitplan-bitplan"]
+        mine = [p for p in plans if p.get("target_bytes") == peer["bytes"] and p["family"] == family]
         own = mine[0] if mine else None
         smaller = [p for p in measured if p["bytes"] <= peer["bytes"] * 1.001]
         best = {d: min(smaller, key=lambda p, d=d: p["kl"][d]) for d in DOMAINS}
@@ -372,9 +372,6 @@ def table(peers: list[dict], plans: list[dict], weights: int) -> tuple[list[dict
                         "best_peer_kl": {d: best[d]["kl"][d] for d in DOMAINS}, "best_off_grid_peer_kl": off_grid, "ratio_off_grid": ratio_off,
                         "bitplan_bytes": own and own["bytes"], "bitplan_kl": own and own["kl"], "ratio": ratio,
                         "meets_0_7": {d: ratio[d] is not None and ratio[d] <= RATIO_GOAL for d in DOMAINS}})
-    for plan in (p for p in plans if p["family"] != "bitplan-bitplan"):
-        lines.append(f"| {plan['peer']} | {plan['bytes'] / 1e6:.2f} | {8 * plan['bytes'] / weights:.2f} | {plan['kl']['pydoc']:.4f} | "
-                     f"{plan['kl']['fortunes']:.4f} | {plan['grid_tensors'] or '-'} | | | | | |")
     return summary, "\n".join(lines)
 
 
@@ -481,7 +478,9 @@ def main() -> None:
     peers += uniform_peers(args, spec, evaluator, rows)
     peers += autoround_peers(args, folder, spec, evaluator, rows, calibration)
     plans = bitplan_rows(args, spec, evaluator, rows, peers)
-    summary, text = table(peers, plans, weights)
+    tables = {engine: table(peers, plans, weights, f"bitplan-{engine}") for engine in args.engines}
+    summary = tables[args.engines[0]][0]
+    text = "\n\n".join(f"bitplan with --engine {engine}:\n\n{markdown}" for engine, (_, markdown) in tables.items())
     print(f"\nSmolLM2-135M, {weights / 1e6:.2f}M Linear weights; held-out tokens: "
           + ", ".join(f"{d} {w.shape[0]} x {w.shape[1]}" for d, w in windows.items()) + "\n")
     print(text)
@@ -491,7 +490,8 @@ def main() -> None:
                           "group": args.group, "signround_iters": args.signround_iters, "signround_samples": args.signround_samples, "autoscheme_options": args.autoscheme_options,
                           "engines": list(args.engines), "trials": args.trials, "search_minutes": args.search_minutes,
                           "candidates": args.candidates_tag, "reused": str(args.reuse) if args.reuse else None, "llama_cpp": llamacpp.LLAMA_CPP_VERSION,
-                          "peers": peers, "bitplan": plans, "table": summary, "markdown": text, "load_average": os.getloadavg()})
+                          "peers": peers, "bitplan": plans, "table": summary,
+                          "tables": {engine: rows for engine, (rows, _) in tables.items()}, "markdown": text, "load_average": os.getloadavg()})
     print(f"wrote {path} and {RESULTS / f'{args.out}.png'}")
     sys.stdout.flush()
 
