@@ -436,6 +436,7 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="bitplan's candidate methods at --bits, group 64, symmetric "
                         "(e.g. rtn,gptq,awq,awqgptq) instead of NARROW")
     parser.add_argument("--bits", default="3,4,8", help="bits of the --methods candidates")
+    parser.add_argument("--groups", default="64", help="group sizes of the --methods candidates")
     parser.add_argument("--costly-bits", default="", help="bits at which GPTQ, AWQ and the other fitted methods are offered "
                         "(default: all of --bits)")
     parser.add_argument("--min-mb", type=float, default=0.0, help="plan bitplan only at peer sizes of at least this many MB")
@@ -451,9 +452,10 @@ def main() -> None:
     if args.methods and not args.default_candidates:
         bits = tuple(int(b) for b in args.bits.split(","))
         costly = tuple(int(b) for b in args.costly_bits.split(",")) if args.costly_bits else None
-        args.candidates = Candidates(tuple(args.methods.split(",")), bits, (64,), (True,), costly_bits=costly)
+        groups = tuple(int(g) for g in args.groups.split(","))
+        args.candidates = Candidates(tuple(args.methods.split(",")), bits, groups, (True,), costly_bits=costly)
         args.candidates_tag = f"{args.methods.replace(',', '+')}-b{''.join(map(str, bits))}" + (
-            f"-c{''.join(map(str, costly))}" if costly else "")
+            f"-c{''.join(map(str, costly))}" if costly else "") + ("" if groups == (64,) else f"-g{'.'.join(map(str, groups))}")
     args.work.mkdir(parents=True, exist_ok=True)
 
     folder = resolve_model(MODEL)

@@ -5,7 +5,7 @@ A quantizer takes ``(weight [out, in] float32, scheme, scale_dtype, stats)`` and
 ``stats["input"]`` is the layer's ``InputStats`` (GPTQ reads its Hessian); calibration-free
 methods ignore it. ``CALIBRATED`` lists the methods that need it.
 
-Per-layer methods: RTN, GPTQ, HQQ (integer codes, compressed-tensors ``pack-quantized``), NF4
+Per-layer methods: RTN, GPTQ, HQQ, imatrix (integer codes, compressed-tensors ``pack-quantized``), NF4
 (bitplan's own layout), FP8 (``float-quantized``, optionally with FP8 activations per token) and
 ggml (llama.cpp's GGUF types, quantized exactly as ggml does, with the importance matrix when
 calibration statistics are given; returns a ``GGMLQuantized``, whose ``dequantize()`` is the
@@ -34,6 +34,7 @@ from bitplan.methods.fp8 import quantize_fp8
 from bitplan.methods.ggml import GGMLQuantized, quantize_ggml
 from bitplan.methods.gptq import quantize_gptq
 from bitplan.methods.hqq import quantize_hqq
+from bitplan.methods.imatrix import quantize_imatrix
 from bitplan.methods.nf4 import quantize_nf4
 from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.scheme import DENSE, GROUP_SIZES, INTEGER_BITS, Method, QuantizedWeight, Scheme, group_label
@@ -58,6 +59,15 @@ def _gptq(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats:
     # Otherwise GPTQ is given the function that makes H, so it owns the matrix and factors it in place
     hessian = inputs.hessian if inputs.count else torch.eye(weight.shape[1], dtype=torch.float32)
     return quantize_gptq(weight, hessian, scheme, gptq.BLOCK, gptq.DAMP, gptq.ACT_ORDER, scale_dtype=scale_dtype, shrink=gptq.SHRINK)[0]
+
+
+def _imatrix(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
+    """llama.cpp's importance-weighted scale search on a symmetric integer grid; the importance is the
+    layer's per-column mean of x² (as for ggml types), x² where no calibration token reached it."""
+    if "input" not in stats:
+        raise BitplanError("imatrix needs calibration statistics for this layer: quantize it through bitplan.plan/emit")
+    inputs = stats["input"]
+    return quantize_imatrix(weight, scheme, importance_vector(inputs) if inputs.count else None, scale_dtype)
 
 
 def _nf4(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, stats: dict) -> QuantizedWeight:
@@ -85,7 +95,7 @@ def implementations() -> dict[str, dict]:
     """What made each method's numbers: its implementation's ``version`` (bump it when the method's
     code changes what it returns) and its settings. Profile caches fold this into their key
     (``profiles.tables.table_key``), so a change here is never served old scores."""
-    from bitplan.methods import awq, gptq, smoothquant
+    from bitplan.methods import awq, gptq, imatrix, smoothquant
     from bitplan.methods.hqq import HqqOptions
     from bitplan.methods.nf4 import NF4_OFFSET
 
@@ -100,6 +110,7 @@ def implementations() -> dict[str, dict]:
         "awqgptq": {"version": 1, "n_grid": awq.N_GRID, "block": gptq.BLOCK, "damp": gptq.DAMP, "act_order": gptq.ACT_ORDER,
                     "shrink": gptq.SHRINK},
         "hqq": {"version": 2, **asdict(HqqOptions())},
+        "imatrix": {"version": 1, "steps": list(imatrix.STEPS)},
         "nf4": {"version": 1, "offset": NF4_OFFSET},
         "fp8": {"version": 1},
         "smoothquant": {"version": 3, "alphas": list(smoothquant.ALPHA_GRID)},
@@ -108,9 +119,9 @@ def implementations() -> dict[str, dict]:
 
 
 QUANTIZERS: dict[Method, Quantizer] = {Method.RTN: _rtn, Method.HQQ: _hqq, Method.GPTQ: _gptq, Method.NF4: _nf4, Method.FP8: _fp8,
-                                       Method.GGML: _ggml}
+                                       Method.GGML: _ggml, Method.IMATRIX: _imatrix}
 SMOOTHING = frozenset({Method.AWQ, Method.AWQ_GPTQ, Method.SMOOTHQUANT})  # fold one scale vector per smoothing group
-CALIBRATED = frozenset({Method.GPTQ, Method.GGML, *SMOOTHING})  # ggml: the importance matrix
+CALIBRATED = frozenset({Method.GPTQ, Method.GGML, Method.IMATRIX, *SMOOTHING})  # ggml, imatrix: the importance matrix
 DEFAULT_METHODS = ("rtn", "gptq", "awq", "hqq", "nf4", "fp8", "smoothquant")
 COSTLY = frozenset({Method.GPTQ, Method.AWQ, Method.AWQ_GPTQ, Method.HQQ})  # seconds per layer and scheme to profile, not milliseconds
 COSTLY_DEFAULT_BITS = (2, 3, 4)  # where they beat RTN by most; above 4 bits RTN is close to lossless
@@ -205,7 +216,8 @@ def method_schemes(method: Method, bits: Iterable[int], group_sizes: Iterable[in
                    act_formats: Iterable[str] = ("int8", "fp8")) -> list[Scheme]:
     """The schemes one method offers within the requested grid.
 
-    Integer methods (RTN, GPTQ, AWQ, HQQ): every bit width x group x symmetry. NF4: 4-bit, the
+    Integer methods (RTN, GPTQ, AWQ, HQQ): every bit width x group x symmetry; imatrix the same,
+    symmetric only. NF4: 4-bit, the
     requested groups (blocks; not per channel). FP8: 8-bit weights per channel and per group,
     plus W8A8-FP8 per channel where ``act_formats`` has "fp8". SmoothQuant: W8A8 int8 per
     channel where ``act_formats`` has "int8". Methods whose bit width is not requested offer none.
@@ -222,6 +234,8 @@ def method_schemes(method: Method, bits: Iterable[int], group_sizes: Iterable[in
         return schemes + ([Scheme(method, 8, 0, True, act_bits=8)] if "fp8" in act_formats else [])
     if method == Method.SMOOTHQUANT:
         return [Scheme(method, 8, 0, True, act_bits=8)] if 8 in bits and "int8" in act_formats else []
+    if method == Method.IMATRIX:  # its search is symmetric (llama.cpp's Q4_0/Q5_0)
+        return [Scheme(method, b, g, True) for b, g in itertools.product(bits, group_sizes) if True in symmetric]
     return [Scheme(method, b, g, sym) for b, g, sym in itertools.product(bits, group_sizes, symmetric)]
 
 

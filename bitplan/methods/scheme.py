@@ -20,6 +20,7 @@ class Method(StrEnum):
     AWQ = "awq"
     AWQ_GPTQ = "awqgptq"  # AWQ's scales, then GPTQ on the scaled weights (methods/awq.py)
     HQQ = "hqq"
+    IMATRIX = "imatrix"  # RTN with llama.cpp's importance-weighted scale search (methods/imatrix.py)
     SMOOTHQUANT = "smoothquant"
     NF4 = "nf4"
     FP8 = "fp8"

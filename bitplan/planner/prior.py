@@ -46,7 +46,7 @@ GROUP_FACTORS = {32: 0.70, 64: 0.82, 128: 1.00, 0: 1.80}
 ASYMMETRIC_FACTOR = 0.85
 METHOD_FACTORS = {
     Method.RTN: 1.00, Method.SMOOTHQUANT: 1.00, Method.GPTQ: 0.70, Method.AWQ: 0.70, Method.AWQ_GPTQ: 0.70,
-    Method.HQQ: 0.85, Method.NF4: 0.85, Method.FP8: 1.00,
+    Method.HQQ: 0.85, Method.IMATRIX: 0.85, Method.NF4: 0.85, Method.FP8: 1.00,
 }
 FP8_EQUIVALENT_BITS = 6.5
 ACTIVATION_ERROR = {16: 0.0, 8: 0.02, 4: 1.0}
