@@ -166,3 +166,22 @@ def test_a_quantized_lm_head_is_a_target_and_transformers_reads_it(private_cache
     assert any("lm_head" in group["targets"] for group in config["config_groups"].values())
     result = transformers_agreement(checkpoint)
     assert result.ok, result.detail
+
+
+def test_imatrix_layers_with_negative_scales_load_there_with_bitplans_logits(transformers_plan, smollm_folder, tmp_path):
+    """The imatrix method stores a signed scale per group (the largest weight may take the code -2^(b-1) on either
+    side): compressed-tensors' pack-quantized decoding in transformers must give bitplan's numbers."""
+    spec = spec_from_folder(smollm_folder)
+    picks = {"q": "imatrix-w4g32s", "k": "imatrix-w3g64s", "v": "imatrix-w8gcs", "o": "imatrix-w4g64s",
+             "gate": "imatrix-w4g32s", "up": "imatrix-w2g64s", "down": "imatrix-w4g128s"}
+    plan = forced(transformers_plan, spec, lambda layer: DENSE if layer.block == 0 else Scheme.parse(picks[layer.kind]))
+    checkpoint = bitplan.emit(plan, tmp_path / "imatrix")
+    from safetensors import safe_open
+
+    shard = next(checkpoint.glob("*.safetensors"))
+    with safe_open(shard, "pt") as f:
+        scale = f.get_tensor("model.layers.3.mlp.gate_proj.weight_scale").float()
+    assert bool((scale < 0).any()) and bool((scale > 0).any())
+    result = transformers_agreement(checkpoint)
+    assert result.ok, result.detail
+    assert result.max_logit_diff <= 1e-4 and result.top1_agreement == 1.0
