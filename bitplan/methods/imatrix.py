@@ -42,7 +42,8 @@ def importance_weights(weight: torch.Tensor, importance: torch.Tensor | None) ->
 
 def search_scale(groups: torch.Tensor, weights: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The least-squares scale ``[out, groups]`` of the best of the candidate steps by weighted squared
-    error, and that error's reduction ``Σwxl² / Σwl²`` (larger is better), for positive scales
+    error, and that error's reduction ``(Σwxl)² / Σwl²`` (larger is better; -1 where no candidate
+    is usable, as in an all-zero group), for positive scales
     (``groups``/``weights``: ``[out, groups, width]`` float32)."""
     qmin, qmax = integer_range(bits)
     amax = groups.abs().amax(dim=-1)

@@ -217,8 +217,7 @@ def method_schemes(method: Method, bits: Iterable[int], group_sizes: Iterable[in
     """The schemes one method offers within the requested grid.
 
     Integer methods (RTN, GPTQ, AWQ, HQQ): every bit width x group x symmetry; imatrix the same,
-    symmetric only. NF4: 4-bit, the
-    requested groups (blocks; not per channel). FP8: 8-bit weights per channel and per group,
+    symmetric only. NF4: 4-bit, the requested groups (blocks; not per channel). FP8: 8-bit weights per channel and per group,
     plus W8A8-FP8 per channel where ``act_formats`` has "fp8". SmoothQuant: W8A8 int8 per
     channel where ``act_formats`` has "int8". Methods whose bit width is not requested offer none.
     """
