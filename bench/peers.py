@@ -295,7 +295,8 @@ def bitplan_rows(args, spec: ModelSpec, evaluator: Evaluator, rows: Rows, peers:
     (args.work / "plans").mkdir(parents=True, exist_ok=True)
     for engine in args.engines:
         sizes = sorted({p["bytes"] for p in peers if "bytes" in p and (engine != "llama.cpp" or p["family"] == "llama.cpp")
-                        and args.min_mb * 1e6 <= p["bytes"] <= args.max_mb * 1e6})
+                        and args.min_mb * 1e6 <= p["bytes"] <= args.max_mb * 1e6
+                        and (not args.sizes or any(abs(p["bytes"] / 1e6 - mb) < 0.005 for mb in args.sizes))})
         candidates = Candidates(ggml_types=OFF_GRID) if engine == "llama.cpp" else args.candidates
         for size in sizes:
             tag = "default" if args.default_candidates or engine == "llama.cpp" else args.candidates_tag
@@ -441,6 +442,8 @@ def main() -> None:
                         "(default: all of --bits)")
     parser.add_argument("--min-mb", type=float, default=0.0, help="plan bitplan only at peer sizes of at least this many MB")
     parser.add_argument("--max-mb", type=float, default=float("inf"), help="plan bitplan only at peer sizes of at most this many MB")
+    parser.add_argument("--sizes", type=lambda text: [float(mb) for mb in text.split(",")], default=[],
+                        help="plan bitplan only at these peer sizes (MB as the table prints them, e.g. 43.13,61.50)")
     parser.add_argument("--out", default="peers", help="results name: bench/results/NAME.json and NAME.png")
     parser.add_argument("--reuse", type=Path, default=None, help="a saved peers.json: reuse its llama.cpp and AutoRound rows "
                         "(same evaluator) and measure only bitplan's own rows (uniform GPTQ/AWQ and the plans)")
