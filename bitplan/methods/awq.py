@@ -21,6 +21,13 @@ AWQ + GPTQ (``gptq_shrink`` given; the method ``awqgptq``): the same scale searc
 quantizes each scaled weight W·diag(s) against the Hessian of the scaled input, diag(s)⁻¹ M diag(s)⁻¹,
 instead of rounding it, as llm-compressor's AWQ-then-GPTQ recipes do. No clipping: GPTQ's error
 feedback replaces it (clipping first measured worse: held-out KL 0.130 against 0.108 at 4 bits, SmolLM2).
+
+AWQ + imatrix (``imatrix`` True; the method ``awqimatrix``): the same scale search, then each scaled weight
+W·diag(s) takes llama.cpp's importance-weighted scale search (methods/imatrix.py) with the importance of the
+scaled input, mean(x²)/s², instead of clipping and rounding: the α search ranks scales by the whole output
+error, the imatrix search picks each group's step by its own weighted error. Symmetric grids only. On five
+real Linears of SmolLM2 (block 3, g64, pydoc) it leaves 0.49x (3 bits) and 0.56x (4 bits) of RTN's output
+error on held-out tokens, imatrix alone 0.54x and 0.59x, AWQ 0.65x and 0.71x.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 
 from bitplan.kernels.numerics import grouped
 from bitplan.methods import gptq
+from bitplan.methods.imatrix import quantize_imatrix
 from bitplan.methods.rtn import quantize_rtn
 from bitplan.methods.scheme import QuantizedWeight, Scheme
 
@@ -131,6 +139,7 @@ def quantize_awq(
     scale_dtype: torch.dtype = torch.bfloat16,
     n_grid: int = N_GRID,
     gptq_shrink: float | None = None,
+    imatrix: bool = False,
 ) -> AwqResult:
     """AWQ for a group of Linears ``weights`` (each ``[out_l, in]``) sharing one input.
 
@@ -138,7 +147,8 @@ def quantize_awq(
     ``[in, in]``: X Xᵀ / n (``InputStats.second_moment``). ``clip``: one flag per Linear (or
     one for all) to run the clip search; the reference leaves q and k unclipped. ``gptq_shrink``:
     quantize the scaled weights with GPTQ (that Hessian shrink, :func:`gptq.gptq_rows`) instead of
-    clipping and rounding them.
+    clipping and rounding them. ``imatrix``: quantize them with the importance-weighted scale search instead
+    (importance diag(M)/s², no clipping).
     """
     in_features = weights[0].shape[1]
     for weight in weights:
@@ -154,6 +164,9 @@ def quantize_awq(
         if gptq_shrink is not None:
             quantized.append(gptq.quantize_gptq(scaled, scaled_moment.clone(), scheme, gptq.BLOCK, gptq.DAMP, gptq.ACT_ORDER,
                                                 scale_dtype=scale_dtype, shrink=gptq_shrink)[0])
+            continue
+        if imatrix:
+            quantized.append(quantize_imatrix(scaled, scheme, torch.diagonal(second_moment) / (scales * scales), scale_dtype))
             continue
         if do_clip:
             scaled = clip_weight(scaled, scaled_moment, scheme, scale_dtype)

@@ -10,7 +10,7 @@ Per-layer methods: RTN, GPTQ, HQQ, imatrix (integer codes, compressed-tensors ``
 ggml (llama.cpp's GGUF types, quantized exactly as ggml does, with the importance matrix when
 calibration statistics are given; returns a ``GGMLQuantized``, whose ``dequantize()`` is the
 weight llama.cpp decodes).
-Smoothing methods (``SMOOTHING``: AWQ, AWQ + GPTQ, SmoothQuant W8A8) act on a group of Linears that share an
+Smoothing methods (``SMOOTHING``: AWQ, AWQ + GPTQ, AWQ + imatrix, SmoothQuant W8A8) act on a group of Linears that share an
 input: :func:`quantize_smoothing_group` returns one scale vector for the group, to be folded
 into the op that feeds it, and each member's quantized ``W · diag(s)``.
 
@@ -111,6 +111,7 @@ def implementations() -> dict[str, dict]:
                     "shrink": gptq.SHRINK},
         "hqq": {"version": 2, **asdict(HqqOptions())},
         "imatrix": {"version": 1, "steps": list(imatrix.STEPS)},
+        "awqimatrix": {"version": 1, "n_grid": awq.N_GRID, "steps": list(imatrix.STEPS)},
         "nf4": {"version": 1, "offset": NF4_OFFSET},
         "fp8": {"version": 1},
         "smoothquant": {"version": 3, "alphas": list(smoothquant.ALPHA_GRID)},
@@ -120,10 +121,10 @@ def implementations() -> dict[str, dict]:
 
 QUANTIZERS: dict[Method, Quantizer] = {Method.RTN: _rtn, Method.HQQ: _hqq, Method.GPTQ: _gptq, Method.NF4: _nf4, Method.FP8: _fp8,
                                        Method.GGML: _ggml, Method.IMATRIX: _imatrix}
-SMOOTHING = frozenset({Method.AWQ, Method.AWQ_GPTQ, Method.SMOOTHQUANT})  # fold one scale vector per smoothing group
+SMOOTHING = frozenset({Method.AWQ, Method.AWQ_GPTQ, Method.AWQ_IMATRIX, Method.SMOOTHQUANT})  # fold one scale vector per smoothing group
 CALIBRATED = frozenset({Method.GPTQ, Method.GGML, Method.IMATRIX, *SMOOTHING})  # ggml, imatrix: the importance matrix
 DEFAULT_METHODS = ("rtn", "gptq", "awq", "hqq", "nf4", "fp8", "smoothquant")
-COSTLY = frozenset({Method.GPTQ, Method.AWQ, Method.AWQ_GPTQ, Method.HQQ})  # seconds per layer and scheme to profile, not milliseconds
+COSTLY = frozenset({Method.GPTQ, Method.AWQ, Method.AWQ_GPTQ, Method.AWQ_IMATRIX, Method.HQQ})  # seconds per layer and scheme to profile, not milliseconds
 COSTLY_DEFAULT_BITS = (2, 3, 4)  # where they beat RTN by most; above 4 bits RTN is close to lossless
 
 
@@ -149,13 +150,14 @@ def quantize_smoothing_group(weights: dict[str, torch.Tensor], scheme: Scheme, s
     from bitplan.methods import awq, smoothquant
 
     names = list(weights)
-    if scheme.method in (Method.AWQ, Method.AWQ_GPTQ):
+    if scheme.method in (Method.AWQ, Method.AWQ_GPTQ, Method.AWQ_IMATRIX):
         from bitplan.methods import gptq
 
         flags = [True if clip is None else clip[name] for name in names]
         result = awq.quantize_awq([weights[n] for n in names], stats.mean_abs(), stats.second_moment(), scheme, flags, scale_dtype,
                                   n_grid=awq.N_GRID if foldable else 1,
-                                  gptq_shrink=gptq.SHRINK if scheme.method == Method.AWQ_GPTQ else None)
+                                  gptq_shrink=gptq.SHRINK if scheme.method == Method.AWQ_GPTQ else None,
+                                  imatrix=scheme.method == Method.AWQ_IMATRIX)
         return SmoothedGroup(result.scales, dict(zip(names, result.quantized)), result.alpha)
     if scheme.method == Method.SMOOTHQUANT:
         result = smoothquant.search_alpha([weights[n] for n in names], stats.absmax(), stats.samples, scheme,
@@ -216,7 +218,7 @@ def method_schemes(method: Method, bits: Iterable[int], group_sizes: Iterable[in
                    act_formats: Iterable[str] = ("int8", "fp8")) -> list[Scheme]:
     """The schemes one method offers within the requested grid.
 
-    Integer methods (RTN, GPTQ, AWQ, HQQ): every bit width x group x symmetry; imatrix the same,
+    Integer methods (RTN, GPTQ, AWQ, HQQ): every bit width x group x symmetry; imatrix and AWQ + imatrix the same,
     symmetric only. NF4: 4-bit, the requested groups (blocks; not per channel). FP8: 8-bit weights per channel and per group,
     plus W8A8-FP8 per channel where ``act_formats`` has "fp8". SmoothQuant: W8A8 int8 per
     channel where ``act_formats`` has "int8". Methods whose bit width is not requested offer none.
@@ -233,7 +235,7 @@ def method_schemes(method: Method, bits: Iterable[int], group_sizes: Iterable[in
         return schemes + ([Scheme(method, 8, 0, True, act_bits=8)] if "fp8" in act_formats else [])
     if method == Method.SMOOTHQUANT:
         return [Scheme(method, 8, 0, True, act_bits=8)] if 8 in bits and "int8" in act_formats else []
-    if method == Method.IMATRIX:  # its search is symmetric (llama.cpp's Q4_0/Q5_0)
+    if method in (Method.IMATRIX, Method.AWQ_IMATRIX):  # its search is symmetric (llama.cpp's Q4_0/Q5_0)
         return [Scheme(method, b, g, True) for b, g in itertools.product(bits, group_sizes) if True in symmetric]
     return [Scheme(method, b, g, sym) for b, g, sym in itertools.product(bits, group_sizes, symmetric)]
 

@@ -19,6 +19,7 @@ class Method(StrEnum):
     GPTQ = "gptq"
     AWQ = "awq"
     AWQ_GPTQ = "awqgptq"  # AWQ's scales, then GPTQ on the scaled weights (methods/awq.py)
+    AWQ_IMATRIX = "awqimatrix"  # AWQ's scales, then the importance-weighted scale search on the scaled weights
     HQQ = "hqq"
     IMATRIX = "imatrix"  # RTN with llama.cpp's importance-weighted scale search (methods/imatrix.py)
     SMOOTHQUANT = "smoothquant"

@@ -45,7 +45,7 @@ PRIOR_KL_AT_W4G128_RTN = 0.08  # nats/token, see the module notes
 GROUP_FACTORS = {32: 0.70, 64: 0.82, 128: 1.00, 0: 1.80}
 ASYMMETRIC_FACTOR = 0.85
 METHOD_FACTORS = {
-    Method.RTN: 1.00, Method.SMOOTHQUANT: 1.00, Method.GPTQ: 0.70, Method.AWQ: 0.70, Method.AWQ_GPTQ: 0.70,
+    Method.RTN: 1.00, Method.SMOOTHQUANT: 1.00, Method.GPTQ: 0.70, Method.AWQ: 0.70, Method.AWQ_GPTQ: 0.70, Method.AWQ_IMATRIX: 0.70,
     Method.HQQ: 0.85, Method.IMATRIX: 0.85, Method.NF4: 0.85, Method.FP8: 1.00,
 }
 FP8_EQUIVALENT_BITS = 6.5
