@@ -100,9 +100,9 @@ def vllm_python(explicit: str | os.PathLike | None = None) -> Path:
     return Path(candidate)
 
 
-def run_judge(python: Path, *args: str, timeout_s: float = 900) -> dict:
-    """Run ``vllm_judge.py`` in vLLM's Python; its JSON answer."""
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+def run_judge(python: Path, *args: str, timeout_s: float = 900, env: dict[str, str] | None = None) -> dict:
+    """Run ``vllm_judge.py`` in vLLM's Python (``env``: vLLM settings on top of this environment); its JSON answer."""
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     result = subprocess.run([str(python), str(JUDGE_SCRIPT), *args], capture_output=True, text=True, timeout=timeout_s, env=env)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
@@ -131,6 +131,13 @@ def vllm_kernel_agreement(checkpoint: str | os.PathLike, python: Path, platform:
     return Agreement("vllm", who, bool(summary["all_ok"]), detail, extra={"modules": summary["modules"], "refused": summary["refused"]})
 
 
+def int4_weights(checkpoint: Path) -> bool:
+    """Whether the checkpoint's quantization_config stores some Linear as 4-bit integers."""
+    config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config", {})
+    return any((g.get("weights") or {}).get("num_bits") == 4 and (g.get("weights") or {}).get("type") == "int"
+               for g in config.get("config_groups", {}).values())
+
+
 def logprob_tolerance(checkpoint: Path) -> tuple[float, float]:
     """(mean, max) |Δ log-probability| allowed between vLLM on a CPU and ``bitplan.load``.
 
@@ -142,7 +149,9 @@ def logprob_tolerance(checkpoint: Path) -> tuple[float, float]:
     error (a transposed scale, a zero point off by one) moves log-probabilities by whole nats.
     On a host with AMX tiles vLLM's CPU int8 W8A8 GEMMs take oneDNN's AMX path, which rounds
     otherwise: the same int4 + W8A8 plan measured mean 0.057, max 0.27 on such a host (Sapphire
-    Rapids class, 2 cores); its mean bound there is 0.08."""
+    Rapids class, 2 cores); its mean bound there is 0.08. These bounds hold with vLLM's int4 run weight-only
+    (``VLLM_CPU_INT4_W4A8=0``): by default an AMX host quantizes int4 Linears' activations to int8 as well, which is
+    not the model bitplan planned (a 4-bit SmolLM2 plan: mean 0.098 that way, 0.023 weight-only)."""
     config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config", {})
     groups = config.get("config_groups", {}).values()
     fp8 = any((g.get("weights") or {}).get("type") == "float" for g in groups)
@@ -153,9 +162,12 @@ def logprob_tolerance(checkpoint: Path) -> tuple[float, float]:
 
 
 def vllm_generation_agreement(checkpoint: str | os.PathLike, python: Path, prompts: list[list[int]] | None = None,
-                              max_tokens: int = 24, dtype: str = "bfloat16") -> Agreement:
+                              max_tokens: int = 24, dtype: str = "bfloat16", int4_w4a8: bool = False) -> Agreement:
     """``vllm.LLM`` loads ``checkpoint`` on this CPU and greedy-decodes; ``bitplan.load`` scores the same
-    sequences (teacher-forced) and the chosen tokens' log-probabilities are compared."""
+    sequences (teacher-forced) and the chosen tokens' log-probabilities are compared. vLLM runs int4 weight-only,
+    as planned (``VLLM_CPU_INT4_W4A8=0``); ``int4_w4a8`` True keeps vLLM's default, under which a host with AMX
+    tiles runs int4 weights with int8 activations (:data:`W4A8_NOTE`; measured on SmolLM2, a 4-bit plan: mean
+    |Δ log-prob| 0.098 that way, 0.023 weight-only)."""
     import tempfile
 
     from bitplan.checkpoints.load import load
@@ -166,7 +178,7 @@ def vllm_generation_agreement(checkpoint: str | os.PathLike, python: Path, promp
         prompt_file = Path(scratch) / "prompts.json"
         prompt_file.write_text(json.dumps(prompts))
         answer = run_judge(python, "generate", str(checkpoint), "--prompts", str(prompt_file), "--max-tokens", str(max_tokens),
-                           "--dtype", dtype)
+                           "--dtype", dtype, env={"VLLM_CPU_INT4_W4A8": "1" if int4_w4a8 else "0"})
     model = load(checkpoint)
     deltas, greedy_equal, total = [], 0, 0
     for prompt, result in zip(prompts, answer["results"]):
@@ -181,11 +193,74 @@ def vllm_generation_agreement(checkpoint: str | os.PathLike, python: Path, promp
     mean_bound, max_bound = logprob_tolerance(checkpoint)
     mean_delta, max_delta = sum(deltas) / len(deltas), max(deltas)
     ok = mean_delta <= mean_bound and max_delta <= max_bound
-    who = f"vllm.LLM on this CPU ({dtype}), load {answer['load_s']} s, generate {answer['generate_s']} s"
+    who = (f"vllm.LLM on this CPU ({dtype}, VLLM_CPU_INT4_W4A8={int(int4_w4a8)}), load {answer['load_s']} s, "
+           f"generate {answer['generate_s']} s")
     detail = (f"{total} greedy tokens: bitplan.load picks the same token at {greedy_equal}; |Δ log-prob| mean {mean_delta:.3f} "
               f"(bound {mean_bound}), max {max_delta:.3f} (bound {max_bound})")
+    if not int4_w4a8 and int4_weights(checkpoint) and bool(torch.cpu._is_amx_tile_supported()):
+        detail += f". Note: {W4A8_NOTE}"
     return Agreement("vllm", who, ok, detail, total, top1_agreement=greedy_equal / total,
                      extra={"mean_abs_logprob_diff": mean_delta, "max_abs_logprob_diff": max_delta})
+
+
+VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # vLLM's fused Linears
+LINEAR_TOLERANCE = 0.02  # max |Δ| / max |y| per module: vLLM rounds its output to bf16 (measured <= 0.005 on SmolLM2)
+
+
+W4A8_NOTE = ("vLLM 0.32 on a CPU with AMX tiles runs pack-quantized int4 Linears with int8 activations per token "
+             "(VLLM_CPU_INT4_W4A8, default 1; kernels/linear/mixed_precision/cpu.py use_w4a8): set VLLM_CPU_INT4_W4A8=0 there "
+             "to serve the weight-only int4 that bitplan planned and measured")
+
+
+def vllm_linear_agreement(checkpoint: str | os.PathLike, python: Path, tokens: int = 8, int4_w4a8: bool = False) -> Agreement:
+    """``vllm.LLM`` loads ``checkpoint`` on this CPU and applies every Linear it built (fused q/k/v and gate/up
+    included, with the weights it loaded and repacked for its kernel) to a seeded bf16 input; ``bitplan.load``'s
+    modules apply to the same input must give the same output within :data:`LINEAR_TOLERANCE` of its scale.
+    This isolates decoding (codes, scales and their signs, zero points, packing) from bf16 activations,
+    which move whole-model log-probabilities by a few hundredths of a nat (:func:`logprob_tolerance`). vLLM runs
+    int4 weight-only here unless ``int4_w4a8`` (:data:`W4A8_NOTE`): its W4A8 path is not a decoding of the weights."""
+    import tempfile
+
+    from safetensors import safe_open
+
+    from bitplan.checkpoints.load import load
+
+    checkpoint = Path(checkpoint)
+    model = load(checkpoint)
+    ours = dict(model.named_modules())
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "linears.safetensors"
+        answer = run_judge(python, "linears", str(checkpoint), "--out", str(out), "--tokens", str(tokens),
+                           env={"VLLM_CPU_INT4_W4A8": "1" if int4_w4a8 else "0"})
+        worst, worst_module, failures, kernels, worst_of = 0.0, None, [], {}, {}
+        with safe_open(out, "pt") as f:
+            for module in answer["modules"]:
+                name = module["module"]
+                prefix, _, leaf = name.rpartition(".")
+                members = [f"{prefix}.{part}" for part in VLLM_FUSED.get(leaf, (leaf,))]
+                if any(member not in ours for member in members):
+                    failures.append(f"{name}: bitplan.load has no {', '.join(m for m in members if m not in ours)}")
+                    continue
+                x, theirs = f.get_tensor(f"{name}.x").float(), f.get_tensor(f"{name}.y").float()
+                with torch.no_grad():
+                    mine = torch.cat([ours[member](x) for member in members], dim=-1).float()
+                if mine.shape != theirs.shape:
+                    failures.append(f"{name}: vLLM gives {tuple(theirs.shape)}, bitplan {tuple(mine.shape)}")
+                    continue
+                error = float((mine - theirs).abs().max() / mine.abs().max().clamp_min(1e-12))
+                kind = module["kernel"] or module["method"]
+                kernels[kind] = kernels.get(kind, 0) + 1
+                worst_of[kind] = max(worst_of.get(kind, 0.0), error)
+                if error > worst:
+                    worst, worst_module = error, name
+                if error > LINEAR_TOLERANCE:
+                    failures.append(f"{name} ({module['kernel'] or module['method']}): relative error {error:.3g}")
+    who = f"vllm.LLM {answer['vllm_version']} on this CPU (bf16), its own Linears, load {answer['load_s']} s"
+    counts = ", ".join(f"{k} x{n} (worst {worst_of[k]:.2g})" for k, n in sorted(kernels.items()))
+    detail = (f"{len(answer['modules'])} Linears ({counts}): worst relative error {worst:.3g} at {worst_module}"
+              + (f"; {len(failures)} over {LINEAR_TOLERANCE}: {'; '.join(failures[:3])}" if failures else ""))
+    return Agreement("vllm", who, not failures and bool(answer["modules"]), detail, extra={"modules": len(answer["modules"]),
+                     "worst_relative_error": worst, "kernels": kernels, "worst_by_kernel": worst_of})
 
 
 def plan_of(checkpoint: Path):
@@ -200,7 +275,7 @@ def check_checkpoint(checkpoint: str | os.PathLike, engine: str | None = None, p
     """Ask ``engine`` (default: the one the plan was made for) to load ``checkpoint`` and compare its numbers.
 
     transformers: logits against ``bitplan.load``. vLLM: its kernel selection on the plan's
-    platform, and on a CPU platform a real load and greedy generation as well."""
+    platform, and on a CPU platform real loads: every Linear vLLM built against bitplan's, and greedy generation."""
     checkpoint = Path(checkpoint)
     planned = plan_of(checkpoint)
     engine = engine or planned.name
@@ -211,6 +286,7 @@ def check_checkpoint(checkpoint: str | os.PathLike, engine: str | None = None, p
         python = vllm_python(python)
         results = [vllm_kernel_agreement(checkpoint, python, platform)]
         if platform.startswith("cpu") and results[0].ok:
+            results.append(vllm_linear_agreement(checkpoint, python))
             results.append(vllm_generation_agreement(checkpoint, python))
         return results
     raise BitplanError(f"bitplan check asks transformers or vllm, not {engine!r}: pass --engine transformers or --engine vllm")

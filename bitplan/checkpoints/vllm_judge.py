@@ -39,6 +39,12 @@ Run with the vLLM venv's interpreter (never bitplan's): it imports vLLM, not bit
       prompts.json: a list of token-id lists (or {"prompts": [...]}).
       Loads with vllm.LLM on this CPU and greedy-decodes; prints per prompt the generated
       token ids, the logprob of each chosen token, the top-5 logprobs, and load/generate times.
+
+  vllm_judge.py linears CHECKPOINT --out linears.safetensors [--tokens T] [--seed S]
+      Loads with vllm.LLM on this CPU (bf16), then inside vLLM's worker applies every Linear vLLM
+      built (fused qkv_proj, gate_up_proj, ...), with the weights vLLM loaded and repacked for its
+      kernel, through its own quantization method to a seeded bf16 input of T tokens; writes each
+      module's input and output to --out and prints the modules, their method/scheme and kernel.
 """
 
 from __future__ import annotations
@@ -68,31 +74,38 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"
 
 
+def _load_llm(args, max_len: int, seqs: int):
+    """``vllm.LLM`` on this CPU, as a user loads a checkpoint (eager, greedy, seeded)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    import torch
+    from vllm import LLM
+
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    return LLM(
+        model=args.checkpoint,
+        tokenizer=getattr(args, "tokenizer", None),
+        skip_tokenizer_init=getattr(args, "tokenizer", None) is None,
+        dtype=args.dtype,
+        enforce_eager=True,
+        max_model_len=max(64, max_len),
+        max_num_seqs=max(1, seqs),
+        max_num_batched_tokens=max(256, max_len * seqs),
+        seed=0,
+    )
+
+
 def cmd_generate(args) -> dict:
     with open(args.prompts) as f:
         prompts = json.load(f)
     if isinstance(prompts, dict):
         prompts = prompts["prompts"]
     prompts = [[int(t) for t in p] for p in prompts]
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     max_len = max(len(p) for p in prompts) + args.max_tokens + 8
     t0 = time.time()
-    llm = LLM(
-        model=args.checkpoint,
-        tokenizer=args.tokenizer,
-        skip_tokenizer_init=args.tokenizer is None,
-        dtype=args.dtype,
-        enforce_eager=True,
-        max_model_len=max(64, max_len),
-        max_num_seqs=max(1, len(prompts)),
-        max_num_batched_tokens=max(256, max_len * len(prompts)),
-        seed=0,
-    )
+    llm = _load_llm(args, max_len, len(prompts))
     t_load = time.time() - t0
     sp = SamplingParams(
         temperature=0.0,
@@ -122,6 +135,45 @@ def cmd_generate(args) -> dict:
         "generate_s": round(t_gen, 2),
         "results": results,
     }
+
+
+def _run_linears(model, tokens: int, seed: int) -> dict:
+    """Inside vLLM's worker: every Linear vLLM built, with its loaded (and repacked) weights, applied through
+    its own quantization method to a seeded bf16 input [tokens, in]; returns {module: (class, method, x, y)}."""
+    import torch
+    from vllm.model_executor.layers.linear import LinearBase
+
+    found = {}
+    for index, (name, module) in enumerate(model.named_modules()):
+        if not isinstance(module, LinearBase):
+            continue
+        generator = torch.Generator().manual_seed(seed + index)
+        x = torch.randn(tokens, module.input_size, generator=generator).to(torch.bfloat16)
+        with torch.no_grad():
+            y = module.quant_method.apply(module, x)
+        scheme = getattr(module, "scheme", None)
+        found[name] = (type(module.quant_method).__name__ + ("/" + type(scheme).__name__ if scheme is not None else ""),
+                       type(getattr(scheme, "kernel", None)).__name__ if scheme is not None else None, x.contiguous(), y.float().contiguous())
+    return found
+
+
+def cmd_linears(args) -> dict:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # apply_model runs in this process: no pickling of tensors
+    from safetensors.torch import save_file
+
+    t0 = time.time()
+    llm = _load_llm(args, 64, 1)
+    t_load = time.time() - t0
+    found = llm.apply_model(lambda model: _run_linears(model, args.tokens, args.seed))[0]
+    tensors, modules = {}, []
+    for name, (method, kernel, x, y) in found.items():
+        tensors[f"{name}.x"], tensors[f"{name}.y"] = x, y
+        modules.append({"module": name, "method": method, "kernel": kernel, "in": x.shape[1], "out": y.shape[1]})
+    save_file(tensors, args.out)
+    import vllm
+
+    return {"checkpoint": args.checkpoint, "vllm_version": vllm.__version__, "dtype": args.dtype, "load_s": round(t_load, 2),
+            "tokens": args.tokens, "modules": modules, "out": args.out}
 
 
 def kernels_command():
@@ -155,6 +207,13 @@ def main(argv=None) -> int:
     g.add_argument("--tokenizer", default=None)
     g.add_argument("--top-k", type=int, default=5)
     g.add_argument("--threads", type=int, default=2)
+    lin = sub.add_parser("linears", help="each Linear as vLLM loaded it, applied to a seeded input")
+    lin.add_argument("checkpoint")
+    lin.add_argument("--out", required=True, help="safetensors file of every module's input (.x) and output (.y)")
+    lin.add_argument("--tokens", type=int, default=8)
+    lin.add_argument("--seed", type=int, default=0)
+    lin.add_argument("--dtype", default="bfloat16", choices=["bfloat16"])
+    lin.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     # vLLM (and its engine-core child process, which inherits fd 1) logs to stdout:
     # point fd 1 at stderr while vLLM runs and keep the real stdout for the JSON alone.
@@ -167,6 +226,8 @@ def main(argv=None) -> int:
                 from vllm_judge_moe import cmd_moe
 
                 res = cmd_moe(args)
+            elif args.cmd == "linears":
+                res = cmd_linears(args)
             else:
                 res = kernels_command()(args) if args.cmd == "kernels" else cmd_generate(args)
     finally:

@@ -18,7 +18,7 @@ import torch
 import bitplan
 from bitplan.api import CalibrationSettings, Candidates
 from bitplan.checkpoints.emit import quantization_config
-from bitplan.checkpoints.verify import run_judge, vllm_generation_agreement, vllm_kernel_agreement
+from bitplan.checkpoints.verify import run_judge, vllm_generation_agreement, vllm_kernel_agreement, vllm_linear_agreement
 from bitplan.engines import get_rules
 from bitplan.engines.rules import restrict_table
 from bitplan.methods.scheme import Scheme
@@ -149,6 +149,35 @@ def test_a_checkpoint_planned_for_vllm_on_this_cpu_loads_generates_and_agrees(vl
     checkpoint = bitplan.emit(plan, tmp_path / "cpu")
     selection = vllm_kernel_agreement(checkpoint, vllm_python, platform)
     assert selection.ok, selection.detail
+    result = vllm_generation_agreement(checkpoint, vllm_python)
+    assert result.ok, result.detail
+    assert result.top1_agreement >= 0.9, result.detail
+
+
+def test_imatrix_checkpoint_with_negative_scales_loads_in_vllm_on_this_cpu_and_agrees(vllm_python, private_cache, tmp_path):
+    """imatrix stores a signed scale per group (the largest weight may take the code -2^(b-1) on either side).
+    vLLM's own pack-quantized path on this CPU must decode it as bitplan does: every Linear vLLM built gives
+    bitplan's output to bf16 precision (a sign dropped or a scale misplaced is off by its whole size), and
+    greedy generation agrees."""
+    platform = cpu_platform()
+    if platform == "cpu-avx2":
+        pytest.skip("vLLM runs pack-quantized (W4A16) on CPUs with AVX-512 only; this one has AVX2")
+    plan = bitplan.plan("smollm2-135m", budget="150MB", context=256, trials=0, calibration=CALIBRATION, target=platform,
+                        candidates=Candidates(("imatrix",), (4, 8), (32, 64)))
+    assert {Scheme.parse(s).method.value for s in plan.assignments.values() if s != "none"} == {"imatrix"}, plan.assignments
+    checkpoint = bitplan.emit(plan, tmp_path / "imatrix")
+    from safetensors import safe_open
+
+    negative = 0
+    for shard in checkpoint.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            negative += sum(int((f.get_tensor(key).float() < 0).sum()) for key in f.keys() if key.endswith("weight_scale"))
+    assert negative > 0, "no negative group scale: this checkpoint does not exercise the signed scales"
+    selection = vllm_kernel_agreement(checkpoint, vllm_python, platform)
+    assert selection.ok, selection.detail
+    linears = vllm_linear_agreement(checkpoint, vllm_python)
+    assert linears.ok, linears.detail
+    assert linears.extra["kernels"].get("CPUWNA16LinearKernel", 0) > 50, linears.detail
     result = vllm_generation_agreement(checkpoint, vllm_python)
     assert result.ok, result.detail
     assert result.top1_agreement >= 0.9, result.detail
