@@ -185,3 +185,22 @@ def test_imatrix_layers_with_negative_scales_load_there_with_bitplans_logits(tra
     result = transformers_agreement(checkpoint)
     assert result.ok, result.detail
     assert result.max_logit_diff <= 1e-4 and result.top1_agreement == 1.0
+
+
+def test_awq_imatrix_layers_load_there_with_bitplans_logits(transformers_plan, smollm_folder, tmp_path):
+    """AWQ + imatrix: AWQ's scales folded into the norms and the feeding Linears, signed group scales on the
+    scaled weights; transformers must decode the checkpoint to bitplan's logits."""
+    spec = spec_from_folder(smollm_folder)
+    picks = {"q": "awqimatrix-w4g64s", "k": "awqimatrix-w4g64s", "v": "awqimatrix-w4g64s", "o": "awqimatrix-w4g64s",
+             "gate": "awqimatrix-w3g64s", "up": "awqimatrix-w3g64s", "down": "awqimatrix-w4g32s"}
+    plan = forced(transformers_plan, spec, lambda layer: DENSE if layer.block == 0 or layer.kind not in picks else Scheme.parse(picks[layer.kind]))
+    checkpoint = bitplan.emit(plan, tmp_path / "awqimatrix")
+    from safetensors import safe_open
+
+    shard = next(checkpoint.glob("*.safetensors"))
+    with safe_open(shard, "pt") as f:
+        scale = f.get_tensor("model.layers.3.mlp.down_proj.weight_scale").float()
+    assert bool((scale < 0).any()) and bool((scale > 0).any())
+    result = transformers_agreement(checkpoint)
+    assert result.ok, result.detail
+    assert result.max_logit_diff <= 1e-4 and result.top1_agreement == 1.0
