@@ -187,6 +187,7 @@ def test_imatrix_layers_with_negative_scales_load_there_with_bitplans_logits(tra
     assert result.max_logit_diff <= 1e-4 and result.top1_agreement == 1.0
 
 
+@pytest.mark.slow  # AWQ's scale search on every block at emit: minutes on two cores; the signed scales are checked above
 def test_awq_imatrix_layers_load_there_with_bitplans_logits(transformers_plan, smollm_folder, tmp_path):
     """AWQ + imatrix: AWQ's scales folded into the norms and the feeding Linears, signed group scales on the
     scaled weights; transformers must decode the checkpoint to bitplan's logits."""
