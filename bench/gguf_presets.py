@@ -47,7 +47,9 @@ from bitplan.profiles.calibration import CalibrationSettings
 
 PRESETS = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
 NO_Q4_1 = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
-OFF_GRID = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0")  # all but Q4_1 and Q5_1
+# all but the types on or near SmolLM2's published grid (peer_bytes.GRID_TYPES, measured by bench/grid_ride.py:
+# Q4_1, Q5_1, and since that bench Q4_K and Q5_K; results saved before it allowed Q4_K and Q5_K)
+OFF_GRID = ("Q2_K", "Q3_K", "Q4_0", "Q5_0", "Q6_K", "Q8_0")
 CONTEXT = 16  # plan's KV cache context: only to size the deployment; the budget is then set so the Linears get the target bytes
 
 
@@ -113,7 +115,7 @@ def main() -> None:
         return result
 
     calibration = CalibrationSettings()
-    variants = {"bitplan (no Q4_1/Q5_1)": OFF_GRID}
+    variants = {"bitplan (no Q4_1/Q5_1/Q4_K/Q5_K)": OFF_GRID}
     if args.no_q4_1:
         variants = {"bitplan (no Q4_1; Q5_1 allowed, as the preset's fallback uses it)": NO_Q4_1}
     if args.with_grid:

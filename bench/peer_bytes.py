@@ -27,7 +27,12 @@ from bitplan.models.spec import ModelSpec
 from bitplan.planner.baselines import assignment_bytes
 
 GGUF_LINEAR = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
-GRID_TYPES = ("Q4_1", "Q5_1")  # SmolLM2's published grid (Q4_1) and the type whose scale search lands on half its step
+# GGUF types that ride SmolLM2's published grid, measured by bench/grid_ride.py (weight error on the published
+# weights over the error on the same weights moved off the grid, with ggml's importance-weighted search): Q4_1
+# 0.00 (the grid itself), Q5_1 0.00 (its search lands on half the step), Q4_K 0.25 and Q5_K 0.44 (groups of 32
+# with a minimum, 6-bit scales); Q4_0, Q5_0 0.93, Q3_K 0.99, Q6_K 0.96 do not.
+GRID_TYPES = ("Q4_1", "Q5_1", "Q4_K", "Q5_K")
+BEFORE_GRID_RIDE = ("Q4_1", "Q5_1")  # what rows measured before bench/grid_ride.py counted as on the grid
 
 
 def gguf_linear_types(path: str | os.PathLike) -> dict[str, tuple[str, int]]:
@@ -64,8 +69,29 @@ def linear_weights(spec: ModelSpec) -> int:
     return sum(layer.out_features * layer.in_features for layer in spec.layers)
 
 
+def grid_share_from_counts(counts: dict[str, int], spec: ModelSpec, counted: tuple[int, int], counted_types: tuple[str, ...]) -> tuple[int, int]:
+    """(tensors, bytes) on the grid of a row that kept only its type counts (``{"Q4_K": 16}`` or ``{"ggml-q4_k": 16}``),
+    measured when ``counted_types`` were the grid types and ``counted`` its (tensors, bytes) of those: adds the
+    k-quant types since found on the grid. A k-quant needs rows of 256; the Linears of SmolLM2 that have them
+    (down_proj) share one shape, so each such tensor's bytes are known."""
+    from bitplan.kernels.layout import row_size_bytes
+
+    tensors, nbytes = counted
+    for name, count in counts.items():
+        kind = name.removeprefix("ggml-").upper()
+        if kind not in GRID_TYPES or kind in counted_types:
+            continue
+        shapes = {(layer.out_features, layer.in_features) for layer in spec.layers if layer.in_features % 256 == 0}
+        if len(shapes) != 1:
+            raise ValueError(f"{kind} may sit on Linears of shapes {sorted(shapes)}: re-measure the row to count its bytes")
+        (out_features, in_features), = shapes
+        tensors += count
+        nbytes += count * out_features * row_size_bytes(kind, in_features)
+    return tensors, nbytes
+
+
 def grid_share(types: dict[str, tuple[str, int]]) -> tuple[int, int]:
-    """(tensors, bytes) of a GGUF's Linears in Q4_1/Q5_1."""
+    """(tensors, bytes) of a GGUF's Linears in the grid types (``GRID_TYPES``)."""
     on = [nbytes for kind, nbytes in types.values() if kind in GRID_TYPES]
     return len(on), sum(on)
 

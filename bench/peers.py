@@ -215,7 +215,7 @@ def gguf_peers(args, folder: Path, spec: ModelSpec, evaluator: Evaluator, rows: 
             started = time.perf_counter()
             path = quantize_preset(build, source, imatrix, preset, work / f"{preset}-imatrix.gguf", args.threads)
             types = pb.gguf_linear_types(path)
-            grid_tensors, grid_bytes = pb.grid_share(types)
+            grid_tensors, grid_bytes = pb.grid_share(types)  # with today's pb.GRID_TYPES (row["grid_types"])
             weights = bg.dequantized_hf_weights(path, folder)
             counts: dict[str, int] = {}
             for kind, _ in types.values():
@@ -223,7 +223,7 @@ def gguf_peers(args, folder: Path, spec: ModelSpec, evaluator: Evaluator, rows: 
             row = rows.put(key, {"peer": f"llama.cpp {preset} (imatrix)", "family": "llama.cpp", "bytes": pb.gguf_linear_bytes(path),
                                  "kl": evaluator.of_weights({n: weights[n] for n in evaluator.linear_names}),
                                  "types": dict(sorted(counts.items())), "grid_tensors": grid_tensors, "grid_bytes": grid_bytes,
-                                 "settings": {"imatrix_chunks": args.imatrix_chunks, "ctx": 512, "imatrix_seconds": imatrix_seconds},
+                                 "grid_types": list(pb.GRID_TYPES), "settings": {"imatrix_chunks": args.imatrix_chunks, "ctx": 512, "imatrix_seconds": imatrix_seconds},
                                  "seconds": round(time.perf_counter() - started, 1), "preset": preset})
         out.append(row)
     return out
@@ -299,7 +299,9 @@ def bitplan_rows(args, spec: ModelSpec, evaluator: Evaluator, rows: Rows, peers:
                         and (not args.sizes or any(abs(p["bytes"] / 1e6 - mb) < 0.005 for mb in args.sizes))})
         candidates = Candidates(ggml_types=OFF_GRID) if engine == "llama.cpp" else args.candidates
         for size in sizes:
-            tag = "default" if args.default_candidates or engine == "llama.cpp" else args.candidates_tag
+            # the GGUF plans' tag names their types: a row or plan made with another set is never served (OFF_GRID changed once)
+            tag = ("ggml-" + ".".join(t.lower() for t in OFF_GRID) if engine == "llama.cpp" else
+                   "default" if args.default_candidates else args.candidates_tag)
             minutes = "" if args.search_minutes is None else f":min{args.search_minutes:g}"
             key = f"bitplan:{engine}:{tag}:{size}:trials{args.trials}{minutes}:cal{args.nsamples}"
             row = rows.get(key)
@@ -323,12 +325,23 @@ def bitplan_rows(args, spec: ModelSpec, evaluator: Evaluator, rows: Rows, peers:
                 row = rows.put(key, {"peer": f"bitplan ({engine}) at {size / 1e6:.2f} MB", "family": f"bitplan-{engine}", "target_bytes": size,
                                      "bytes": pb.scheme_linear_bytes(spec, schemes), "kl": evaluator.of_assignments(schemes),
                                      "types": dict(sorted(counts.items(), key=lambda kv: -kv[1])), "grid_tensors": len(near),
-                                     "grid_bytes": near_bytes, "predicted_kl": plan.predicted.score_kl,
+                                     "grid_bytes": near_bytes, "grid_types": list(pb.GRID_TYPES), "predicted_kl": plan.predicted.score_kl,
                                      "plan_seconds": seconds, "trials": args.trials, "search_minutes": args.search_minutes,
                                      "search": plan.search.to_dict(), "commit": code_commit(),
                                      "candidates": [str(s) for s in candidates.schemes(None)] if tag != "default" else tag})
             out.append(row)
     return out
+
+
+def refresh_grid(rows: list[dict], spec: ModelSpec) -> None:
+    """Rows measured before bench/grid_ride.py counted only Q4_1/Q5_1 as on the grid: add the k-quants found there
+    since (``pb.GRID_TYPES``), from their type counts, and mark the rows refreshed."""
+    for row in rows:
+        if row.get("grid_types") == list(pb.GRID_TYPES) or row.get("family") not in ("llama.cpp", "bitplan-llama.cpp"):
+            continue
+        row["grid_tensors"], row["grid_bytes"] = pb.grid_share_from_counts(row["types"], spec, (row["grid_tensors"], row["grid_bytes"]),
+                                                                           tuple(row.get("grid_types", pb.BEFORE_GRID_RIDE)))
+        row["grid_types"] = list(pb.GRID_TYPES)
 
 
 def table(peers: list[dict], plans: list[dict], weights: int, family: str = "bitplan-bitplan") -> tuple[list[dict], str]:
@@ -483,6 +496,7 @@ def main() -> None:
     peers += uniform_peers(args, spec, evaluator, rows)
     peers += autoround_peers(args, folder, spec, evaluator, rows, calibration)
     plans = bitplan_rows(args, spec, evaluator, rows, peers)
+    refresh_grid(peers + plans, spec)
     tables = {engine: table(peers, plans, weights, f"bitplan-{engine}") for engine in args.engines}
     summary = tables[args.engines[0]][0]
     text = "\n\n".join(f"bitplan with --engine {engine}:\n\n{markdown}" for engine, (_, markdown) in tables.items())

@@ -42,7 +42,7 @@ def test_gguf_counts_only_the_block_linears_in_ggml_block_bytes(tmp_path):
     types = pb.gguf_linear_types(tmp_path / "m.gguf")
     assert set(types) == {"blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.1.attn_v.weight"}  # no embedding, no norm
     assert pb.gguf_linear_bytes(tmp_path / "m.gguf") == 64 * 2 * 34 + 64 * 144 + 32 * 2 * 20
-    assert pb.grid_share(types) == (1, 32 * 2 * 20)  # the Q4_1 tensor is flagged
+    assert pb.grid_share(types) == (2, 64 * 144 + 32 * 2 * 20)  # the Q4_K and Q4_1 tensors are flagged (bench/grid_ride.py)
 
 
 def test_uniform_and_autoround_bytes_are_codes_plus_one_scale_per_group():
@@ -68,7 +68,8 @@ def test_near_grid_schemes_are_flagged():
     assert pb.scheme_near_grid(Scheme.ggml("Q5_1"))
     assert not pb.scheme_near_grid(Scheme.parse("rtn-w4g32s"))
     assert not pb.scheme_near_grid(Scheme.parse("gptq-w4g64a"))
-    assert not pb.scheme_near_grid(Scheme.ggml("Q4_K"))
+    assert pb.scheme_near_grid(Scheme.ggml("Q4_K")) and pb.scheme_near_grid(Scheme.ggml("Q5_K"))  # bench/grid_ride.py
+    assert not pb.scheme_near_grid(Scheme.ggml("Q4_0")) and not pb.scheme_near_grid(Scheme.ggml("Q6_K"))
 
 
 def test_a_rerun_reuses_only_the_external_peers_of_the_same_evaluator(tmp_path):
