@@ -350,7 +350,7 @@ def table(peers: list[dict], plans: list[dict], weights: int, family: str = "bit
     at most those bytes; when that peer sits partly on SmolLM2's Q4_1 grid, the ratio to the best off-grid peer too)."""
     measured = [p for p in peers if "kl" in p]
     lines, summary = [], []
-    head = ("| peer | MB | bits/weight | KL pydoc | KL fortunes | grid (Q4_1/Q5_1 or near) | bitplan MB | bitplan KL pydoc | "
+    head = ("| peer | MB | bits/weight | KL pydoc | KL fortunes | on the grid (Q4_1/Q5_1/Q4_K/Q5_K) | bitplan MB | bitplan KL pydoc | "
             "bitplan KL fortunes | ratio pydoc | ratio fortunes |")
     lines += [head, "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for peer in sorted(measured, key=lambda p: p["bytes"]):
