@@ -1,10 +1,11 @@
 """Predicted against measured KL over many plans: does the summed score predict a plan's KL on
 text it never saw, and by what calibration?
 
-SmolLM2-135M, profiled once (RTN, GPTQ, AWQ, HQQ, AWQ + GPTQ at 3, 4 and 8 bits, group 64, symmetric; GPTQ
-and AWQ cross-fitted, ``profiles.sensitivity``). Plans: the exact allocation at seven budgets
-between 3.25 and 6 bits per weight for three candidate sets ({RTN}, {RTN, GPTQ}, {RTN, GPTQ,
-AWQ, HQQ, AWQ + GPTQ}), and uniform RTN/GPTQ/AWQ/HQQ/AWQ + GPTQ at 3 and 4 bits: 31 plans. Each is measured (KL to the
+SmolLM2-135M, profiled once (RTN, GPTQ, AWQ, HQQ, AWQ + GPTQ, imatrix, AWQ + imatrix at 3, 4 and 8 bits,
+group 64, symmetric; the fitted methods cross-fitted, ``profiles.sensitivity``). Plans: the exact
+allocation at seven budgets between 3.25 and 6 bits per weight for four candidate sets ({RTN},
+{RTN, GPTQ}, {RTN, GPTQ, AWQ, HQQ, AWQ + GPTQ}, and that with imatrix and AWQ + imatrix), and the
+seven methods uniform at 3 and 4 bits: 42 plans. Each is measured (KL to the
 original, per token) on held-out Python documentation (prose and code, never calibrated on) and
 on English prose from Debian's fortunes (``make text-fortunes``). GPTQ and AWQ are fitted to the
 whole calibration text, as emit fits them.
@@ -43,10 +44,10 @@ from bitplan.planner.search import allocate
 from bitplan.profiles.calibration import calibration_windows, load_tokenizer
 from bitplan.profiles.tables import METRIC_VERSION
 
-METHOD_SETS = {"rtn": ("rtn",), "rtn+gptq": ("rtn", "gptq"), "all": ("rtn", "gptq", "awq", "hqq", "awqgptq")}
+METHOD_SETS = {"rtn": ("rtn",), "rtn+gptq": ("rtn", "gptq"), "all": ("rtn", "gptq", "awq", "hqq", "awqgptq"),
+               "all+imatrix": ("rtn", "gptq", "awq", "hqq", "awqgptq", "imatrix", "awqimatrix")}
 BITS_PER_WEIGHT = (3.25, 3.5, 3.75, 4.0, 4.5, 5.0, 6.0)
-UNIFORM = ("rtn-w3g64s", "gptq-w3g64s", "awq-w3g64s", "hqq-w3g64s", "awqgptq-w3g64s",
-           "rtn-w4g64s", "gptq-w4g64s", "awq-w4g64s", "hqq-w4g64s", "awqgptq-w4g64s")
+UNIFORM = tuple(f"{method}-w{bits}g64s" for bits in (3, 4) for method in ("rtn", "gptq", "awq", "hqq", "awqgptq", "imatrix", "awqimatrix"))
 OUT = Path(__file__).resolve().parents[1] / "bitplan" / "planner" / "score_calibration.json"
 
 
@@ -74,7 +75,7 @@ def plot(rows: list[dict], c: float, gamma: float, factor: float, path: Path) ->
     figure, axes = plt.subplots(1, 2, figsize=(12, 5.2), sharex=True, sharey=True)
     for axis, (domain, key) in zip(axes, (("held-out pydoc (fitted here)", "measured_kl_pydoc"),
                                           ("fortunes (another domain, same fit)", "measured_kl_fortunes"))):
-        for (label, group), marker in zip(groups.items(), "osD^"):
+        for (label, group), marker in zip(groups.items(), "osDv^"):
             axis.scatter([r["predicted_kl"] for r in group], [r[key] for r in group], marker=marker, s=36, label=label)
         for r in groups["uniform"]:
             axis.annotate(r["plan"].removeprefix("uniform ").replace("g64s", ""), (r["predicted_kl"], r[key]), fontsize=6,
