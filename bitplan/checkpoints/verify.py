@@ -131,11 +131,16 @@ def vllm_kernel_agreement(checkpoint: str | os.PathLike, python: Path, platform:
     return Agreement("vllm", who, bool(summary["all_ok"]), detail, extra={"modules": summary["modules"], "refused": summary["refused"]})
 
 
+def quantization_groups(checkpoint: Path) -> list[dict]:
+    """The ``config_groups`` of the checkpoint's compressed-tensors ``quantization_config`` (none: [])."""
+    config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config", {})
+    return list(config.get("config_groups", {}).values())
+
+
 def int4_weights(checkpoint: Path) -> bool:
     """Whether the checkpoint's quantization_config stores some Linear as 4-bit integers."""
-    config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config", {})
     return any((g.get("weights") or {}).get("num_bits") == 4 and (g.get("weights") or {}).get("type") == "int"
-               for g in config.get("config_groups", {}).values())
+               for g in quantization_groups(checkpoint))
 
 
 def logprob_tolerance(checkpoint: Path) -> tuple[float, float]:
@@ -152,8 +157,7 @@ def logprob_tolerance(checkpoint: Path) -> tuple[float, float]:
     Rapids class, 2 cores); its mean bound there is 0.08. These bounds hold with vLLM's int4 run weight-only
     (``VLLM_CPU_INT4_W4A8=0``): by default an AMX host quantizes int4 Linears' activations to int8 as well, which is
     not the model bitplan planned (a 4-bit SmolLM2 plan: mean 0.098 that way, 0.023 weight-only)."""
-    config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config", {})
-    groups = config.get("config_groups", {}).values()
+    groups = quantization_groups(checkpoint)
     fp8 = any((g.get("weights") or {}).get("type") == "float" for g in groups)
     int8_activations = any((g.get("input_activations") or {}).get("type") == "int" for g in groups)
     if fp8:
@@ -254,7 +258,7 @@ def vllm_linear_agreement(checkpoint: str | os.PathLike, python: Path, tokens: i
                 if error > worst:
                     worst, worst_module = error, name
                 if error > LINEAR_TOLERANCE:
-                    failures.append(f"{name} ({module['kernel'] or module['method']}): relative error {error:.3g}")
+                    failures.append(f"{name} ({kind}): relative error {error:.3g}")
     who = f"vllm.LLM {answer['vllm_version']} on this CPU (bf16), its own Linears, load {answer['load_s']} s"
     counts = ", ".join(f"{k} x{n} (worst {worst_of[k]:.2g})" for k, n in sorted(kernels.items()))
     detail = (f"{len(answer['modules'])} Linears ({counts}): worst relative error {worst:.3g} at {worst_module}"
