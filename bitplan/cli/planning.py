@@ -10,6 +10,7 @@ from rich.table import Table
 
 from bitplan.cli.common import group_list, int_list, positive_int, progress_bars
 from bitplan.errors import BitplanError
+from bitplan.methods.registry import DEFAULT_METHODS
 from bitplan.planner.deployment import KV_DTYPES, format_bytes
 from bitplan.planner.objective import OBJECTIVES
 
@@ -60,8 +61,9 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=positive_int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration window")
     parser.add_argument("--methods", default=None,
-                        help="candidate methods, comma-separated, each on the whole grid (default: rtn,gptq,awq,hqq,nf4,fp8,smoothquant "
-                             "with GPTQ/AWQ/HQQ at 2-4 bits symmetric; with --engine llama.cpp: ggml; see the README)")
+                        help=f"candidate methods, comma-separated, each on the whole grid (default: {','.join(DEFAULT_METHODS)} "
+                             "with awqimatrix and hqq at 2-4 bits, imatrix and awqimatrix symmetric; also gptq, awq, awqgptq; "
+                             "with --engine llama.cpp: ggml; see the README)")
     parser.add_argument("--bits", type=int_list, default=(2, 3, 4, 5, 6, 8), help="candidate bit widths, e.g. 3,4,6")
     parser.add_argument("--groups", type=group_list, default=(32, 64, 128, 0), help="group sizes; c = per channel")
     parser.add_argument("--ggml-types", type=lambda text: tuple(t.strip() for t in text.split(",")),

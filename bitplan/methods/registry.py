@@ -123,7 +123,9 @@ QUANTIZERS: dict[Method, Quantizer] = {Method.RTN: _rtn, Method.HQQ: _hqq, Metho
                                        Method.GGML: _ggml, Method.IMATRIX: _imatrix}
 SMOOTHING = frozenset({Method.AWQ, Method.AWQ_GPTQ, Method.AWQ_IMATRIX, Method.SMOOTHQUANT})  # fold one scale vector per smoothing group
 CALIBRATED = frozenset({Method.GPTQ, Method.GGML, Method.IMATRIX, *SMOOTHING})  # ggml, imatrix: the importance matrix
-DEFAULT_METHODS = ("rtn", "gptq", "awq", "hqq", "nf4", "fp8", "smoothquant")
+# GPTQ, AWQ and AWQ + GPTQ by --methods: GPTQ's gain fitted on one domain of text does not carry to another, and AWQ +
+# imatrix beats AWQ in both (README, "The default candidates")
+DEFAULT_METHODS = ("rtn", "imatrix", "awqimatrix", "hqq", "nf4", "fp8", "smoothquant")
 COSTLY = frozenset({Method.GPTQ, Method.AWQ, Method.AWQ_GPTQ, Method.AWQ_IMATRIX, Method.HQQ})  # seconds per layer and scheme to profile, not milliseconds
 COSTLY_DEFAULT_BITS = (2, 3, 4)  # where they beat RTN by most; above 4 bits RTN is close to lossless
 
@@ -254,7 +256,7 @@ def candidate_schemes(
     ``include_dense`` adds "none" (the weight left in the checkpoint dtype), which is always
     feasible and loses nothing. ``act_formats`` lists the activation formats the target runs
     natively ("int8", "fp8"); W8A8 candidates of other formats are left out. ``costly_bits``
-    (the default set uses ``COSTLY_DEFAULT_BITS``) offers GPTQ, AWQ and HQQ only at those widths
+    (the default set uses ``COSTLY_DEFAULT_BITS``) offers the ``COSTLY`` methods only at those widths
     and symmetric; None offers them on the whole grid.
     """
     chosen = []

@@ -45,10 +45,11 @@ def test_default_candidates_cover_every_method_with_costly_ones_at_low_bits():
 
     schemes = Candidates().schemes()
     methods = {str(s.method) for s in schemes}
-    assert methods == {"rtn", "gptq", "awq", "hqq", "nf4", "fp8", "smoothquant", "none"}
-    costly = [s for s in schemes if str(s.method) in ("gptq", "awq", "hqq")]
+    assert methods == {"rtn", "imatrix", "awqimatrix", "hqq", "nf4", "fp8", "smoothquant", "none"}
+    costly = [s for s in schemes if str(s.method) in ("awqimatrix", "hqq")]
     assert costly and all(s.bits <= 4 and s.symmetric for s in costly)
-    assert {s.name for s in schemes} >= {"smoothquant-w8gcsa8", "fp8-w8gcsa8", "fp8-w8gcs", "nf4-w4g64s", "rtn-w8g32a"}
+    assert {s.name for s in schemes} >= {"smoothquant-w8gcsa8", "fp8-w8gcsa8", "fp8-w8gcs", "nf4-w4g64s", "rtn-w8g32a", "imatrix-w6g128s"}
+    assert not any(str(s.method) in ("imatrix", "awqimatrix") and not s.symmetric for s in schemes)
     full = Candidates(("gptq",), costly_bits=None).schemes()
     assert any(s.bits == 8 and not s.symmetric for s in full)
 
