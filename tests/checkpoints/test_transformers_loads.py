@@ -205,3 +205,20 @@ def test_awq_imatrix_layers_load_there_with_bitplans_logits(transformers_plan, s
     result = transformers_agreement(checkpoint)
     assert result.ok, result.detail
     assert result.max_logit_diff <= 1e-4 and result.top1_agreement == 1.0
+
+
+def test_the_default_methods_plan_emit_and_load_there_with_bitplans_logits(private_cache, tiny_model, tmp_path):
+    """The default candidates (imatrix and AWQ + imatrix since stop 30) from profile to a checkpoint transformers
+    decodes as bitplan.load does: AWQ's scales folded into the norms and v_proj, signed group scales."""
+    candidates = dataclasses.replace(Candidates(), bits=(3, 4), group_sizes=(32, 0))
+    plan = bitplan.plan(str(tiny_model), budget="7.2MB", context=64, engine="transformers", trials=0,  # smallest: 7.12 MB
+                        calibration=CalibrationSettings((), 2, 64), candidates=candidates)
+    methods = {Scheme.parse(s).method.value for s in plan.assignments.values()}
+    assert methods <= {"rtn", "imatrix", "awqimatrix", "hqq", "none"} and methods & {"imatrix", "awqimatrix"}, methods
+    spec = spec_from_folder(tiny_model)
+    picks = {"q": "awqimatrix-w4g32s", "k": "awqimatrix-w4g32s", "v": "awqimatrix-w4g32s", "o": "imatrix-w3g32s",
+             "gate": "awqimatrix-w3gcs", "up": "awqimatrix-w3gcs", "down": "awqimatrix-w4g32s"}
+    checkpoint = bitplan.emit(forced(plan, spec, lambda layer: Scheme.parse(picks[layer.kind])), tmp_path / "default")
+    result = transformers_agreement(checkpoint)
+    assert result.ok, result.detail
+    assert result.max_logit_diff <= 1e-4 and result.top1_agreement == 1.0
