@@ -44,10 +44,10 @@ from bitplan.planner.search import allocate
 from bitplan.profiles.calibration import calibration_windows, load_tokenizer
 from bitplan.profiles.tables import METRIC_VERSION
 
-METHOD_SETS = {"rtn": ("rtn",), "rtn+gptq": ("rtn", "gptq"), "all": ("rtn", "gptq", "awq", "hqq", "awqgptq"),
-               "all+imatrix": ("rtn", "gptq", "awq", "hqq", "awqgptq", "imatrix", "awqimatrix")}
+ALL = ("rtn", "gptq", "awq", "hqq", "awqgptq")
+METHOD_SETS = {"rtn": ("rtn",), "rtn+gptq": ("rtn", "gptq"), "all": ALL, "all+imatrix": (*ALL, "imatrix", "awqimatrix")}
 BITS_PER_WEIGHT = (3.25, 3.5, 3.75, 4.0, 4.5, 5.0, 6.0)
-UNIFORM = tuple(f"{method}-w{bits}g64s" for bits in (3, 4) for method in ("rtn", "gptq", "awq", "hqq", "awqgptq", "imatrix", "awqimatrix"))
+UNIFORM = tuple(f"{method}-w{bits}g64s" for bits in (3, 4) for method in METHOD_SETS["all+imatrix"])
 OUT = Path(__file__).resolve().parents[1] / "bitplan" / "planner" / "score_calibration.json"
 
 

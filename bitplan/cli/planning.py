@@ -10,7 +10,7 @@ from rich.table import Table
 
 from bitplan.cli.common import group_list, int_list, positive_int, progress_bars
 from bitplan.errors import BitplanError
-from bitplan.methods.registry import DEFAULT_METHODS
+from bitplan.methods.registry import COSTLY, COSTLY_DEFAULT_BITS, DEFAULT_METHODS
 from bitplan.planner.deployment import KV_DTYPES, format_bytes
 from bitplan.planner.objective import OBJECTIVES
 
@@ -62,7 +62,8 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration window")
     parser.add_argument("--methods", default=None,
                         help=f"candidate methods, comma-separated, each on the whole grid (default: {','.join(DEFAULT_METHODS)} "
-                             "with awqimatrix and hqq at 2-4 bits, imatrix and awqimatrix symmetric; also gptq, awq, awqgptq; "
+                             f"with {' and '.join(m for m in DEFAULT_METHODS if m in COSTLY)} at "
+                             f"{COSTLY_DEFAULT_BITS[0]}-{COSTLY_DEFAULT_BITS[-1]} bits symmetric, imatrix symmetric; also gptq, awq, awqgptq; "
                              "with --engine llama.cpp: ggml; see the README)")
     parser.add_argument("--bits", type=int_list, default=(2, 3, 4, 5, 6, 8), help="candidate bit widths, e.g. 3,4,6")
     parser.add_argument("--groups", type=group_list, default=(32, 64, 128, 0), help="group sizes; c = per channel")

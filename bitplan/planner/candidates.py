@@ -14,9 +14,10 @@ from bitplan.profiles.hardware import HardwareProfile
 @dataclass(frozen=True)
 class Candidates:
     """The schemes to profile. The default is the methods of ``DEFAULT_METHODS`` on the whole
-    grid, except the costly ones (``COSTLY``: GPTQ, AWQ + imatrix and HQQ among them), which are
-    offered at 2-4 bits, symmetric (``costly_bits``; None gives them the whole grid). ``act_formats``: W8A8 activation formats the target runs
-    natively (``for_device`` narrows it to a device's)."""
+    grid, except the costly ones (``COSTLY``: AWQ + imatrix and HQQ among the defaults), which are
+    offered at 2-4 bits, symmetric (``costly_bits``; None gives them the whole grid).
+    ``act_formats``: W8A8 activation formats the target runs natively (``for_device`` narrows it
+    to a device's)."""
 
     methods: tuple[str, ...] = DEFAULT_METHODS
     bits: tuple[int, ...] = INTEGER_BITS
