@@ -5,7 +5,8 @@ group 64, symmetric (``domain_common.CANDIDATES``), the default calibration (16 
 tokens of the built-in Python documentation). At each budget of Linear bytes (bits per weight
 times the Linears' weights / 8), the exact allocation (the knapsack on summed scores) and the
 measured search (``planner.refine``: trial 0 the exact plan, then generations measured on the
-4 held-in calibration windows the CLI uses, or ``--held-in``, stopped by ``--minutes``) are both measured on
+4 held-in calibration windows the CLI uses, or ``--held-in``, stopped by ``--minutes``; the kept plan
+confirmed on the next ``--validation`` windows, 4 as in the CLI) are both measured on
 held-out text neither saw: pydoc's held-out prose and code (``--heldout`` windows, half each)
 and English prose from Debian's fortunes (``fortunes-heldout.txt``; ``make text-fortunes``), and the
 Jargon File's prose (``make text-jargon``), a third domain. ``--calibration mixed`` calibrates (profile,
@@ -40,7 +41,7 @@ from bitplan.engines.rules import restrict_table
 from bitplan.methods.scheme import Scheme
 from bitplan.models.source import open_model
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.planner.refine import REFINE_WINDOWS, refine
+from bitplan.planner.refine import REFINE_WINDOWS, VALIDATION_WINDOWS, refine
 from bitplan.planner.baselines import assignment_bytes, uniform_assignment
 from bitplan.planner.search import allocate
 from bitplan.profiles.calibration import CalibrationSettings, calibration_windows, load_tokenizer
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--held-in", type=int, default=REFINE_WINDOWS, help="held-in calibration windows the search measures on")
+    parser.add_argument("--validation", type=int, default=VALIDATION_WINDOWS,
+                        help="calibration windows after the held-in ones that confirm the kept plan (0: keep the best held-in plan)")
     parser.add_argument("--out", default="search_quality", help="name of the results file in bench/results")
     parser.add_argument("--methods", default=",".join(CANDIDATES.methods), help="candidate methods (bits 3,4,8, group 64, symmetric)")
     parser.add_argument("--uniform", default="", help="methods whose uniform plan at each budget's bits is measured too, e.g. awq,rtn")
@@ -76,8 +79,9 @@ def main() -> None:
     candidates = replace(CANDIDATES, methods=tuple(args.methods.split(",")))
     table = restrict_table(bitplan.profile("smollm2-135m", candidates, calibration, rules=rules), spec, rules)
     profile_seconds = time.time() - started
-    windows = calibration_windows(source.folder, calibration, args.held_in)  # the first samples are the profile's
-    held_in = windows[calibration.samples:]
+    windows = calibration_windows(source.folder, calibration, args.held_in + args.validation)  # the first samples are the profile's
+    held_in = windows[calibration.samples : calibration.samples + args.held_in]
+    validation = windows[calibration.samples + args.held_in :] if args.validation else None
     meter = QualityMeter(load_dense_model(source.folder), spec, batch_size=1, cache_bytes=int(args.cache_gib * 2**30))
     meter.calibrate(windows[: calibration.samples])
     tokenizer = load_tokenizer(source.folder)
@@ -101,7 +105,7 @@ def main() -> None:
             bits = float(budget)
             weight_budget = int(bits * spec.linear_weights / 8)
         found = refine(table, spec, weight_budget, rules.fused_share_scheme, meter, held_in, args.trials, args.seed,
-                       search_minutes=args.minutes)
+                       search_minutes=args.minutes, validation=validation)
         exact = found.exact or allocate(table, spec, weight_budget, rules.fused_share_scheme)
         uniform = {}
         for method in filter(None, args.uniform.split(",")):
@@ -113,7 +117,8 @@ def main() -> None:
                          "schemes": counts(exact.choice)},
                "searched": {"weight_bytes": found.allocation.weight_bytes, "held_in_kl": found.measured_kl,
                             "heldout_kl": heldout_kl(found.allocation.choice), "schemes": counts(found.allocation.choice),
-                            "changed_layers": sum(exact.choice[n] != s for n, s in found.allocation.choice.items())},
+                            "changed_layers": sum(exact.choice[n] != s for n, s in found.allocation.choice.items()),
+                            "kept": found.kept, "validation_kl": found.validation_kl, "exact_validation_kl": found.exact_validation_kl},
                "search": {"seconds": round(found.seconds, 1), "trials": found.trials, "candidates": found.candidates,
                           "measured_tokens": found.measured_tokens, "stopped_by": found.stopped_by, "distinct_plans": found.distinct_plans,
                           "method_factors": {m: f.to_dict() for m, f in (found.factors or {}).items()}},
@@ -138,6 +143,7 @@ def main() -> None:
             print(f"uniform {name} at {measured['weight_bytes'] / 1e6:.2f} MB: {measured['heldout_kl']}")
     print("saved", save(args.out, {"engine": ENGINE, "candidates": [s.name for s in candidates.schemes()], "samples": args.samples,
                                            "seq_len": args.seq_len, "held_in_tokens": int(held_in.numel()),
+                                           "validation_tokens": 0 if validation is None else int(validation.numel()),
                                            "heldout_tokens": {n: int(w.numel()) for n, w in domains.items()}, "minutes": args.minutes,
                                            "seed": args.seed, "calibration": calibration.to_dict(), "profile_seconds": round(profile_seconds, 1), "rows": rows}))
 

@@ -156,8 +156,10 @@ def assemble_plan(source: ModelSource, deployment: Deployment, goal: Target, tab
                                  "refine_measured_tokens": found.measured_tokens, "refine_stopped_by": found.stopped_by,
                                  "refine_seconds": round(found.seconds, 1) if found.stopped_by == "clock" else None,
                                  "search_minutes": settings.search_minutes,
-                                 "method_factors": {m: f.to_dict() for m, f in found.factors.items()} if found.factors else None})
-        predicted.update(calibration_kl=found.measured_kl, exact_calibration_kl=found.exact_kl)
+                                 "method_factors": {m: f.to_dict() for m, f in found.factors.items()} if found.factors else None,
+                                 "refine_validation_tokens": found.validation_tokens, "refine_kept": found.kept})
+        predicted.update(calibration_kl=found.measured_kl, exact_calibration_kl=found.exact_kl, validation_kl=found.validation_kl,
+                         exact_validation_kl=found.exact_validation_kl)
     if goal.device is not None:
         predicted.update(decode_prediction(source.spec, allocation.choice, goal.device, deployment))
         predicted["linear_decode_ms"] = 1e3 * assignment_sum(table, allocation.choice, times)

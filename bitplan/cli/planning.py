@@ -151,6 +151,9 @@ def print_plan(result, console: Console) -> None:
         line += f"; on unseen text about {predicted.calibrated_kl:.4f} (calibrated, within {predicted.calibrated_within:.1f}x)"
     if predicted.calibration_kl is not None:
         line += f"; measured on held-in text: {predicted.calibration_kl:.4f} (exact allocation: {predicted.exact_calibration_kl:.4f})"
+    if predicted.validation_kl is not None:
+        line += (f"; on held-back text: {predicted.validation_kl:.4f} (exact allocation: {predicted.exact_validation_kl:.4f}; "
+                 f"kept: {result.search.refine_kept})")
     console.print(line)
     search = result.search
     if search.refine_trials is not None and search.refine_candidates is not None:

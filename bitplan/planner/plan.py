@@ -60,6 +60,8 @@ class Prediction:
     metric: str | None = None
     calibration_kl: float | None = None  # measured on held-in calibration tokens (refinement)
     exact_calibration_kl: float | None = None  # the exact allocation's, on the same tokens
+    validation_kl: float | None = None  # measured on held-back calibration tokens the search never chose on
+    exact_validation_kl: float | None = None  # the exact allocation's, on those tokens
     calibrated_kl: float | None = None  # score_kl through planner.score_calibration: expected KL on unseen text
     calibrated_within: float | None = None  # the calibration's stated factor (fitted plans' largest ratio either way)
     decode_step_ms: float | None = None
@@ -100,6 +102,8 @@ class SearchRecord:
     slice_bounds: dict | None = None  # each limited slice's bound on predicted KL (``planner.slices``)
     uniform_scheme: str | None = None  # the best uniform plan relative slice limits refer to
     method_factors: dict | None = None  # each method's probe and the factor its scores were scaled by (``planner.method_factors``)
+    refine_validation_tokens: int | None = None  # held-back tokens the kept plan was confirmed on
+    refine_kept: str | None = None  # the kept plan: "search", "exact" or "probe <method>" (the best on the held-back tokens)
 
     def to_dict(self) -> dict:
         return _compact(asdict(self))

@@ -116,6 +116,53 @@ def test_the_search_beats_the_exact_plan_where_loss_is_not_additive_and_never_le
     assert found.measured_tokens < found.candidates * WINDOWS.numel()  # most on a fraction of the held-in tokens
 
 
+VALIDATION = torch.arange(64, 128).reshape(2, 32)
+
+
+class OverfitMeter(InteractingMeter):
+    """Held-in windows measure the interacting loss; the held-back ones (``VALIDATION``) add
+    ``penalty`` per layer that differs from ``reference``: a search gain that does not carry over."""
+
+    def __init__(self, table, spec, reference: dict[str, str], penalty: float):
+        super().__init__(table, spec)
+        self.reference, self.penalty = reference, penalty
+        self.validated: list[dict[str, str]] = []
+
+    def measure(self, windows):
+        kl = self.loss
+        if windows.data_ptr() == VALIDATION.data_ptr():
+            self.validated.append(self.plans[-1])
+            kl += self.penalty * sum(scheme != self.reference[name] for name, scheme in self.plans[-1].items())
+        return type("Quality", (), {"kl": kl})()
+
+
+def test_held_back_windows_that_agree_keep_the_searched_plan(spec):
+    table = synthetic_table(spec)
+    plain = run(table, spec, InteractingMeter(table, spec), trials=12)
+    meter = OverfitMeter(table, spec, allocate(table, spec, budget(table)).choice, penalty=0.0)
+    confirmed = run(table, spec, meter, trials=12, validation=VALIDATION)
+    assert confirmed.allocation == plain.allocation and confirmed.kept == "search"
+    assert confirmed.validation_kl == pytest.approx(confirmed.measured_kl) and confirmed.validation_tokens == VALIDATION.numel()
+    assert confirmed.exact_validation_kl == pytest.approx(confirmed.exact_kl)
+    from bitplan.planner.refine import CONFIRM_TOP
+
+    # the exact plan, the probes, the search's best few distinct plans, each measured once
+    assert len(meter.validated) == len({json.dumps(p, sort_keys=True) for p in meter.validated}) == 1 + len(confirmed.factors or {}) + CONFIRM_TOP
+
+
+def test_a_gain_that_does_not_carry_to_held_back_windows_is_not_kept(spec):
+    """The search fits its held-in windows (its plan measures far below the exact one there) but
+    every layer it moved costs on the held-back windows: the exact plan is kept, and reported so."""
+    table = synthetic_table(spec)
+    exact = allocate(table, spec, budget(table))
+    plain = run(table, spec, InteractingMeter(table, spec), trials=12)
+    assert plain.measured_kl < 0.5 * plain.exact_kl and plain.kept == "search"
+    found = run(table, spec, OverfitMeter(table, spec, exact.choice, penalty=10.0), trials=12, validation=VALIDATION)
+    assert found.kept == "exact" and found.allocation.choice == exact.choice
+    assert found.validation_kl == found.exact_validation_kl == pytest.approx(found.exact_kl)
+    assert found.measured_kl == found.exact_kl  # the kept plan's held-in KL, not the search's best
+
+
 def test_same_seed_same_plan(spec):
     table = synthetic_table(spec)
     first, second = (run(table, spec, InteractingMeter(table, spec), trials=12, seed=3) for _ in range(2))
@@ -225,7 +272,13 @@ def test_cli_reports_the_cost_and_same_seed_writes_the_same_bytes(tiny_llama_fol
     search = json.loads((tmp_path / "first.json").read_text())["search"]
     assert search["refine_trials"] == 4 and search["refine_stopped_by"] == "trials" and "refine_seconds" not in search
     assert search["refine_candidates"] > 4 and search["search_minutes"] == 60
-    assert "measured search: 4 trials" in capsys.readouterr().out
+    from bitplan.planner.refine import VALIDATION_WINDOWS
+
+    assert search["refine_validation_tokens"] == VALIDATION_WINDOWS * 32  # confirmed on windows the search never measured
+    predicted = json.loads((tmp_path / "first.json").read_text())["predicted"]
+    assert predicted["validation_kl"] <= predicted["exact_validation_kl"]  # never worse than the exact plan where the search did not look
+    out = capsys.readouterr().out
+    assert "measured search: 4 trials" in out and f"kept: {search['refine_kept']}" in out
     assert main(["plan", *args, "--trials", "4", "--search-minutes", "0", "--out", str(tmp_path / "clock.json")]) == 0
     search = json.loads((tmp_path / "clock.json").read_text())["search"]
     assert search["refine_trials"] == 1 and search["refine_stopped_by"] == "clock" and search["refine_seconds"] >= 0
