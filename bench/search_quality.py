@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=VALIDATION_WINDOWS,
                         help="calibration windows after the held-in ones that confirm the kept plan (0: keep the best held-in plan)")
     parser.add_argument("--out", default="search_quality", help="name of the results file in bench/results")
-    parser.add_argument("--methods", default=",".join(CANDIDATES.methods), help="candidate methods (bits 3,4,8, group 64, symmetric)")
+    parser.add_argument("--methods", default=",".join(CANDIDATES.methods), help="candidate methods (group 64, symmetric)")
+    parser.add_argument("--bits", default=",".join(map(str, CANDIDATES.bits)), help="candidate bit widths")
     parser.add_argument("--uniform", default="", help="methods whose uniform plan at each budget's bits is measured too, e.g. awq,rtn")
     parser.add_argument("--calibration", choices=("pydoc", "mixed"), default="pydoc",
                         help="pydoc: the built-in Python documentation; mixed: pydoc's slices and the fortunes, equal weight")
@@ -76,7 +77,7 @@ def main() -> None:
     else:
         calibration = CalibrationSettings((), args.samples, args.seq_len)
     started = time.time()
-    candidates = replace(CANDIDATES, methods=tuple(args.methods.split(",")))
+    candidates = replace(CANDIDATES, methods=tuple(args.methods.split(",")), bits=tuple(int(b) for b in args.bits.split(",")))
     table = restrict_table(bitplan.profile("smollm2-135m", candidates, calibration, rules=rules), spec, rules)
     profile_seconds = time.time() - started
     windows = calibration_windows(source.folder, calibration, args.held_in + args.validation)  # the first samples are the profile's
