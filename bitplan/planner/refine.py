@@ -22,9 +22,9 @@ The held-in tokens chose that plan, so its held-in KL flatters it: a hundred can
 on four windows, the winner is partly the one that fits those windows (on SmolLM2 at 4.25 bits per
 weight the search measured 0.133 held in against 0.146 for uniform AWQ + imatrix, and held-out text
 gave 0.143 against 0.137). With ``validation`` windows (held back: never measured by the search) the
-plan is confirmed: the search's ``CONFIRM_TOP`` best distinct plans, the exact plan and every probe
-are measured on them, and the kept plan is the lowest there, ``min (validation value, held-in
-value, number)``. A search gain that does not carry to unseen windows of the same text keeps the
+plan is confirmed: the exact plan, every probe and the search's ``CONFIRM_TOP`` best distinct plans
+that beat them all on the held-in windows are measured on them, and the kept plan is the lowest
+there, ``min (validation value, held-in value, number)``. A search gain that does not carry to unseen windows of the same text keeps the
 exact plan or a probe instead. Without ``validation`` the search's best plan is kept.
 
 Before the exact allocation each method's scores are put on the scale of measured KL by its
@@ -249,9 +249,11 @@ def refine(
 def confirm(done: list[optuna.trial.FrozenTrial], exact: optuna.trial.FrozenTrial,
             measure: Callable[[list[int]], float]) -> dict[str, tuple[float, optuna.trial.FrozenTrial]]:
     """The contenders' values on the validation windows, by plan digest: the exact plan, every
-    probe, and the ``CONFIRM_TOP`` best distinct plans of the search (each plan once, as its first trial)."""
+    probe, and the ``CONFIRM_TOP`` best distinct plans of the search that beat all of those on the
+    held-in windows (each plan once, as its first trial)."""
     probes = sorted((t for t in done if "probe" in t.user_attrs), key=lambda t: t.number)
-    searched = sorted((t for t in done if not t.user_attrs.get("exact") and "probe" not in t.user_attrs),
+    bar = min(t.value for t in [exact, *probes])
+    searched = sorted((t for t in done if not t.user_attrs.get("exact") and "probe" not in t.user_attrs and t.value < bar),
                       key=lambda t: (t.value, t.number))
     checked: dict[str, tuple[float, optuna.trial.FrozenTrial]] = {}
     budget = len(probes) + 1 + CONFIRM_TOP

@@ -41,7 +41,10 @@ def test_plan_fits_the_budget_and_mixes_schemes(planned):
     assert planned.memory.total_bytes <= planned.deployment.budget_bytes == 170_000_000
     assert planned.memory.kv_cache_bytes == 30 * 2 * 3 * 64 * 2048 * 2
     assert len(planned.assignments) == 210 and len(set(planned.assignments.values())) > 1
-    assert planned.predicted.calibration_kl <= planned.predicted.exact_calibration_kl
+    predicted = planned.predicted
+    assert predicted.validation_kl <= predicted.exact_validation_kl  # never worse than the exact plan on held-back text
+    if planned.search.refine_kept == "search":
+        assert predicted.calibration_kl < predicted.exact_calibration_kl
 
 
 def test_same_inputs_and_seed_give_the_same_plan_bytes(planned):
