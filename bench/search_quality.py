@@ -6,7 +6,7 @@ tokens of the built-in Python documentation). At each budget of Linear bytes (bi
 times the Linears' weights / 8), the exact allocation (the knapsack on summed scores) and the
 measured search (``planner.refine``: trial 0 the exact plan, then generations measured on the
 4 held-in calibration windows the CLI uses, or ``--held-in``, stopped by ``--minutes``; the kept plan
-confirmed on the next ``--validation`` windows, 4 as in the CLI) are both measured on
+confirmed on ``--validation`` windows spread through the rest of the calibration text, 4 as in the CLI) are both measured on
 held-out text neither saw: pydoc's held-out prose and code (``--heldout`` windows, half each)
 and English prose from Debian's fortunes (``fortunes-heldout.txt``; ``make text-fortunes``), and the
 Jargon File's prose (``make text-jargon``), a third domain. ``--calibration mixed`` calibrates (profile,
@@ -41,7 +41,7 @@ from bitplan.engines.rules import restrict_table
 from bitplan.methods.scheme import Scheme
 from bitplan.models.source import open_model
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.planner.refine import REFINE_WINDOWS, VALIDATION_WINDOWS, refine
+from bitplan.planner.refine import REFINE_WINDOWS, VALIDATION_WINDOWS, held_windows, refine
 from bitplan.planner.baselines import assignment_bytes, uniform_assignment
 from bitplan.planner.search import allocate
 from bitplan.profiles.calibration import CalibrationSettings, calibration_windows, load_tokenizer
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--held-in", type=int, default=REFINE_WINDOWS, help="held-in calibration windows the search measures on")
     parser.add_argument("--validation", type=int, default=VALIDATION_WINDOWS,
-                        help="calibration windows after the held-in ones that confirm the kept plan (0: keep the best held-in plan)")
+                        help="calibration windows spread through the text after the held-in ones that confirm the kept plan (0: keep the best held-in plan)")
     parser.add_argument("--out", default="search_quality", help="name of the results file in bench/results")
     parser.add_argument("--methods", default=",".join(CANDIDATES.methods), help="candidate methods (group 64, symmetric)")
     parser.add_argument("--bits", default=",".join(map(str, CANDIDATES.bits)), help="candidate bit widths")
@@ -80,11 +80,9 @@ def main() -> None:
     candidates = replace(CANDIDATES, methods=tuple(args.methods.split(",")), bits=tuple(int(b) for b in args.bits.split(",")))
     table = restrict_table(bitplan.profile("smollm2-135m", candidates, calibration, rules=rules), spec, rules)
     profile_seconds = time.time() - started
-    windows = calibration_windows(source.folder, calibration, args.held_in + args.validation)  # the first samples are the profile's
-    held_in = windows[calibration.samples : calibration.samples + args.held_in]
-    validation = windows[calibration.samples + args.held_in :] if args.validation else None
+    profile, held_in, validation = held_windows(source.folder, calibration, args.held_in, args.validation)
     meter = QualityMeter(load_dense_model(source.folder), spec, batch_size=1, cache_bytes=int(args.cache_gib * 2**30))
-    meter.calibrate(windows[: calibration.samples])
+    meter.calibrate(profile)
     tokenizer = load_tokenizer(source.folder)
     held = heldout(tokenizer, args.heldout, args.seq_len)
     half = args.heldout // 2

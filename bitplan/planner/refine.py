@@ -67,12 +67,14 @@ from bitplan.planner.quality import QualityMeter, load_dense_model
 from bitplan.planner.search import SLICE_SLACK, Allocation, SearchSettings, allocate, build_units
 from bitplan.planner.streaming import StreamingMeter
 from bitplan.planner.study import counted_trials, finished_trials, open_study, study_name
-from bitplan.profiles.calibration import CalibrationSettings, calibration_windows
+from bitplan.profiles.calibration import CalibrationSettings, calibration_slices
 from bitplan.profiles.tables import SensitivityTable
+from bitplan.profiles.text import window_quotas
 
 log = logging.getLogger(__name__)
 REFINE_WINDOWS = 4  # held-in calibration windows each trial is measured on
-VALIDATION_WINDOWS = 4  # calibration windows after those, held back to confirm the kept plan
+VALIDATION_WINDOWS = 4  # calibration windows held back to confirm the kept plan, spread through the rest of the text
+VALIDATION_POOL = 512  # windows after the held-in ones the validation windows are spread over, at most
 CONFIRM_TOP = 3  # the search's best distinct plans measured on the validation windows
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial of a shared study
 
@@ -279,23 +281,36 @@ def choose_meter(source: ModelSource) -> QualityMeter | StreamingMeter:
     return StreamingMeter(source.folder, source.config, source.spec)
 
 
+def held_windows(folder, calibration: CalibrationSettings, held_in: int = REFINE_WINDOWS,
+                 validation: int = VALIDATION_WINDOWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(profile, held_in, validation)`` windows of the calibration text: the profile's
+    ``samples``, the ``held_in`` after them (the profile's own first ones when the text has no
+    more), and ``validation`` windows from the rest (up to ``VALIDATION_POOL`` windows on): each
+    slice's share of them (by its weight), spread evenly through that slice's windows, so that
+    they come from other documents than the held-in windows' neighbours (None when the text has
+    no window left)."""
+    windows = calibration_slices(folder, calibration, held_in + VALIDATION_POOL)
+    start = calibration.samples + held_in
+    profile, extra = windows.tokens[: calibration.samples], windows.tokens[calibration.samples :]
+    held = extra[:held_in] if len(extra) else windows.tokens[:held_in]
+    rest = [[i for i in range(start, len(windows.labels)) if windows.labels[i] == s] for s in range(len(windows.names))]
+    quotas = window_quotas(list(windows.weights), [len(r) for r in rest], validation)
+    picks = sorted(r[(2 * k + 1) * len(r) // (2 * q)] for r, q in zip(rest, quotas) for k in range(q))  # the middles of q equal parts
+    return profile, held, windows.tokens[picks].contiguous() if picks else None
+
+
 def refine_measured(source: ModelSource, table: SensitivityTable, weight_budget_bytes: int, settings: SearchSettings,
                     calibration: CalibrationSettings, progress: Callable[[str, int, int], None] | None = None,
                     extra_cost: np.ndarray | None = None, slice_bounds: dict[str, float] | None = None) -> tuple[Refinement, int]:
-    """Refine on held-in calibration windows (the ``REFINE_WINDOWS`` after the profile's; the
-    profile's own first ones when the text has no more) and confirm on the ``VALIDATION_WINDOWS``
-    after those (none when the text has too few). Returns the refinement and the held-in tokens.
-    Plans are measured by :func:`choose_meter`'s meter."""
-    windows = calibration_windows(source.folder, calibration, REFINE_WINDOWS + VALIDATION_WINDOWS)
-    extra = windows[calibration.samples:]
-    held_in = extra[:REFINE_WINDOWS] if len(extra) else windows[:REFINE_WINDOWS]
-    validation = extra[REFINE_WINDOWS:] if len(extra) > REFINE_WINDOWS else None
+    """Refine on held-in calibration windows and confirm on held-back ones (:func:`held_windows`).
+    Returns the refinement and the held-in tokens. Plans are measured by :func:`choose_meter`'s meter."""
+    profile, held_in, validation = held_windows(source.folder, calibration)
     if validation is None:
         log.warning("the calibration text has no windows left to confirm the searched plan on: the best held-in plan is kept")
     meter = choose_meter(source)
     schemes = [Scheme.parse(name) for name in table.schemes]
     if needs_calibration(schemes):
-        meter.calibrate(windows[: calibration.samples])
+        meter.calibrate(profile)
     refinement = refine(table, source.spec, weight_budget_bytes, settings.tie_fused, meter, held_in, settings.trials,
                         settings.seed, progress, extra_cost, settings.study_storage, slice_bounds, settings.search_minutes,
                         validation)

@@ -282,3 +282,20 @@ def test_cli_reports_the_cost_and_same_seed_writes_the_same_bytes(tiny_llama_fol
     assert main(["plan", *args, "--trials", "4", "--search-minutes", "0", "--out", str(tmp_path / "clock.json")]) == 0
     search = json.loads((tmp_path / "clock.json").read_text())["search"]
     assert search["refine_trials"] == 1 and search["refine_stopped_by"] == "clock" and search["refine_seconds"] >= 0
+
+
+def test_validation_windows_are_held_back_and_spread_over_the_slices(tiny_llama_folder):
+    from bitplan.planner.refine import REFINE_WINDOWS, VALIDATION_POOL, VALIDATION_WINDOWS, held_windows
+    from bitplan.profiles.calibration import CalibrationSettings, calibration_slices
+
+    calibration = CalibrationSettings((), 4, 32)
+    every = calibration_slices(tiny_llama_folder, calibration, 10**4)
+    profile, held_in, validation = held_windows(tiny_llama_folder, calibration)
+    assert torch.equal(profile, every.tokens[:4]) and torch.equal(held_in, every.tokens[4 : 4 + REFINE_WINDOWS])
+    got = [next(i for i, window in enumerate(every.tokens) if torch.equal(window, w)) for w in validation]
+    assert len(set(got)) == VALIDATION_WINDOWS and min(got) >= 4 + REFINE_WINDOWS, "never a window the profile or the search measured"
+    assert {every.labels[i] for i in got} == set(range(len(every.names))), "prose and code"
+    assert max(got) - min(got) >= VALIDATION_POOL // 2, "spread through the text, not the held-in windows' neighbours"
+    # a text with no window left after the held-in ones: nothing to confirm on
+    short = CalibrationSettings((), len(every.labels) - REFINE_WINDOWS, 32)
+    assert held_windows(tiny_llama_folder, short)[2] is None
