@@ -100,6 +100,7 @@ class Refinement:
     exact_validation_kl: float | None = None  # the exact plan's
     kept: str = "search"  # where the kept plan came from: "search", "exact", or "probe <method>"
     validation_tokens: int | None = None  # the held-back tokens it was confirmed on
+    contenders: tuple[tuple[str, float, float], ...] = ()  # (origin, held-in KL, held-back KL) of each plan confirmed
 
 
 def plan_digest(columns: list[int]) -> str:
@@ -161,7 +162,7 @@ def refine(
 
     def measure(picks: list[int], subset: torch.Tensor) -> float:
         columns = columns_of(units, picks, len(table.layers))
-        key = (tuple(columns), tuple(subset.shape), subset.data_ptr())
+        key = measured_key(columns, subset)
         if key not in values:
             choice = {name: table.schemes[column] for name, column in zip(table.layers, columns)}
             meter.apply({name: Scheme.parse(scheme) for name, scheme in choice.items()})
@@ -181,7 +182,7 @@ def refine(
             continue
         probes[method] = picks
         choice = {name: table.schemes[column] for name, column in zip(table.layers, columns)}  # measured already: no second forward
-        values[(tuple(columns), tuple(windows.shape), windows.data_ptr())] = (
+        values[measured_key(columns, windows)] = (
             factor.measured_kl + (assignment_sum(table, choice, extra_cost) if extra_cost is not None else 0.0), factor.measured_kl)
     total = max(trials, 1) + len(probes)  # the probes are trials measured before the search: they cost no generation
 
@@ -219,7 +220,7 @@ def refine(
             picks, value = found
         columns = columns_of(units, picks, len(table.layers))
         trial.set_user_attr("plan", columns)
-        trial.set_user_attr("kl", values[(tuple(columns), tuple(windows.shape), windows.data_ptr())][1])
+        trial.set_user_attr("kl", values[measured_key(columns, windows)][1])
         trial.set_user_attr("candidates", spent["candidates"])
         trial.set_user_attr("tokens", spent["tokens"])
         trial.set_user_attr("worker", WORKER)
@@ -234,18 +235,27 @@ def refine(
         best = min(checked.values(), key=lambda c: (c[0], c[1].value, c[1].number))[1]
     allocation = allocation_of(plain, best.user_attrs["plan"], exact)
     assert allocation.weight_bytes <= weight_budget_bytes
-    kept = "exact" if best.user_attrs.get("exact") else f"probe {best.user_attrs['probe']}" if "probe" in best.user_attrs else "search"
+    validation_kl = lambda trial: values[measured_key(trial.user_attrs["plan"], validation)][1] if checked else None  # noqa: E731
+    contenders = tuple((origin(t), t.user_attrs["kl"], validation_kl(t)) for _, t in checked.values())
     if checked:
-        log.info("confirmed on %d held-back tokens: %s", int(validation.numel()),
-                 ", ".join(f"{'exact' if t.user_attrs.get('exact') else t.user_attrs.get('probe', f'trial {t.number}')} "
-                           f"{t.value:.4f} -> {v:.4f}" for v, t in checked.values()))
-    validation_kl = lambda trial: values[(tuple(trial.user_attrs["plan"]), tuple(validation.shape), validation.data_ptr())][1]  # noqa: E731
+        log.info("confirmed on %d held-back tokens (held in -> held back): %s", int(validation.numel()),
+                 ", ".join(f"{name} {held:.4f} -> {back:.4f}" for name, held, back in contenders))
     return Refinement(allocation, best.user_attrs["kl"], exact_trial.user_attrs["kl"], len(done),
                       len({plan_digest(t.user_attrs["plan"]) for t in done}),
                       sum(t.user_attrs["candidates"] for t in done), sum(t.user_attrs["tokens"] for t in done),
                       time.monotonic() - started, stopped_by, factors or None, allocation_of(plain, exact_columns, exact),
-                      validation_kl(best) if checked else None, validation_kl(exact_trial) if checked else None, kept,
-                      int(validation.numel()) if checked else None)
+                      validation_kl(best), validation_kl(exact_trial), origin(best), int(validation.numel()) if checked else None,
+                      contenders)
+
+
+def measured_key(columns: list[int], windows: torch.Tensor) -> tuple:
+    """What a measurement is cached under: the plan's columns and the windows measured."""
+    return tuple(columns), tuple(windows.shape), windows.data_ptr()
+
+
+def origin(trial: optuna.trial.FrozenTrial) -> str:
+    """Where a trial's plan came from: "exact", "probe <method>" or "search"."""
+    return "exact" if trial.user_attrs.get("exact") else f"probe {trial.user_attrs['probe']}" if "probe" in trial.user_attrs else "search"
 
 
 def confirm(done: list[optuna.trial.FrozenTrial], exact: optuna.trial.FrozenTrial,
