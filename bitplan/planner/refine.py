@@ -21,11 +21,14 @@ the same trials.
 The held-in tokens chose that plan, so its held-in KL flatters it: a hundred candidates compared
 on four windows, the winner is partly the one that fits those windows (on SmolLM2 at 4.25 bits per
 weight the search measured 0.133 held in against 0.146 for uniform AWQ + imatrix, and held-out text
-gave 0.143 against 0.137). With ``validation`` windows (held back: never measured by the search) the
-plan is confirmed: the exact plan, every probe and the search's ``CONFIRM_TOP`` best distinct plans
-that beat them all on the held-in windows are measured on them, and the kept plan is the lowest
-there, ``min (validation value, held-in value, number)``. A search gain that does not carry to unseen windows of the same text keeps the
-exact plan or a probe instead. Without ``validation`` the search's best plan is kept.
+gave 0.143 against 0.137). With ``validation`` windows (held back: never measured by the search,
+spread through the rest of the calibration text) the plan is confirmed: the exact plan, every probe
+(the baselines) and the search's ``CONFIRM_TOP`` best distinct plans that beat them all on the
+held-in windows are measured on them. The kept plan is the best baseline there, unless a searched
+plan beats it there by at least ``CARRY_OVER`` (half) of what it gained held in; then the best such
+plan (:func:`kept_plan`). A gain that does not carry to other windows of the same text is a fit to
+the held-in windows, and it carries still less to other text: the baseline, uniform where a probe
+wins, is kept. Without ``validation`` the search's best plan is kept.
 
 Before the exact allocation each method's scores are put on the scale of measured KL by its
 probe (``planner.method_factors``); the exact plan is allocated on the scaled table, and the
@@ -76,6 +79,7 @@ REFINE_WINDOWS = 4  # held-in calibration windows each trial is measured on
 VALIDATION_WINDOWS = 4  # calibration windows held back to confirm the kept plan, spread through the rest of the text
 VALIDATION_POOL = 512  # windows after the held-in ones the validation windows are spread over, at most
 CONFIRM_TOP = 3  # the search's best distinct plans measured on the validation windows
+CARRY_OVER = 0.5  # share of its held-in gain over the best baseline a searched plan must keep on the validation windows
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial of a shared study
 
 
@@ -232,7 +236,7 @@ def refine(
     checked = {}
     if validation is not None and validation.numel():
         checked = confirm(done, exact_trial, lambda columns: measure(locate(units, columns), validation))
-        best = min(checked.values(), key=lambda c: (c[0], c[1].value, c[1].number))[1]
+        best = kept_plan(checked.values())
     allocation = allocation_of(plain, best.user_attrs["plan"], exact)
     assert allocation.weight_bytes <= weight_budget_bytes
     validation_kl = lambda trial: values[measured_key(trial.user_attrs["plan"], validation)][1] if checked else None  # noqa: E731
@@ -246,6 +250,18 @@ def refine(
                       time.monotonic() - started, stopped_by, factors or None, allocation_of(plain, exact_columns, exact),
                       validation_kl(best), validation_kl(exact_trial), origin(best), int(validation.numel()) if checked else None,
                       contenders)
+
+
+def kept_plan(checked) -> optuna.trial.FrozenTrial:
+    """The plan kept among the confirmed ones (``(held-back value, trial)`` pairs): the best
+    baseline (the exact plan or a probe) on the held-back windows, unless a searched plan beats it
+    there by at least ``CARRY_OVER`` of what it gained on the held-in windows; then the best such
+    plan on the held-back windows. Ties: the lower held-in value, then the earlier trial."""
+    order = lambda pair: (pair[0], pair[1].value, pair[1].number)  # noqa: E731
+    baseline = min((pair for pair in checked if origin(pair[1]) != "search"), key=order)
+    carried = [pair for pair in checked if origin(pair[1]) == "search"
+               and baseline[0] - pair[0] >= CARRY_OVER * (baseline[1].value - pair[1].value)]
+    return min(carried or [baseline], key=order)[1]
 
 
 def measured_key(columns: list[int], windows: torch.Tensor) -> tuple:

@@ -299,3 +299,23 @@ def test_validation_windows_are_held_back_and_spread_over_the_slices(tiny_llama_
     # a text with no window left after the held-in ones: nothing to confirm on
     short = CalibrationSettings((), len(every.labels) - REFINE_WINDOWS, 32)
     assert held_windows(tiny_llama_folder, short)[2] is None
+
+
+def test_a_searched_plan_is_kept_only_when_enough_of_its_held_in_gain_carries_over():
+    """The baseline (the exact plan or a probe, the best of them held back) gives way to a searched
+    plan only when the searched plan keeps at least CARRY_OVER of its held-in gain on the held-back windows."""
+    from types import SimpleNamespace
+
+    from bitplan.planner.refine import CARRY_OVER, kept_plan
+
+    def trial(number, held_in, **attrs):
+        return SimpleNamespace(number=number, value=held_in, user_attrs=attrs)
+
+    exact, probe = trial(0, 0.162, exact=True), trial(1, 0.146, probe="awqimatrix")
+    searched = trial(5, 0.133)  # 0.013 better than the probe held in
+    # held back: the probe 0.156 (the best baseline); the searched plan keeps 30% or 80% of its gain
+    for share, kept in ((0.3, probe), (0.8, searched)):
+        held_back = 0.156 - share * 0.013
+        assert (share >= CARRY_OVER) == (kept is searched)
+        assert kept_plan([(0.163, exact), (0.156, probe), (held_back, searched)]) is kept
+    assert kept_plan([(0.150, exact), (0.156, probe), (0.151, searched)]) is exact  # the best baseline held back, not held in
