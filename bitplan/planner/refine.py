@@ -25,7 +25,7 @@ gave 0.143 against 0.137). With ``validation`` windows (held back: never measure
 spread through the rest of the calibration text) the plan is confirmed: the exact plan, every probe
 (the baselines) and the search's ``CONFIRM_TOP`` best distinct plans that beat them all on the
 held-in windows are measured on them. The kept plan is the best baseline there, unless a searched
-plan beats it there by at least ``CARRY_OVER`` (half) of what it gained held in; then the best such
+plan beats it there by at least ``CARRY_OVER`` (a quarter) of what it gained held in; then the best such
 plan (:func:`kept_plan`). A gain that does not carry to other windows of the same text is a fit to
 the held-in windows, and it carries still less to other text: the baseline, uniform where a probe
 wins, is kept. Without ``validation`` the search's best plan is kept.
@@ -79,7 +79,7 @@ REFINE_WINDOWS = 4  # held-in calibration windows each trial is measured on
 VALIDATION_WINDOWS = 4  # calibration windows held back to confirm the kept plan, spread through the rest of the text
 VALIDATION_POOL = 512  # windows after the held-in ones the validation windows are spread over, at most
 CONFIRM_TOP = 3  # the search's best distinct plans measured on the validation windows
-CARRY_OVER = 0.5  # share of its held-in gain over the best baseline a searched plan must keep on the validation windows
+CARRY_OVER = 0.25  # share of its held-in gain over the best baseline a searched plan must keep on the validation windows
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial of a shared study
 
 
