@@ -279,18 +279,17 @@ def confirm(done: list[optuna.trial.FrozenTrial], exact: optuna.trial.FrozenTria
     """The contenders' values on the validation windows, by plan digest: the exact plan, every
     probe, and the ``CONFIRM_TOP`` best distinct plans of the search that beat all of those on the
     held-in windows (each plan once, as its first trial)."""
-    probes = sorted((t for t in done if "probe" in t.user_attrs), key=lambda t: t.number)
+    probes = sorted((t for t in done if origin(t).startswith("probe")), key=lambda t: t.number)
     bar = min(t.value for t in [exact, *probes])
-    searched = sorted((t for t in done if not t.user_attrs.get("exact") and "probe" not in t.user_attrs and t.value < bar),
-                      key=lambda t: (t.value, t.number))
+    searched = sorted((t for t in done if origin(t) == "search" and t.value < bar), key=lambda t: (t.value, t.number))
     checked: dict[str, tuple[float, optuna.trial.FrozenTrial]] = {}
-    budget = len(probes) + 1 + CONFIRM_TOP
     for trial in [exact, *probes, *searched]:
         digest = plan_digest(trial.user_attrs["plan"])
-        if len(checked) == budget:
+        if digest in checked:
+            continue
+        if origin(trial) == "search" and sum(origin(t) == "search" for _, t in checked.values()) == CONFIRM_TOP:
             break
-        if digest not in checked:
-            checked[digest] = (measure(trial.user_attrs["plan"]), trial)
+        checked[digest] = (measure(trial.user_attrs["plan"]), trial)
     return checked
 
 
