@@ -14,6 +14,7 @@ import pytest
 
 from bitplan.cli import main
 from bitplan.models.source import open_model
+from bitplan.planner.refine import origin
 
 PLAN = ["--methods", "rtn", "--bits", "2,4,8", "--groups", "64", "--engine", "transformers", "--samples", "2", "--seq-len", "32"]
 TRIALS = 6
@@ -50,11 +51,13 @@ def test_two_workers_on_one_journal_study_keep_the_same_plan(tiny_llama_folder, 
     # a single worker given the same trials (the study is full, so it runs none) keeps the same plan
     assert main(["plan", *args, "--out", str(tmp_path / "single.json")]) == 0
     assert (tmp_path / "single.json").read_text() == plans[0]
-    best = min(trials, key=lambda t: (t.value, t.number))
     written = json.loads(plans[0])
     candidates = written["provenance"]["candidates"]
     layers = [layer.name for layer in open_model(tiny_llama_folder).spec.layers]  # the table's rows
-    assert written["assignments"] == {name: candidates[column] for name, column in zip(layers, best.user_attrs["plan"])}
+    # the kept plan is one of the study's trials, the one confirmation chose on the held-back windows
+    kept = [t for t in trials if origin(t) == written["search"]["refine_kept"]
+            and written["assignments"] == {name: candidates[column] for name, column in zip(layers, t.user_attrs["plan"])}]
+    assert kept and written["predicted"]["calibration_kl"] == kept[0].user_attrs["kl"]
     assert written["search"]["refine_trials"] == len(trials)
     assert written["search"]["refine_candidates"] == sum(t.user_attrs["candidates"] for t in trials)
     assert optuna.get_all_study_names(storage) == [name]  # the single worker joined the same study
