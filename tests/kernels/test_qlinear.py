@@ -94,9 +94,11 @@ def test_nf4_fp8_w8a8_reference_values(seed):
     (nf4_weight, 3, torch.float16), (fp8_weight, 1, torch.bfloat16), (w8a8_weight, 17, torch.float16),
     (w8a8_weight, 1, torch.bfloat16),
 ], ids=["nf4", "fp8", "w8a8-m17", "w8a8-m1"])
-def test_other_formats_triton_matches_reference(make, m, dtype, seed, device, rel_err):
+def test_other_formats_triton_matches_reference(make, m, dtype, seed, device, rel_err, away_from_ties):
     layer = QuantLinear.from_quantized(make(), bias=torch.randn(32))
     x = torch.randn(m, 128, dtype=dtype)
+    if make is w8a8_weight:  # per-token activation codes: off the ties where the kernel and torch may round apart
+        x = away_from_ties(x)
     layer.backend = "reference"
     ref = layer(x.float())
     layer = layer.to(device)

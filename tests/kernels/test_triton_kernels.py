@@ -192,24 +192,8 @@ def test_quantize_per_token_matches_torch(seed, device):
     assert xq[3, :5].tolist() == [127, 0, 2, 2, 0] and float(xs[2]) == 0.0
 
 
-def away_from_ties(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with every element whose per-token int8 code lies within 1e-3 of a .5 tie moved a
-    fifth of a step away from it: there the kernel's code may differ from the reference's by one
-    (``test_quantize_per_token``), which with one token costs up to about 1e-3 relative error."""
-    x = x.clone()
-    for _ in range(4):
-        _, scale = quantize_per_token_reference(x)
-        step = torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
-        scaled = x.float() / step
-        near = ((scaled - scaled.floor()) - 0.5).abs() < 1e-3
-        if not near.any():
-            return x
-        x = torch.where(near, (x.float() - 0.2 * step * scaled.sign()).to(x.dtype), x)
-    raise AssertionError("could not move the activations off the rounding ties")
-
-
 @pytest.mark.parametrize("m,dtype", [(1, torch.float16), (3, torch.bfloat16), (17, torch.float16)])
-def test_w8a8(m, dtype, seed, device, poisoned, rel_err):
+def test_w8a8(m, dtype, seed, device, poisoned, rel_err, away_from_ties):
     n, k = 40, 320
     weight = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     weight_scale = (torch.rand(n, 1) * 0.01).to(torch.float16)
