@@ -6,7 +6,7 @@ tokens of the built-in Python documentation). At each budget of Linear bytes (bi
 times the Linears' weights / 8), the exact allocation (the knapsack on summed scores) and the
 measured search (``planner.refine``: trial 0 the exact plan, then generations measured on the
 4 held-in calibration windows the CLI uses, or ``--held-in``, stopped by ``--minutes``; the kept plan
-confirmed on ``--validation`` windows spread through the rest of the calibration text, 4 as in the CLI) are both measured on
+confirmed on ``--validation`` windows spread through the rest of the calibration text, 8 as in the CLI) are both measured on
 held-out text neither saw: pydoc's held-out prose and code (``--heldout`` windows, half each)
 and English prose from Debian's fortunes (``fortunes-heldout.txt``; ``make text-fortunes``), and the
 Jargon File's prose (``make text-jargon``), a third domain. ``--calibration mixed`` calibrates (profile,
@@ -26,6 +26,7 @@ budget's bits (the out-of-domain rule of issue 11: a plan no worse than the best
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ from bitplan.engines.rules import restrict_table
 from bitplan.methods.scheme import Scheme
 from bitplan.models.source import open_model
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.planner.refine import REFINE_WINDOWS, VALIDATION_WINDOWS, held_windows, refine
+from bitplan.planner.refine import REFINE_WINDOWS, VALIDATION_WINDOWS, held_back_gain, held_windows, refine
 from bitplan.planner.baselines import assignment_bytes, uniform_assignment
 from bitplan.planner.search import allocate
 from bitplan.profiles.calibration import CalibrationSettings, calibration_windows, load_tokenizer
@@ -93,8 +94,15 @@ def main() -> None:
 
     def heldout_kl(choice: dict[str, str]) -> dict[str, float]:
         meter.apply({name: Scheme.parse(s) for name, s in choice.items()})
-        return {name: meter.measure(w).kl for name, w in domains.items()}
+        measured[json.dumps(choice, sort_keys=True)] = {name: meter.measure(w) for name, w in domains.items()}
+        return {name: quality.kl for name, quality in measured[json.dumps(choice, sort_keys=True)].items()}
 
+    def paired(plan: dict[str, str], base: dict[str, str]) -> dict[str, list[float]]:
+        """Per domain: the mean per-window gain of ``plan`` over ``base`` on the held-out windows and its standard error."""
+        a, b = measured[json.dumps(plan, sort_keys=True)], measured[json.dumps(base, sort_keys=True)]
+        return {name: [round(v, 6) for v in held_back_gain(b[name].window_kl, a[name].window_kl)] for name in domains}
+
+    measured: dict[str, dict] = {}  # plan -> domain -> Quality
     rows = []
     for budget in args.budgets.split(","):
         if budget.startswith("u"):  # the bytes of uniform B-bit group-64 symmetric (scales included)
@@ -118,7 +126,9 @@ def main() -> None:
                             "heldout_kl": heldout_kl(found.allocation.choice), "schemes": counts(found.allocation.choice),
                             "changed_layers": sum(exact.choice[n] != s for n, s in found.allocation.choice.items()),
                             "kept": found.kept, "validation_kl": found.validation_kl, "exact_validation_kl": found.exact_validation_kl,
-                            "contenders": [{"origin": o, "held_in_kl": h, "validation_kl": v} for o, h, v in found.contenders]},
+                            "heldout_gain_over_exact": paired(found.allocation.choice, exact.choice),
+                            "contenders": [{"origin": o, "held_in_kl": h, "validation_kl": v, "validation_gain": g, "validation_se": e}
+                                           for o, h, v, g, e in found.contenders]},
                "search": {"seconds": round(found.seconds, 1), "trials": found.trials, "candidates": found.candidates,
                           "measured_tokens": found.measured_tokens, "stopped_by": found.stopped_by, "distinct_plans": found.distinct_plans,
                           "method_factors": {m: f.to_dict() for m, f in (found.factors or {}).items()}},
@@ -130,17 +140,19 @@ def main() -> None:
     print(f"\nSmolLM2-135M, engine {ENGINE}, candidates {', '.join(s.name for s in candidates.schemes() if not s.is_dense)}; "
           f"search {args.minutes:g} min per budget on {held_in.numel()} held-in tokens; held-out KL on "
           ", ".join(f"{w.numel()} {name}" for name, w in domains.items()) + f" tokens; calibration {args.calibration}\n")
-    print("| bits/weight | Linear MB | domain | exact KL | searched KL | searched/exact | held-in exact -> searched | seconds | trials | candidates |")
-    print("|---:|---:|---|---:|---:|---:|---|---:|---:|---:|")
+    print("| bits/weight | Linear MB | domain | exact KL | kept KL | kept/exact | gain ± s.e. (per window) | held-in exact -> searched | kept | seconds | trials | candidates |")
+    print("|---:|---:|---|---:|---:|---:|---|---|---|---:|---:|---:|")
     for row in rows:
         for domain in domains:
             e, s = row["exact"]["heldout_kl"][domain], row["searched"]["heldout_kl"][domain]
+            gain, se = row["searched"]["heldout_gain_over_exact"][domain]
             print(f"| {row['bits_per_weight']:.2f} | {row['weight_budget_bytes'] / 1e6:.2f} | {domain} | {e:.4f} | {s:.4f} | {s / e:.3f} | "
-                  f"{row['exact']['held_in_kl']:.4f} -> {row['searched']['held_in_kl']:.4f} | {row['search']['seconds']:.0f} | "
+                  f"{gain:+.4f} ± {se:.4f} | {row['exact']['held_in_kl']:.4f} -> {row['searched']['held_in_kl']:.4f} | "
+                  f"{row['searched']['kept']} | {row['search']['seconds']:.0f} | "
                   f"{row['search']['trials']} | {row['search']['candidates']} |")
     for row in rows:
-        for name, measured in row["uniform"].items():
-            print(f"uniform {name} at {measured['weight_bytes'] / 1e6:.2f} MB: {measured['heldout_kl']}")
+        for name, uniform in row["uniform"].items():
+            print(f"uniform {name} at {uniform['weight_bytes'] / 1e6:.2f} MB: {uniform['heldout_kl']}")
     print("saved", save(args.out, {"engine": ENGINE, "candidates": [s.name for s in candidates.schemes()], "samples": args.samples,
                                            "seq_len": args.seq_len, "held_in_tokens": int(held_in.numel()),
                                            "validation_tokens": 0 if validation is None else int(validation.numel()),

@@ -6,6 +6,8 @@ Each is a short pipeline of the stage functions that live in the rooms below (``
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -157,7 +159,9 @@ def assemble_plan(source: ModelSource, deployment: Deployment, goal: Target, tab
                                  "refine_seconds": round(found.seconds, 1) if found.stopped_by == "clock" else None,
                                  "search_minutes": settings.search_minutes,
                                  "method_factors": {m: f.to_dict() for m, f in found.factors.items()} if found.factors else None,
-                                 "refine_validation_tokens": found.validation_tokens, "refine_kept": found.kept})
+                                 "refine_validation_tokens": found.validation_tokens, "refine_kept": found.kept,
+                                 "refine_search_gain": [round(v, 6) for v in found.search_gain]
+                                 if found.search_gain and math.isfinite(found.search_gain[1]) else None})
         predicted.update(calibration_kl=found.measured_kl, exact_calibration_kl=found.exact_kl, validation_kl=found.validation_kl,
                          exact_validation_kl=found.exact_validation_kl)
     if goal.device is not None:

@@ -153,7 +153,10 @@ def print_plan(result, console: Console) -> None:
         line += f"; measured on held-in text: {predicted.calibration_kl:.4f} (exact allocation: {predicted.exact_calibration_kl:.4f})"
     if predicted.validation_kl is not None:
         line += (f"; on held-back text: {predicted.validation_kl:.4f} (exact allocation: {predicted.exact_validation_kl:.4f}; "
-                 f"kept: {result.search.refine_kept})")
+                 f"kept: {result.search.refine_kept}")
+        if result.search.refine_search_gain:
+            line += "; the best searched plan's gain there: {:+.4f} ± {:.4f}".format(*result.search.refine_search_gain)
+        line += ")"
     console.print(line)
     search = result.search
     if search.refine_trials is not None and search.refine_candidates is not None:

@@ -104,6 +104,7 @@ class SearchRecord:
     method_factors: dict | None = None  # each method's probe and the factor its scores were scaled by (``planner.method_factors``)
     refine_validation_tokens: int | None = None  # held-back tokens the kept plan was confirmed on
     refine_kept: str | None = None  # the kept plan: "search", "exact" or "probe <method>" (the best on the held-back tokens)
+    refine_search_gain: list | None = None  # the best searched plan's held-back gain over the best baseline and its standard error
 
     def to_dict(self) -> dict:
         return _compact(asdict(self))

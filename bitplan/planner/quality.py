@@ -185,6 +185,7 @@ class Quality:
     perplexity: float
     reference_perplexity: float
     tokens: int
+    window_kl: tuple[float, ...] = ()  # mean KL per token of each window, in order (paired comparisons of plans)
 
     def to_dict(self) -> dict:
         return {"kl": self.kl, "perplexity": self.perplexity, "reference_perplexity": self.reference_perplexity, "tokens": self.tokens}
@@ -292,6 +293,7 @@ def measure_pair(reference: nn.Module, candidate: nn.Module, windows: torch.Tens
     (one tensor per batch of ``batch_size`` windows) stand in for running the reference."""
     kl_sum = nll_q = nll_ref = 0.0
     count = 0
+    per_window: list[float] = []
     for index, start in enumerate(range(0, windows.shape[0], batch_size)):
         ids = windows[start : start + batch_size]
         if reference_log_probs is not None:
@@ -300,10 +302,12 @@ def measure_pair(reference: nn.Module, candidate: nn.Module, windows: torch.Tens
             ref = torch.log_softmax(reference(ids).logits.float(), dim=-1)
         with kv_rounding(kv):
             quant = torch.log_softmax(candidate(ids).logits.float(), dim=-1)
-        kl_sum += float((ref.exp() * (ref - quant)).sum())
+        window_sums = (ref.exp() * (ref - quant)).sum(dim=(1, 2))
+        kl_sum += float(window_sums.sum())
+        per_window += (window_sums / ids.shape[1]).tolist()
         targets = ids[:, 1:].unsqueeze(-1)
         nll_ref -= float(ref[:, :-1].gather(-1, targets).sum())
         nll_q -= float(quant[:, :-1].gather(-1, targets).sum())
         count += ids.numel()
     predicted = windows.shape[0] * (windows.shape[1] - 1)
-    return Quality(kl_sum / count, math.exp(nll_q / predicted), math.exp(nll_ref / predicted), count)
+    return Quality(kl_sum / count, math.exp(nll_q / predicted), math.exp(nll_ref / predicted), count, tuple(per_window))

@@ -25,10 +25,12 @@ gave 0.143 against 0.137). With ``validation`` windows (held back: never measure
 spread through the rest of the calibration text) the plan is confirmed: the exact plan, every probe
 (the baselines) and the search's ``CONFIRM_TOP`` best distinct plans that beat them all on the
 held-in windows are measured on them. The kept plan is the best baseline there, unless a searched
-plan beats it there by at least ``CARRY_OVER`` (a quarter) of what it gained held in; then the best such
-plan (:func:`kept_plan`). A gain that does not carry to other windows of the same text is a fit to
-the held-in windows, and it carries still less to other text: the baseline, uniform where a probe
-wins, is kept. Without ``validation`` the search's best plan is kept.
+plan beats it there by a gain that window-to-window noise does not explain: the mean of its paired
+per-window gains at least the one-sided ``GAIN_LEVEL`` critical value of Student's t times their
+standard error (:func:`held_back_gain`); then the best such plan (:func:`kept_plan`). A gain that
+does not carry to other windows of the same text is a fit to the held-in windows, and it carries
+still less to other text: the baseline, uniform where a probe wins, is kept. Without ``validation``
+the search's best plan is kept.
 
 Before the exact allocation each method's scores are put on the scale of measured KL by its
 probe (``planner.method_factors``); the exact plan is allocated on the scaled table, and the
@@ -76,10 +78,10 @@ from bitplan.profiles.text import window_quotas
 
 log = logging.getLogger(__name__)
 REFINE_WINDOWS = 4  # held-in calibration windows each trial is measured on
-VALIDATION_WINDOWS = 4  # calibration windows held back to confirm the kept plan, spread through the rest of the text
+VALIDATION_WINDOWS = 8  # calibration windows held back to confirm the kept plan, spread through the rest of the text
 VALIDATION_POOL = 512  # windows after the held-in ones the validation windows are spread over, at most
 CONFIRM_TOP = 3  # the search's best distinct plans measured on the validation windows
-CARRY_OVER = 0.25  # share of its held-in gain over the best baseline a searched plan must keep on the validation windows
+GAIN_LEVEL = 0.05  # one-sided level of the paired t-test a searched plan's held-back gain over the best baseline must pass
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial of a shared study
 
 
@@ -104,7 +106,15 @@ class Refinement:
     exact_validation_kl: float | None = None  # the exact plan's
     kept: str = "search"  # where the kept plan came from: "search", "exact", or "probe <method>"
     validation_tokens: int | None = None  # the held-back tokens it was confirmed on
-    contenders: tuple[tuple[str, float, float], ...] = ()  # (origin, held-in KL, held-back KL) of each plan confirmed
+    contenders: tuple[tuple[str, float, float, float, float], ...] = ()  # (origin, held-in KL, held-back KL, held-back gain over
+    # the best baseline, its standard error) of each plan confirmed
+
+    @property
+    def search_gain(self) -> tuple[float, float] | None:
+        """The best searched plan's held-back gain over the best baseline and its standard error
+        (None: no searched plan was confirmed)."""
+        searched = [c for c in self.contenders if c[0] == "search"]
+        return min(searched, key=lambda c: c[2])[3:] if searched else None
 
 
 def plan_digest(columns: list[int]) -> str:
@@ -161,7 +171,7 @@ def refine(
     units = search_units(table, spec, tie_fused, extra_cost, tuple(bounds), probe_columns)
     if locate(units, exact_columns) is None:  # a tie broken otherwise: search over the exact solver's own options
         units = build_units(table, spec, tie_fused, None, extra_cost, tuple(bounds))
-    values: dict[tuple, tuple[float, float]] = {}  # (plan, windows) -> (value, KL)
+    values: dict[tuple, tuple[float, float, tuple[float, ...]]] = {}  # (plan, windows) -> (value, KL, value per window)
     spent = {"candidates": 0, "tokens": 0}  # by the current trial
 
     def measure(picks: list[int], subset: torch.Tensor) -> float:
@@ -170,10 +180,11 @@ def refine(
         if key not in values:
             choice = {name: table.schemes[column] for name, column in zip(table.layers, columns)}
             meter.apply({name: Scheme.parse(scheme) for name, scheme in choice.items()})
-            kl = meter.measure(subset).kl
+            quality = meter.measure(subset)
             spent["candidates"] += 1
             spent["tokens"] += int(subset.numel())
-            values[key] = (kl + (assignment_sum(table, choice, extra_cost) if extra_cost is not None else 0.0), kl)
+            cost = assignment_sum(table, choice, extra_cost) if extra_cost is not None else 0.0
+            values[key] = (quality.kl + cost, quality.kl, tuple(kl + cost for kl in quality.window_kl))
         return values[key][0]
 
     probes = {}  # method -> picks of each probe plan the search may keep: within the budget and the slice limits
@@ -187,7 +198,7 @@ def refine(
         probes[method] = picks
         choice = {name: table.schemes[column] for name, column in zip(table.layers, columns)}  # measured already: no second forward
         values[measured_key(columns, windows)] = (
-            factor.measured_kl + (assignment_sum(table, choice, extra_cost) if extra_cost is not None else 0.0), factor.measured_kl)
+            factor.measured_kl + (assignment_sum(table, choice, extra_cost) if extra_cost is not None else 0.0), factor.measured_kl, ())
     total = max(trials, 1) + len(probes)  # the probes are trials measured before the search: they cost no generation
 
     study = open_study(storage, study_name(table, weight_budget_bytes, tie_fused, windows, seed, extra_cost, bounds), seed)
@@ -235,15 +246,23 @@ def refine(
     best = min(done, key=lambda t: (t.value, t.number))
     checked = {}
     if validation is not None and validation.numel():
-        checked = confirm(done, exact_trial, lambda columns: measure(locate(units, columns), validation))
+
+        def per_window(columns: list[int]) -> tuple[float, ...]:
+            measure(locate(units, columns), validation)
+            return values[measured_key(columns, validation)][2]
+
+        checked = confirm(done, exact_trial, per_window)
         best = kept_plan(checked.values())
     allocation = allocation_of(plain, best.user_attrs["plan"], exact)
     assert allocation.weight_bytes <= weight_budget_bytes
     validation_kl = lambda trial: values[measured_key(trial.user_attrs["plan"], validation)][1] if checked else None  # noqa: E731
-    contenders = tuple((origin(t), t.user_attrs["kl"], validation_kl(t)) for _, t in checked.values())
+    baseline = best_baseline(checked.values()) if checked else None
+    contenders = tuple((origin(t), t.user_attrs["kl"], validation_kl(t), *held_back_gain(baseline[0], windows_of))
+                       for windows_of, t in checked.values())
     if checked:
-        log.info("confirmed on %d held-back tokens (held in -> held back): %s", int(validation.numel()),
-                 ", ".join(f"{name} {held:.4f} -> {back:.4f}" for name, held, back in contenders))
+        log.info("confirmed on %d held-back tokens (held in -> held back, gain over the best baseline ± its standard error): %s",
+                 int(validation.numel()), ", ".join(f"{name} {held:.4f} -> {back:.4f} ({gain:+.4f} ± {se:.4f})"
+                                                    for name, held, back, gain, se in contenders))
     return Refinement(allocation, best.user_attrs["kl"], exact_trial.user_attrs["kl"], len(done),
                       len({plan_digest(t.user_attrs["plan"]) for t in done}),
                       sum(t.user_attrs["candidates"] for t in done), sum(t.user_attrs["tokens"] for t in done),
@@ -252,15 +271,42 @@ def refine(
                       contenders)
 
 
+def held_back_gain(baseline: tuple[float, ...], plan: tuple[float, ...]) -> tuple[float, float]:
+    """The mean of ``plan``'s paired per-window gains over ``baseline`` (values per held-back
+    window, in the same order) and its standard error (inf with one window)."""
+    gains = np.asarray(baseline, dtype=np.float64) - np.asarray(plan, dtype=np.float64)
+    if len(gains) < 2:
+        return float(gains.mean()), float("inf")
+    return float(gains.mean()), float(gains.std(ddof=1) / np.sqrt(len(gains)))
+
+
+def significant(mean: float, standard_error: float, windows: int) -> bool:
+    """A positive mean gain at least Student's t one-sided ``GAIN_LEVEL`` critical value (``windows`` - 1
+    degrees of freedom) times its standard error."""
+    from scipy.stats import t as student
+
+    return windows > 1 and mean > 0 and mean >= float(student.ppf(1 - GAIN_LEVEL, windows - 1)) * standard_error
+
+
+def order(pair) -> tuple:
+    """Rank of a ``(values per held-back window, trial)`` pair: the held-back mean, then the
+    held-in value, then the earlier trial."""
+    return float(np.mean(pair[0])), pair[1].value, pair[1].number
+
+
+def best_baseline(checked) -> tuple:
+    """The best ``(values per held-back window, trial)`` pair of the exact plan and the probes."""
+    return min((pair for pair in checked if origin(pair[1]) != "search"), key=order)
+
+
 def kept_plan(checked) -> optuna.trial.FrozenTrial:
-    """The plan kept among the confirmed ones (``(held-back value, trial)`` pairs): the best
-    baseline (the exact plan or a probe) on the held-back windows, unless a searched plan beats it
-    there by at least ``CARRY_OVER`` of what it gained on the held-in windows; then the best such
-    plan on the held-back windows. Ties: the lower held-in value, then the earlier trial."""
-    order = lambda pair: (pair[0], pair[1].value, pair[1].number)  # noqa: E731
-    baseline = min((pair for pair in checked if origin(pair[1]) != "search"), key=order)
+    """The plan kept among the confirmed ones (``(values per held-back window, trial)`` pairs): the
+    best baseline (the exact plan or a probe) on the held-back windows, unless a searched plan beats
+    it there by a significant paired gain (:func:`significant`); then the best such plan there."""
+    checked = list(checked)
+    baseline = best_baseline(checked)
     carried = [pair for pair in checked if origin(pair[1]) == "search"
-               and baseline[0] - pair[0] >= CARRY_OVER * (baseline[1].value - pair[1].value)]
+               and significant(*held_back_gain(baseline[0], pair[0]), len(pair[0]))]
     return min(carried or [baseline], key=order)[1]
 
 
@@ -275,14 +321,14 @@ def origin(trial: optuna.trial.FrozenTrial) -> str:
 
 
 def confirm(done: list[optuna.trial.FrozenTrial], exact: optuna.trial.FrozenTrial,
-            measure: Callable[[list[int]], float]) -> dict[str, tuple[float, optuna.trial.FrozenTrial]]:
-    """The contenders' values on the validation windows, by plan digest: the exact plan, every
+            measure: Callable[[list[int]], tuple[float, ...]]) -> dict[str, tuple[tuple[float, ...], optuna.trial.FrozenTrial]]:
+    """The contenders' values per validation window, by plan digest: the exact plan, every
     probe, and the ``CONFIRM_TOP`` best distinct plans of the search that beat all of those on the
     held-in windows (each plan once, as its first trial)."""
     probes = sorted((t for t in done if origin(t).startswith("probe")), key=lambda t: t.number)
     bar = min(t.value for t in [exact, *probes])
     searched = sorted((t for t in done if origin(t) == "search" and t.value < bar), key=lambda t: (t.value, t.number))
-    checked: dict[str, tuple[float, optuna.trial.FrozenTrial]] = {}
+    checked: dict[str, tuple[tuple[float, ...], optuna.trial.FrozenTrial]] = {}
     for trial in [exact, *probes, *searched]:
         digest = plan_digest(trial.user_attrs["plan"])
         if digest in checked:

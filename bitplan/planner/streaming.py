@@ -52,14 +52,18 @@ def compare(windows: torch.Tensor, reference: Callable[[int], torch.Tensor], can
     ``reference(i)`` and ``candidate(i)`` give window ``i``'s log-probabilities [1, seq_len, vocab],
     asked for one window at a time (one window's logits in memory)."""
     kl_sum = nll_q = nll_ref = 0.0
+    per_window: list[float] = []
     for index in range(windows.shape[0]):
         ref, quant = reference(index), candidate(index)
-        kl_sum += float((ref.exp() * (ref - quant)).sum())
+        window_sum = float((ref.exp() * (ref - quant)).sum())
+        kl_sum += window_sum
+        per_window.append(window_sum / windows.shape[1])
         targets = windows[index : index + 1, 1:].unsqueeze(-1)
         nll_ref -= float(ref[:, :-1].gather(-1, targets).sum())
         nll_q -= float(quant[:, :-1].gather(-1, targets).sum())
     predicted = windows.shape[0] * (windows.shape[1] - 1)
-    return Quality(kl_sum / windows.numel(), math.exp(nll_q / predicted), math.exp(nll_ref / predicted), windows.numel())
+    return Quality(kl_sum / windows.numel(), math.exp(nll_q / predicted), math.exp(nll_ref / predicted), windows.numel(),
+                   tuple(per_window))
 
 
 @torch.no_grad()

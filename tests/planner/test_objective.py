@@ -6,7 +6,6 @@ sensitivity and fall with bits, and the RTX 4090's roofline. No weights are read
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,6 +31,7 @@ from bitplan.planner.objective import (
     latency_cost,
     reference_scales,
 )
+from bitplan.planner.quality import Quality
 from bitplan.planner.refine import refine
 from bitplan.planner.search import allocate
 from bitplan.profiles.hardware import get_device, get_devices
@@ -117,7 +117,7 @@ class FakeMeter:
         self.kl = 1.5 * assignment_sum(self.table, {k: v.name for k, v in assignments.items()}, self.table.scores.numpy())
 
     def measure(self, windows):
-        return SimpleNamespace(kl=self.kl)
+        return Quality(self.kl, 1.0, 1.0, windows.numel(), (self.kl,) * windows.shape[0])
 
 
 def test_refinement_keeps_the_latency_term(spec):

@@ -15,6 +15,7 @@ import torch
 from bitplan.methods.scheme import Scheme
 from bitplan.models.spec import spec_from_config
 from bitplan.planner.candidates import Candidates
+from bitplan.planner.quality import Quality
 from bitplan.planner.search import allocate
 from bitplan.planner.slices import predicted_slice_kl
 from bitplan.profiles.tables import SensitivityTable
@@ -72,7 +73,12 @@ class InteractingMeter:
 
     def measure(self, windows):
         time.sleep(self.delay_s)
-        return type("Quality", (), {"kl": self.loss})()
+        return quality(self.loss, windows)
+
+
+def quality(kl: float, windows: torch.Tensor) -> Quality:
+    """The same ``kl`` on every window."""
+    return Quality(kl, 1.0, 1.0, windows.numel(), (kl,) * windows.shape[0])
 
 
 def loss(table, spec, choice) -> float:
@@ -133,7 +139,7 @@ class OverfitMeter(InteractingMeter):
         if windows.data_ptr() == VALIDATION.data_ptr():
             self.validated.append(self.plans[-1])
             kl += self.penalty * sum(scheme != self.reference[name] for name, scheme in self.plans[-1].items())
-        return type("Quality", (), {"kl": kl})()
+        return quality(kl, windows)
 
 
 def test_held_back_windows_that_agree_keep_the_searched_plan(spec):
@@ -301,21 +307,26 @@ def test_validation_windows_are_held_back_and_spread_over_the_slices(tiny_llama_
     assert held_windows(tiny_llama_folder, short)[2] is None
 
 
-def test_a_searched_plan_is_kept_only_when_enough_of_its_held_in_gain_carries_over():
+def test_a_searched_plan_is_kept_only_when_its_held_back_gain_is_more_than_window_noise():
     """The baseline (the exact plan or a probe, the best of them held back) gives way to a searched
-    plan only when the searched plan keeps at least CARRY_OVER of its held-in gain on the held-back windows."""
+    plan only when the searched plan's paired per-window gain over it passes the one-sided t-test."""
     from types import SimpleNamespace
 
-    from bitplan.planner.refine import CARRY_OVER, kept_plan
+    from bitplan.planner.refine import held_back_gain, kept_plan
 
     def trial(number, held_in, **attrs):
         return SimpleNamespace(number=number, value=held_in, user_attrs=attrs)
 
-    exact, probe = trial(0, 0.162, exact=True), trial(1, 0.146, probe="awqimatrix")
-    searched = trial(5, 0.133)  # 0.013 better than the probe held in
-    # held back: the probe 0.156 (the best baseline); the searched plan keeps less or more than CARRY_OVER of its gain
-    for share, kept in ((0.6 * CARRY_OVER, probe), (1.4 * CARRY_OVER, searched)):
-        held_back = 0.156 - share * 0.013
-        assert (share >= CARRY_OVER) == (kept is searched)
-        assert kept_plan([(0.163, exact), (0.156, probe), (held_back, searched)]) is kept
-    assert kept_plan([(0.150, exact), (0.156, probe), (0.151, searched)]) is exact  # the best baseline held back, not held in
+    exact, probe, searched = trial(0, 0.162, exact=True), trial(1, 0.146, probe="awqimatrix"), trial(5, 0.133)
+    baseline = (0.150, 0.170, 0.140, 0.160, 0.155, 0.165, 0.145, 0.163)  # the probe, held back (the best baseline)
+    worse = tuple(v + 0.007 for v in baseline)
+    steady = tuple(v - 0.002 for v in baseline)  # 1.3% better on every window
+    noisy = tuple(v - 0.002 + (0.006 if i % 2 else -0.006) for i, v in enumerate(baseline))  # the same mean gain, window to window noise 3x larger
+    assert held_back_gain(baseline, steady)[0] == pytest.approx(held_back_gain(baseline, noisy)[0]) == pytest.approx(0.002)
+    assert held_back_gain(baseline, steady)[1] < 1e-9 < held_back_gain(baseline, noisy)[1]
+    assert kept_plan([(worse, exact), (baseline, probe), (steady, searched)]) is searched
+    assert kept_plan([(worse, exact), (baseline, probe), (noisy, searched)]) is probe
+    assert kept_plan([(worse, exact), (baseline, probe), (baseline, searched)]) is probe  # a tie is no gain
+    # the best baseline held back, not held in: the exact plan here
+    assert kept_plan([(tuple(v - 0.01 for v in baseline), exact), (baseline, probe), (steady, searched)]) is exact
+    assert kept_plan([((0.160,), exact), ((0.156,), probe), ((0.100,), searched)]) is probe  # one window tells no noise from gain
