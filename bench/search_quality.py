@@ -114,16 +114,18 @@ def main() -> None:
         found = refine(table, spec, weight_budget, rules.fused_share_scheme, meter, held_in, args.trials, args.seed,
                        search_minutes=args.minutes, validation=validation)
         exact = found.exact or allocate(table, spec, weight_budget, rules.fused_share_scheme)
+        exact_kl, kept_kl = heldout_kl(exact.choice), heldout_kl(found.allocation.choice)
         uniform = {}
         for method in filter(None, args.uniform.split(",")):
             name = f"{method}-w{int(bits + 1e-9)}g64s"
             uniform[name] = {"weight_bytes": assignment_bytes(spec, uniform_assignment(spec, Scheme.parse(name))),
                              "heldout_kl": heldout_kl({layer.name: name for layer in spec.layers})}
+            uniform[name]["kept_gain"] = paired(found.allocation.choice, {layer.name: name for layer in spec.layers})
         row = {"bits_per_weight": bits, "weight_budget_bytes": weight_budget,
-               "exact": {"weight_bytes": exact.weight_bytes, "held_in_kl": found.exact_kl, "heldout_kl": heldout_kl(exact.choice),
+               "exact": {"weight_bytes": exact.weight_bytes, "held_in_kl": found.exact_kl, "heldout_kl": exact_kl,
                          "schemes": counts(exact.choice)},
                "searched": {"weight_bytes": found.allocation.weight_bytes, "held_in_kl": found.measured_kl,
-                            "heldout_kl": heldout_kl(found.allocation.choice), "schemes": counts(found.allocation.choice),
+                            "heldout_kl": kept_kl, "schemes": counts(found.allocation.choice),
                             "changed_layers": sum(exact.choice[n] != s for n, s in found.allocation.choice.items()),
                             "kept": found.kept, "validation_kl": found.validation_kl, "exact_validation_kl": found.exact_validation_kl,
                             "heldout_gain_over_exact": paired(found.allocation.choice, exact.choice),
@@ -139,7 +141,7 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M, engine {ENGINE}, candidates {', '.join(s.name for s in candidates.schemes() if not s.is_dense)}; "
           f"search {args.minutes:g} min per budget on {held_in.numel()} held-in tokens; held-out KL on "
-          ", ".join(f"{w.numel()} {name}" for name, w in domains.items()) + f" tokens; calibration {args.calibration}\n")
+          + ", ".join(f"{w.numel()} {name}" for name, w in domains.items()) + f" tokens; calibration {args.calibration}\n")
     print("| bits/weight | Linear MB | domain | exact KL | kept KL | kept/exact | gain ± s.e. (per window) | held-in exact -> searched | kept | seconds | trials | candidates |")
     print("|---:|---:|---|---:|---:|---:|---|---|---|---:|---:|---:|")
     for row in rows:
@@ -152,7 +154,8 @@ def main() -> None:
                   f"{row['search']['trials']} | {row['search']['candidates']} |")
     for row in rows:
         for name, uniform in row["uniform"].items():
-            print(f"uniform {name} at {uniform['weight_bytes'] / 1e6:.2f} MB: {uniform['heldout_kl']}")
+            print(f"uniform {name} at {uniform['weight_bytes'] / 1e6:.2f} MB: {uniform['heldout_kl']}; the kept plan's gain over it "
+                  f"(per-window mean ± s.e.): {uniform['kept_gain']}")
     print("saved", save(args.out, {"engine": ENGINE, "candidates": [s.name for s in candidates.schemes()], "samples": args.samples,
                                            "seq_len": args.seq_len, "held_in_tokens": int(held_in.numel()),
                                            "validation_tokens": 0 if validation is None else int(validation.numel()),
