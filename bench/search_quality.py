@@ -129,6 +129,11 @@ def main() -> None:
                             "changed_layers": sum(exact.choice[n] != s for n, s in found.allocation.choice.items()),
                             "kept": found.kept, "validation_kl": found.validation_kl, "exact_validation_kl": found.exact_validation_kl,
                             "heldout_gain_over_exact": paired(found.allocation.choice, exact.choice),
+                            "best_searched": None if found.best_searched is None else {
+                                "heldout_kl": heldout_kl(found.best_searched.choice), "changed_layers": sum(
+                                    exact.choice[n] != s for n, s in found.best_searched.choice.items()),
+                                "gain_over_exact": paired(found.best_searched.choice, exact.choice),
+                                "gain_over_kept": paired(found.best_searched.choice, found.allocation.choice)},
                             "contenders": [{"origin": o, "held_in_kl": h, "validation_kl": v, "validation_gain": g, "validation_se": e}
                                            for o, h, v, g, e in found.contenders]},
                "search": {"seconds": round(found.seconds, 1), "trials": found.trials, "candidates": found.candidates,

@@ -108,6 +108,7 @@ class Refinement:
     validation_tokens: int | None = None  # the held-back tokens it was confirmed on
     contenders: tuple[tuple[str, float, float, float, float], ...] = ()  # (origin, held-in KL, held-back KL, held-back gain over
     # the best baseline, its standard error) of each plan confirmed
+    best_searched: Allocation | None = None  # the searched plan best on the held-back windows, kept or not
 
     @property
     def search_gain(self) -> tuple[float, float] | None:
@@ -259,6 +260,8 @@ def refine(
     baseline = best_baseline(checked.values()) if checked else None
     contenders = tuple((origin(t), t.user_attrs["kl"], validation_kl(t), *held_back_gain(baseline[0], windows_of))
                        for windows_of, t in checked.values())
+    searched = [pair for pair in checked.values() if origin(pair[1]) == "search"]
+    best_searched = allocation_of(plain, min(searched, key=order)[1].user_attrs["plan"], exact) if searched else None
     if checked:
         log.info("confirmed on %d held-back tokens (held in -> held back, gain over the best baseline ± its standard error): %s",
                  int(validation.numel()), ", ".join(f"{name} {held:.4f} -> {back:.4f} ({gain:+.4f} ± {se:.4f})"
@@ -268,7 +271,7 @@ def refine(
                       sum(t.user_attrs["candidates"] for t in done), sum(t.user_attrs["tokens"] for t in done),
                       time.monotonic() - started, stopped_by, factors or None, allocation_of(plain, exact_columns, exact),
                       validation_kl(best), validation_kl(exact_trial), origin(best), int(validation.numel()) if checked else None,
-                      contenders)
+                      contenders, best_searched)
 
 
 def held_back_gain(baseline: tuple[float, ...], plan: tuple[float, ...]) -> tuple[float, float]:

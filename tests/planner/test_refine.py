@@ -167,6 +167,10 @@ def test_a_gain_that_does_not_carry_to_held_back_windows_is_not_kept(spec):
     assert found.kept == "exact" and found.allocation.choice == exact.choice
     assert found.validation_kl == found.exact_validation_kl == pytest.approx(found.exact_kl)
     assert found.measured_kl == found.exact_kl  # the kept plan's held-in KL, not the search's best
+    # the searched plan it turned down is reported with its held-back loss against the kept plan
+    assert found.best_searched is not None and found.best_searched.choice != exact.choice
+    gain, standard_error = found.search_gain
+    assert gain < 0 and standard_error >= 0
 
 
 def test_same_seed_same_plan(spec):
