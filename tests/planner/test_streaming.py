@@ -45,6 +45,10 @@ def test_streaming_meter_measures_the_whole_model_meters_kl(tiny_llama_folder, u
         assert measured.perplexity == pytest.approx(expected.perplexity, rel=1e-5)
         assert measured.reference_perplexity == pytest.approx(expected.reference_perplexity, rel=1e-5)
         assert measured.tokens == expected.tokens
+        # one KL per window, in order, the same from both meters (confirmation pairs plans window by window)
+        assert len(measured.window_kl) == len(expected.window_kl) == windows[4:].shape[0]
+        assert measured.window_kl == pytest.approx(expected.window_kl, rel=1e-5, abs=1e-9)
+        assert sum(expected.window_kl) / len(expected.window_kl) == pytest.approx(expected.kl, rel=1e-6, abs=1e-12)
     assert streaming.measure(windows[4:]).kl == 0.0  # the dense plan is the reference itself
     kept = [t for variant in streaming.cache.memory.values() for t in variant[0].values()]
     compact = [t for t in kept if isinstance(t, QuantizedWeight)]
