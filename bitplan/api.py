@@ -160,7 +160,7 @@ def assemble_plan(source: ModelSource, deployment: Deployment, goal: Target, tab
                                  "search_minutes": settings.search_minutes,
                                  "method_factors": {m: f.to_dict() for m, f in found.factors.items()} if found.factors else None,
                                  "refine_validation_tokens": found.validation_tokens, "refine_kept": found.kept,
-                                 "refine_search_gain": [round(v, 6) for v in found.search_gain]
+                                 "refine_search_gain": [float(f"{v:.6g}") for v in found.search_gain]
                                  if found.search_gain and math.isfinite(found.search_gain[1]) else None})
         predicted.update(calibration_kl=found.measured_kl, exact_calibration_kl=found.exact_kl, validation_kl=found.validation_kl,
                          exact_validation_kl=found.exact_validation_kl)

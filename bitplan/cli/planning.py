@@ -155,7 +155,7 @@ def print_plan(result, console: Console) -> None:
         line += (f"; on held-back text: {predicted.validation_kl:.4f} (exact allocation: {predicted.exact_validation_kl:.4f}; "
                  f"kept: {result.search.refine_kept}")
         if result.search.refine_search_gain:
-            line += "; the best searched plan's gain there: {:+.4f} ± {:.4f}".format(*result.search.refine_search_gain)
+            line += "; the best searched plan's gain there: {:+.3g} ± {:.3g}".format(*result.search.refine_search_gain)
         line += ")"
     console.print(line)
     search = result.search
