@@ -94,8 +94,8 @@ def main() -> None:
 
     def heldout_kl(choice: dict[str, str]) -> dict[str, float]:
         meter.apply({name: Scheme.parse(s) for name, s in choice.items()})
-        measured[json.dumps(choice, sort_keys=True)] = {name: meter.measure(w) for name, w in domains.items()}
-        return {name: quality.kl for name, quality in measured[json.dumps(choice, sort_keys=True)].items()}
+        qualities = measured[json.dumps(choice, sort_keys=True)] = {name: meter.measure(w) for name, w in domains.items()}
+        return {name: quality.kl for name, quality in qualities.items()}
 
     def paired(plan: dict[str, str], base: dict[str, str]) -> dict[str, list[float]]:
         """Per domain: the mean per-window gain of ``plan`` over ``base`` on the held-out windows and its standard error."""
@@ -118,9 +118,9 @@ def main() -> None:
         uniform = {}
         for method in filter(None, args.uniform.split(",")):
             name = f"{method}-w{int(bits + 1e-9)}g64s"
+            plan = {layer.name: name for layer in spec.layers}
             uniform[name] = {"weight_bytes": assignment_bytes(spec, uniform_assignment(spec, Scheme.parse(name))),
-                             "heldout_kl": heldout_kl({layer.name: name for layer in spec.layers})}
-            uniform[name]["kept_gain"] = paired(found.allocation.choice, {layer.name: name for layer in spec.layers})
+                             "heldout_kl": heldout_kl(plan), "kept_gain": paired(found.allocation.choice, plan)}
         row = {"bits_per_weight": bits, "weight_budget_bytes": weight_budget,
                "exact": {"weight_bytes": exact.weight_bytes, "held_in_kl": found.exact_kl, "heldout_kl": exact_kl,
                          "schemes": counts(exact.choice)},

@@ -109,13 +109,7 @@ class Refinement:
     contenders: tuple[tuple[str, float, float, float, float], ...] = ()  # (origin, held-in KL, held-back KL, held-back gain over
     # the best baseline, its standard error) of each plan confirmed
     best_searched: Allocation | None = None  # the searched plan best on the held-back windows, kept or not
-
-    @property
-    def search_gain(self) -> tuple[float, float] | None:
-        """The best searched plan's held-back gain over the best baseline and its standard error
-        (None: no searched plan was confirmed)."""
-        searched = [c for c in self.contenders if c[0] == "search"]
-        return min(searched, key=lambda c: c[2])[3:] if searched else None
+    search_gain: tuple[float, float] | None = None  # its held-back gain over the best baseline and its standard error
 
 
 def plan_digest(columns: list[int]) -> str:
@@ -261,7 +255,9 @@ def refine(
     contenders = tuple((origin(t), t.user_attrs["kl"], validation_kl(t), *held_back_gain(baseline[0], windows_of))
                        for windows_of, t in checked.values())
     searched = [pair for pair in checked.values() if origin(pair[1]) == "search"]
-    best_searched = allocation_of(plain, min(searched, key=order)[1].user_attrs["plan"], exact) if searched else None
+    top = min(searched, key=order) if searched else None  # the searched plan kept_plan would keep, if it kept one
+    best_searched = allocation_of(plain, top[1].user_attrs["plan"], exact) if top else None
+    search_gain = held_back_gain(baseline[0], top[0]) if top else None
     if checked:
         log.info("confirmed on %d held-back tokens (held in -> held back, gain over the best baseline ± its standard error): %s",
                  int(validation.numel()), ", ".join(f"{name} {held:.4f} -> {back:.4f} ({gain:+.4f} ± {se:.4f})"
@@ -271,7 +267,7 @@ def refine(
                       sum(t.user_attrs["candidates"] for t in done), sum(t.user_attrs["tokens"] for t in done),
                       time.monotonic() - started, stopped_by, factors or None, allocation_of(plain, exact_columns, exact),
                       validation_kl(best), validation_kl(exact_trial), origin(best), int(validation.numel()) if checked else None,
-                      contenders, best_searched)
+                      contenders, best_searched, search_gain)
 
 
 def held_back_gain(baseline: tuple[float, ...], plan: tuple[float, ...]) -> tuple[float, float]:
