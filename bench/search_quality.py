@@ -4,8 +4,8 @@ SmolLM2-135M, engine ``bitplan`` (3-bit allowed), candidates RTN and GPTQ at 3, 
 group 64, symmetric (``domain_common.CANDIDATES``), the default calibration (16 windows of 512
 tokens of the built-in Python documentation). At each budget of Linear bytes (bits per weight
 times the Linears' weights / 8), the exact allocation (the knapsack on summed scores) and the
-measured search (``planner.refine``: trial 0 the exact plan, then generations measured on the
-4 held-in calibration windows the CLI uses, or ``--held-in``, stopped by ``--minutes``; the kept plan
+measured search (``planner.refine``: trial 0 the exact plan, then generations drawing their windows
+from the pool of 16 held-in calibration windows the CLI uses, or ``--held-in``, stopped by ``--minutes``; the kept plan
 confirmed on ``--validation`` windows spread through the rest of the calibration text, 8 as in the CLI) are both measured on
 held-out text neither saw: pydoc's held-out prose and code (``--heldout`` windows, half each)
 and English prose from Debian's fortunes (``fortunes-heldout.txt``; ``make text-fortunes``), and the
@@ -42,7 +42,7 @@ from bitplan.engines.rules import restrict_table
 from bitplan.methods.scheme import Scheme
 from bitplan.models.source import open_model
 from bitplan.planner.quality import QualityMeter, load_dense_model
-from bitplan.planner.refine import REFINE_WINDOWS, VALIDATION_WINDOWS, held_back_gain, held_windows, refine
+from bitplan.planner.refine import HELD_IN_POOL, VALIDATION_WINDOWS, held_back_gain, held_windows, refine
 from bitplan.planner.baselines import assignment_bytes, uniform_assignment
 from bitplan.planner.search import allocate
 from bitplan.profiles.calibration import CalibrationSettings, calibration_windows, load_tokenizer
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--held-in", type=int, default=REFINE_WINDOWS, help="held-in calibration windows the search measures on")
+    parser.add_argument("--held-in", type=int, default=HELD_IN_POOL, help="held-in calibration windows the search draws its windows from")
     parser.add_argument("--validation", type=int, default=VALIDATION_WINDOWS,
                         help="calibration windows spread through the text after the held-in ones that confirm the kept plan (0: keep the best held-in plan)")
     parser.add_argument("--out", default="search_quality", help="name of the results file in bench/results")

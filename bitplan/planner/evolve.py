@@ -15,9 +15,10 @@ loss per byte: moves the score favours come first, every move stays possible) fr
 ``numpy.random.Generator``. An offspring takes 1 to ``MAX_MUTATIONS`` of them; offspring that
 break a slice bound are never offered.
 
-Selection is staged (:func:`generation`): ``OFFSPRING`` offspring are measured on a few tokens,
-the best few of them on more, and the survivor on every held-in token; most candidates cost a
-fraction of one forward pass over the held-in windows.
+Selection is staged (:func:`generation`): ``OFFSPRING`` offspring are measured on a few tokens of
+the generation's selection windows, the best few of them on a whole window, and the survivor is
+returned (``planner.refine`` then compares it with its parent on other windows); most candidates
+cost a fraction of one forward pass over the selection windows.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from bitplan.profiles.tables import SensitivityTable
 MAX_MUTATIONS = 3  # level switches per offspring, drawn from 1..MAX_MUTATIONS
 OFFSPRING = 16  # offspring per generation
 SWITCH_SHARE = 0.5  # chance that a mutation switches a unit to another option of its size, when one exists
-STAGES = ((1 / 16, 4), (1 / 4, 1))  # (share of the held-in tokens measured, offspring kept); the last one is measured on all
+STAGES = ((1 / 16, 4), (1 / 4, 1))  # (share of the selection windows' tokens measured, offspring kept)
 
 
 def levels(options: list[Option], keep: frozenset[int] = frozenset()) -> tuple[Option, ...]:
@@ -170,7 +171,7 @@ def offspring(units: list[Unit], parent: list[int], budget_bytes: int, limits: t
 
 
 def stage_windows(windows: torch.Tensor, share: float, start: int) -> torch.Tensor:
-    """``share`` of the held-in tokens: a prefix of one window when that is enough, else whole
+    """``share`` of the tokens of ``windows``: a prefix of one window when that is enough, else whole
     windows; the first window taken rotates with ``start`` (the generation) so that selection
     does not fit one window."""
     count, length = windows.shape

@@ -9,14 +9,14 @@ the method whose gain carries best to other text, for GPTQ, whose gain does not.
 
 So the measured search measures before it allocates: for each quantized method in the table,
 one probe plan (that method's scheme nearest the budget's bits per weight, on every layer where
-the engine allows it; other layers dense) is measured on the held-in windows, and the method's
+the engine allows it; other layers dense) is measured on the held-in anchor windows, and the method's
 column scores are multiplied by ``measured KL / summed score`` of its probe, normalised so the
 factors' geometric mean is 1 (the table's overall level, which the speed objective and slice
 limits are expressed in, is kept). The probes' quantized weights stay in the meter's cache for
 the search that follows, and the probes themselves join the search as measured trials
-(``planner.refine``): a probe that fits the budget and measures better than the exact plan is
-kept or searched from, so the plan is never worse on the held-in tokens than the best uniform
-plan of its method at the budget's bits.
+(``planner.refine``): a probe that fits the budget and measures better than the exact plan on
+the anchor is where the search starts from, and every probe is a baseline the kept plan must beat
+on held-back windows.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class SearchRecord:
     objective: str
     refine_trials: int | None = None  # the measured search's trials (the exact plan's and one per generation)
     refine_distinct_plans: int | None = None
-    refine_tokens: int | None = None  # held-in tokens a plan is measured on
+    refine_tokens: int | None = None  # the held-in pool's tokens the search draws its windows from
     knobs: dict | None = None  # plans of bitplan before the measured search: per-kind score multipliers (no longer written)
     refine_candidates: int | None = None  # plans the search measured, on any number of tokens
     refine_measured_tokens: int | None = None  # tokens those measurements ran

@@ -9,7 +9,9 @@ Quantized tensors are computed once and kept (:class:`VariantCache`, up to a mem
 (Linear, scheme), which is exact because a Linear's quantization reads only its own weight and
 the reference model's statistics of its input; per block variant where a smoothing scheme (AWQ,
 SmoothQuant) folds scales across a block's Linears, so one Linear's result depends on another's
-scheme. The reference model's log-probabilities of the measured windows are kept too.
+scheme. The reference model's log-probabilities are kept too, per window (:class:`RowCache`): the
+search draws different windows of one pool each generation, and each is run through the
+reference once while it fits.
 """
 
 from __future__ import annotations
@@ -179,6 +181,33 @@ def cached_block(cache: VariantCache, layers: list, assignments: dict[str, Schem
     return tensors, activations
 
 
+class RowCache:
+    """Per-window results (one tensor per row of the windows, keyed by the row's tokens), computed
+    once and kept up to ``max_bytes``, least recently used first out. ``get`` stacks the rows of a
+    window set, computing the missing ones together."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.rows: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.held = 0
+
+    def get(self, windows: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``compute(rows)`` [n, ...] per window of ``windows`` [n, seq_len], from the cache where it holds them."""
+        keys = [(row.numel(), tokens_hash(row.contiguous())) for row in windows]
+        missing = [index for index, key in enumerate(keys) if key not in self.rows]
+        fresh = dict(zip(missing, compute(windows[missing].contiguous()))) if missing else {}
+        stacked = torch.stack([fresh[index] if index in fresh else self.rows[key] for index, key in enumerate(keys)])
+        for index, key in enumerate(keys):
+            if index in fresh:
+                self.rows[key] = fresh[index].clone()  # not a view: a view would hold the whole batch
+                self.held += fresh[index].numel() * fresh[index].element_size()
+            self.rows.move_to_end(key)
+        while self.held > self.max_bytes and self.rows:
+            _, old = self.rows.popitem(last=False)
+            self.held -= old.numel() * old.element_size()
+        return stacked
+
+
 @dataclass(frozen=True)
 class Quality:
     kl: float  # mean KL(p_ref || p_quant) per token, nats
@@ -199,11 +228,11 @@ class QualityMeter:
     and biases are replaced, and W8A8 Linears quantize their input per token (a pre-hook).
     Quantized tensors are kept per (Linear, scheme) (per block variant under smoothing schemes) up
     to ``cache_bytes`` (:func:`cached_block`), so the trials of a search quantize each once; the
-    reference's log-probabilities of each measured window set are kept up to ``reference_bytes``.
+    reference's log-probabilities of each measured window are kept up to ``reference_bytes``.
     """
 
     def __init__(self, reference: nn.Module, spec: ModelSpec, batch_size: int = 4, cache_bytes: int = 2 * 2**30,
-                 reference_bytes: int = 2**30):
+                 reference_bytes: int = 3 * 2**30):
         self.reference = reference
         self.working = copy.deepcopy(reference)
         self.spec = spec
@@ -214,8 +243,7 @@ class QualityMeter:
             self.blocks.setdefault(layer.block, []).append(layer)
         self.stats: dict[str, dict] = {}
         self.cache = VariantCache(cache_bytes)
-        self.reference_bytes = reference_bytes
-        self.references: dict[tuple, list[torch.Tensor]] = {}  # (shape, tokens hash) -> log-probs per batch
+        self.references = RowCache(reference_bytes)  # the reference's log-probs per window
         self.current: dict[str, torch.Tensor] = {}  # tensors of the working copy that differ from the reference
         self.hooks: list = []
         self.kv = None  # K/V transform of the candidate's attention (profiles.kv_cache), or None
@@ -272,17 +300,14 @@ class QualityMeter:
         return measure_pair(self.reference, self.working, windows, self.batch_size, self.kv, self.reference_log_probs(windows))
 
     @torch.no_grad()
-    def reference_log_probs(self, windows: torch.Tensor) -> list[torch.Tensor] | None:
-        """The reference's log-probabilities of ``windows``, one tensor per batch, computed once
-        per window set while they fit in ``reference_bytes`` (None beyond: measured each time)."""
-        key = (tuple(windows.shape), tokens_hash(windows.contiguous()))
-        if key not in self.references:
-            held = sum(t.numel() * t.element_size() for batches in self.references.values() for t in batches)
-            if held + windows.numel() * self.spec.vocab_size * 4 > self.reference_bytes:
-                return None
-            self.references[key] = [torch.log_softmax(self.reference(ids).logits.float(), dim=-1)
-                                    for ids in windows.split(self.batch_size)]
-        return self.references[key]
+    def reference_log_probs(self, windows: torch.Tensor) -> list[torch.Tensor]:
+        """The reference's log-probabilities of ``windows``, one tensor per batch; each window's
+        computed once while it fits in ``reference_bytes`` (:class:`RowCache`)."""
+
+        def compute(rows: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.log_softmax(self.reference(ids).logits.float(), dim=-1) for ids in rows.split(self.batch_size)])
+
+        return list(self.references.get(windows, compute).split(self.batch_size))
 
 
 @torch.no_grad()

@@ -8,29 +8,34 @@ exact allocation could choose: the engine's (layer, scheme) cells, the ties, the
 groups, the weight budget and the slice bounds.
 
 The search is an Optuna study (``planner.study``: in memory, or in shared storage where several
-workers add trials to it). Trial 0 is the exact plan (``enqueue_trial``), measured on all held-in
-tokens; then each method's probe (``planner.method_factors``: that method's scheme nearest the
-budget's bits on every layer), measured before the allocation, where it fits the budget and the
-slice limits. Every later trial is one generation: its parent is the best plan of the study's finished
-trials, its offspring drawn with a generator seeded by ``(seed, trial number)``, and its value
-the survivor's measured KL on all held-in tokens; ``user_attrs`` hold the plan (one scheme
-column per table row), its KL, and the candidates and tokens the generation measured. The search's
-best plan is the best finished trial, ``min (value, number)``: what a single worker keeps given
-the same trials.
+workers add trials to it). It measures on a pool of ``HELD_IN_POOL`` held-in windows whose first
+``REFINE_WINDOWS`` are the *anchor*. Trial 0 is the exact plan (``enqueue_trial``), measured on
+the anchor; then each method's probe (``planner.method_factors``: that method's scheme nearest
+the budget's bits on every layer), measured on the anchor before the allocation, where it fits
+the budget and the slice limits. Every later trial is one generation of a (1 + lambda) chain, as
+in EvoPress: its parent is the plan of the latest finished generation (before the first, the
+best baseline on the anchor); with a generator seeded by ``(seed, trial number)`` it draws its
+offspring and two fresh sets of ``REFINE_WINDOWS`` windows from the pool, selects a survivor on
+the first (staged, ``planner.evolve``) and compares survivor and parent on the second, which
+selection never saw: the survivor replaces the parent only where it measures lower there (the
+parent wins ties). A plan that got lucky on some windows meets others in the next generation, so
+the chain does not settle on a fit to four windows, as a best-of-all-trials on fixed windows
+did. The trial's value is the winner's KL on the comparison windows; ``user_attrs`` hold the
+plan (one scheme column per table row), that KL, and the candidates and tokens the generation
+measured. Without validation the chain's last plan is kept.
 
-The held-in tokens chose that plan, so its held-in KL flatters it: a hundred candidates compared
-on four windows, the winner is partly the one that fits those windows (on SmolLM2 at 4.25 bits per
-weight the search measured 0.133 held in against 0.146 for uniform AWQ + imatrix, and held-out text
-gave 0.143 against 0.137). With ``validation`` windows (held back: never measured by the search,
-spread through the rest of the calibration text) the plan is confirmed: the exact plan, every probe
-(the baselines) and the search's ``CONFIRM_TOP`` best distinct plans that beat them all on the
-held-in windows are measured on them. The kept plan is the best baseline there, unless a searched
-plan beats it there by a gain that window-to-window noise does not explain: the mean of its paired
-per-window gains at least the one-sided ``GAIN_LEVEL`` critical value of Student's t times their
-standard error (:func:`held_back_gain`); then the best such plan (:func:`kept_plan`). A gain that
-does not carry to other windows of the same text is a fit to the held-in windows, and it carries
-still less to other text: the baseline, uniform where a probe wins, is kept. Without ``validation``
-the search's best plan is kept.
+Held-in windows still chose that plan, so its held-in KL flatters it (on SmolLM2 at 4.25 bits per
+weight a best-of-all-trials search measured 0.133 held in against 0.146 for uniform AWQ + imatrix,
+and held-out text gave 0.143 against 0.137). With ``validation`` windows (held back: never
+measured by the search, spread through the rest of the calibration text) the plan is confirmed:
+the exact plan, every probe (the baselines) and the chain's last ``CONFIRM_TOP`` distinct plans
+are measured on them. The kept plan is the best baseline there, unless a searched plan beats it
+there by a gain that window-to-window noise does not explain: the mean of its paired per-window
+gains at least the one-sided ``GAIN_LEVEL`` critical value of Student's t times their standard
+error (:func:`held_back_gain`); then the best such plan (:func:`kept_plan`). A gain that does not
+carry to other windows of the same text is a fit to the held-in windows, and it carries still
+less to other text: the baseline, uniform where a probe wins, is kept. The reported held-in KL
+of the kept plan and of the exact plan is measured on the anchor.
 
 Before the exact allocation each method's scores are put on the scale of measured KL by its
 probe (``planner.method_factors``); the exact plan is allocated on the scaled table, and the
@@ -74,10 +79,11 @@ from bitplan.planner.streaming import StreamingMeter
 from bitplan.planner.study import counted_trials, finished_trials, open_study, study_name
 from bitplan.profiles.calibration import CalibrationSettings, calibration_slices
 from bitplan.profiles.tables import SensitivityTable
-from bitplan.profiles.text import window_quotas
+from bitplan.profiles.text import tokens_hash, window_quotas
 
 log = logging.getLogger(__name__)
-REFINE_WINDOWS = 4  # held-in calibration windows each trial is measured on
+REFINE_WINDOWS = 4  # held-in windows a measurement compares plans on: the anchor, each generation's selection and its comparison
+HELD_IN_POOL = 16  # held-in calibration windows the search draws each generation's windows from; the first REFINE_WINDOWS are the anchor
 VALIDATION_WINDOWS = 8  # calibration windows held back to confirm the kept plan, spread through the rest of the text
 VALIDATION_POOL = 512  # windows after the held-in ones the validation windows are spread over, at most
 CONFIRM_TOP = 3  # the search's best distinct plans measured on the validation windows
@@ -140,9 +146,9 @@ def refine(
     search_minutes: float | None = None,
     validation: torch.Tensor | None = None,
 ) -> Refinement:
-    """Run the measured search until the study holds ``trials`` trials (at least the exact one)
-    or ``search_minutes`` passed, and keep the best plan of the study's finished trials; with
-    ``validation`` windows, the best of its contenders on those (see the module notes)."""
+    """Run the measured search on the held-in pool ``windows`` until the study holds ``trials``
+    trials (at least the exact one) or ``search_minutes`` passed, and keep the chain's last plan;
+    with ``validation`` windows, the best of its contenders on those (see the module notes)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.monotonic()
     deadline = None if search_minutes is None else started + 60.0 * search_minutes
@@ -151,9 +157,11 @@ def refine(
     bounds = dict(sorted((slice_bounds or {}).items()))
     limits = tuple(bound * (1 + SLICE_SLACK) for bound in bounds.values())
 
+    anchor = windows[:REFINE_WINDOWS].contiguous()
+
     def measure_plan(choice: dict[str, str]) -> float:
         meter.apply({name: Scheme.parse(scheme) for name, scheme in choice.items()})
-        return meter.measure(windows).kl
+        return meter.measure(anchor).kl
 
     plain = table  # the plan's reported score is the profile's
     factors = method_factors(table, spec, weight_budget_bytes, measure_plan) if trials > 0 else {}
@@ -192,7 +200,7 @@ def refine(
             continue
         probes[method] = picks
         choice = {name: table.schemes[column] for name, column in zip(table.layers, columns)}  # measured already: no second forward
-        values[measured_key(columns, windows)] = (
+        values[measured_key(columns, anchor)] = (
             factor.measured_kl + (assignment_sum(table, choice, extra_cost) if extra_cost is not None else 0.0), factor.measured_kl, ())
     total = max(trials, 1) + len(probes)  # the probes are trials measured before the search: they cost no generation
 
@@ -201,7 +209,6 @@ def refine(
     for method in probes:
         study.enqueue_trial({"probe": method}, user_attrs={"probe": method}, skip_if_exists=True)  # distinct params: Optuna skips by params
     stopped_by = "trials"
-    subsets: dict[tuple[float, int], torch.Tensor] = {}
     while counted_trials(study) < total:
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if out_of_time() and complete:
@@ -209,28 +216,31 @@ def refine(
             break
         trial = study.ask()
         spent.update(candidates=0, tokens=0)
+        measured_on = anchor
         if trial.user_attrs.get("exact"):
-            picks, value = locate(units, exact_columns), measure(locate(units, exact_columns), windows)
+            picks, value = locate(units, exact_columns), measure(locate(units, exact_columns), anchor)
         elif trial.user_attrs.get("probe") in probes:
             picks = probes[trial.user_attrs["probe"]]
-            value = measure(picks, windows)
-            spent.update(candidates=1, tokens=int(windows.numel()))  # its measurement, made for the factors
+            value = measure(picks, anchor)
+            spent.update(candidates=1, tokens=int(anchor.numel()))  # its measurement, made for the factors
         else:
-            best = min(complete, key=lambda t: (t.value, t.number)) if complete else None
-            parent = locate(units, best.user_attrs["plan"]) if best is not None else locate(units, exact_columns)
+            parent = locate(units, chain_head(complete).user_attrs["plan"]) if complete else locate(units, exact_columns)
             rng = np.random.default_rng([seed, trial.number])
+            selection, comparison = draw_windows(windows, rng)
             children = offspring(units, parent, weight_budget_bytes, limits, rng)
-            stages = [(subsets.setdefault((share, trial.number % windows.shape[0]), stage_windows(windows, share, trial.number)), keep)
-                      for share, keep in STAGES] + [(windows, 1)]
+            stages = [(stage_windows(selection, share, trial.number), keep) for share, keep in STAGES]
             found = generation(children, stages, measure, out_of_time) if children else None
-            if found is None:
+            if found is None or out_of_time():
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 stopped_by = "clock" if children else "no moves"
                 break
-            picks, value = found
+            survivor, parent_value = found[0], measure(parent, comparison)
+            value = measure(survivor, comparison)
+            picks, value = (survivor, value) if value < parent_value else (parent, parent_value)  # the parent wins ties
+            measured_on = comparison
         columns = columns_of(units, picks, len(table.layers))
         trial.set_user_attr("plan", columns)
-        trial.set_user_attr("kl", values[measured_key(columns, windows)][1])
+        trial.set_user_attr("kl", values[measured_key(columns, measured_on)][1])
         trial.set_user_attr("candidates", spent["candidates"])
         trial.set_user_attr("tokens", spent["tokens"])
         trial.set_user_attr("worker", WORKER)
@@ -238,7 +248,13 @@ def refine(
         report("refine", min(counted_trials(study), total), total)
     done = finished_trials(study)
     exact_trial = min((t for t in done if t.user_attrs.get("exact")), key=lambda t: t.number)
-    best = min(done, key=lambda t: (t.value, t.number))
+    best = first_with_plan(done, chain_head(done))
+
+    def anchor_kl(trial: optuna.trial.FrozenTrial) -> float:
+        """A plan's KL on the anchor windows (measured once)."""
+        measure(locate(units, trial.user_attrs["plan"]), anchor)
+        return values[measured_key(trial.user_attrs["plan"], anchor)][1]
+
     checked = {}
     if validation is not None and validation.numel():
 
@@ -252,7 +268,7 @@ def refine(
     assert allocation.weight_bytes <= weight_budget_bytes
     validation_kl = lambda trial: values[measured_key(trial.user_attrs["plan"], validation)][1] if checked else None  # noqa: E731
     baseline = best_baseline(checked.values()) if checked else None
-    contenders = tuple((origin(t), t.user_attrs["kl"], validation_kl(t), *held_back_gain(baseline[0], windows_of))
+    contenders = tuple((origin(t), anchor_kl(t), validation_kl(t), *held_back_gain(baseline[0], windows_of))
                        for windows_of, t in checked.values())
     searched = [pair for pair in checked.values() if origin(pair[1]) == "search"]
     top = min(searched, key=order) if searched else None  # the searched plan kept_plan would keep, if it kept one
@@ -262,12 +278,38 @@ def refine(
         log.info("confirmed on %d held-back tokens (held in -> held back, gain over the best baseline ± its standard error): %s",
                  int(validation.numel()), ", ".join(f"{name} {held:.4f} -> {back:.4f} ({gain:+.4f} ± {se:.4f})"
                                                     for name, held, back, gain, se in contenders))
-    return Refinement(allocation, best.user_attrs["kl"], exact_trial.user_attrs["kl"], len(done),
+    return Refinement(allocation, anchor_kl(best), anchor_kl(exact_trial), len(done),
                       len({plan_digest(t.user_attrs["plan"]) for t in done}),
                       sum(t.user_attrs["candidates"] for t in done), sum(t.user_attrs["tokens"] for t in done),
                       time.monotonic() - started, stopped_by, factors or None, allocation_of(plain, exact_columns, exact),
                       validation_kl(best), validation_kl(exact_trial), origin(best), int(validation.numel()) if checked else None,
                       contenders, best_searched, search_gain)
+
+
+def chain_head(done: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
+    """The plan the search goes on from: the latest finished generation's, or, before the first,
+    the best baseline (the exact plan or a probe) on the anchor windows."""
+    searched = [t for t in done if origin(t) == "search"]
+    if searched:
+        return max(searched, key=lambda t: t.number)
+    return min(done, key=lambda t: (t.value, t.number))
+
+
+def first_with_plan(done: list[optuna.trial.FrozenTrial], trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """The first finished trial with ``trial``'s plan: where the plan came from (a chain that
+    never moved is still the plan it started from)."""
+    return min((t for t in done if t.user_attrs["plan"] == trial.user_attrs["plan"]), key=lambda t: t.number)
+
+
+def draw_windows(windows: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One generation's ``(selection, comparison)`` windows, ``REFINE_WINDOWS`` each, drawn from the
+    held-in pool ``windows`` without replacement: disjoint while the pool holds twice as many
+    (with fewer, the comparison overlaps the selection; with ``REFINE_WINDOWS`` or fewer, both are
+    the whole pool)."""
+    count = windows.shape[0]
+    take = min(REFINE_WINDOWS, count)
+    order = rng.permutation(count)
+    return windows[np.sort(order[:take])].contiguous(), windows[np.sort(order[-take:])].contiguous()
 
 
 def held_back_gain(baseline: tuple[float, ...], plan: tuple[float, ...]) -> tuple[float, float]:
@@ -310,8 +352,8 @@ def kept_plan(checked) -> optuna.trial.FrozenTrial:
 
 
 def measured_key(columns: list[int], windows: torch.Tensor) -> tuple:
-    """What a measurement is cached under: the plan's columns and the windows measured."""
-    return tuple(columns), tuple(windows.shape), windows.data_ptr()
+    """What a measurement is cached under: the plan's columns and the windows measured (their shape and tokens)."""
+    return tuple(columns), tuple(windows.shape), tokens_hash(windows.contiguous())
 
 
 def origin(trial: optuna.trial.FrozenTrial) -> str:
@@ -321,20 +363,19 @@ def origin(trial: optuna.trial.FrozenTrial) -> str:
 
 def confirm(done: list[optuna.trial.FrozenTrial], exact: optuna.trial.FrozenTrial,
             measure: Callable[[list[int]], tuple[float, ...]]) -> dict[str, tuple[tuple[float, ...], optuna.trial.FrozenTrial]]:
-    """The contenders' values per validation window, by plan digest: the exact plan, every
-    probe, and the ``CONFIRM_TOP`` best distinct plans of the search that beat all of those on the
-    held-in windows (each plan once, as its first trial)."""
+    """The contenders' values per validation window, by plan digest: the exact plan, every probe,
+    and the search's last ``CONFIRM_TOP`` distinct plans (the chain's latest first; each plan once,
+    as its first trial)."""
     probes = sorted((t for t in done if origin(t).startswith("probe")), key=lambda t: t.number)
-    bar = min(t.value for t in [exact, *probes])
-    searched = sorted((t for t in done if origin(t) == "search" and t.value < bar), key=lambda t: (t.value, t.number))
+    latest = sorted((t for t in done if origin(t) == "search"), key=lambda t: -t.number)
     checked: dict[str, tuple[tuple[float, ...], optuna.trial.FrozenTrial]] = {}
-    for trial in [exact, *probes, *searched]:
+    for trial in [exact, *probes, *latest]:
         digest = plan_digest(trial.user_attrs["plan"])
         if digest in checked:
             continue
         if origin(trial) == "search" and sum(origin(t) == "search" for _, t in checked.values()) == CONFIRM_TOP:
             break
-        checked[digest] = (measure(trial.user_attrs["plan"]), trial)
+        checked[digest] = (measure(trial.user_attrs["plan"]), first_with_plan(done, trial))
     return checked
 
 
@@ -351,11 +392,11 @@ def choose_meter(source: ModelSource) -> QualityMeter | StreamingMeter:
     return StreamingMeter(source.folder, source.config, source.spec)
 
 
-def held_windows(folder, calibration: CalibrationSettings, held_in: int = REFINE_WINDOWS,
+def held_windows(folder, calibration: CalibrationSettings, held_in: int = HELD_IN_POOL,
                  validation: int = VALIDATION_WINDOWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(profile, held_in, validation)`` windows of the calibration text: the profile's
-    ``samples``, the ``held_in`` after them (the profile's own first ones when the text has no
-    more), and ``validation`` windows from the rest (up to ``VALIDATION_POOL`` windows on): each
+    ``samples``, the ``held_in`` after them (the search's pool; the profile's own first ones when
+    the text has no more), and ``validation`` windows from the rest (up to ``VALIDATION_POOL`` windows on): each
     slice's share of them (by its weight), spread evenly through that slice's windows, so that
     they come from other documents than the held-in windows' neighbours (None when the text has
     no window left)."""
@@ -372,8 +413,8 @@ def held_windows(folder, calibration: CalibrationSettings, held_in: int = REFINE
 def refine_measured(source: ModelSource, table: SensitivityTable, weight_budget_bytes: int, settings: SearchSettings,
                     calibration: CalibrationSettings, progress: Callable[[str, int, int], None] | None = None,
                     extra_cost: np.ndarray | None = None, slice_bounds: dict[str, float] | None = None) -> tuple[Refinement, int]:
-    """Refine on held-in calibration windows and confirm on held-back ones (:func:`held_windows`).
-    Returns the refinement and the held-in tokens. Plans are measured by :func:`choose_meter`'s meter."""
+    """Refine on a pool of held-in calibration windows and confirm on held-back ones (:func:`held_windows`).
+    Returns the refinement and the held-in pool's tokens. Plans are measured by :func:`choose_meter`'s meter."""
     profile, held_in, validation = held_windows(source.folder, calibration)
     if validation is None:
         log.warning("the calibration text has no windows left to confirm the searched plan on: the best held-in plan is kept")

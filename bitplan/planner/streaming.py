@@ -32,10 +32,9 @@ from bitplan.kernels.numerics import fake_quant_activations
 from bitplan.methods.scheme import DENSE, Scheme
 from bitplan.models.source import WeightReader, cache_dir
 from bitplan.models.spec import ModelSpec
-from bitplan.planner.quality import Quality, Variant, VariantCache, cached_block
+from bitplan.planner.quality import Quality, RowCache, Variant, VariantCache, cached_block
 from bitplan.profiles.blocks import BlockRunner, block_input_stats, run_block
 from bitplan.profiles.kv_cache import kv_rounding
-from bitplan.profiles.text import tokens_hash
 
 
 def log_probs(runner: BlockRunner, hidden: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor,
@@ -90,7 +89,8 @@ class StreamingMeter:
     """Measures plans on fixed windows block by block (same interface as ``QualityMeter``:
     :meth:`calibrate`, :meth:`apply`, :meth:`measure`)."""
 
-    def __init__(self, folder: Path, config: dict, spec: ModelSpec, batch_size: int = 4, cache_bytes: int = 2**30):
+    def __init__(self, folder: Path, config: dict, spec: ModelSpec, batch_size: int = 4, cache_bytes: int = 2**30,
+                 reference_bytes: int = 2**30):
         self.reader = WeightReader(folder)
         self.runner = BlockRunner(config, self.reader)
         self.spec = spec
@@ -103,7 +103,7 @@ class StreamingMeter:
         self.cache = VariantCache(cache_bytes, Path(self.work.name))
         self.calibrated = False
         self.assignments: dict[str, Scheme] = {}
-        self.references: dict[str, torch.Tensor] = {}  # tokens hash -> reference final hidden states
+        self.references = RowCache(reference_bytes)  # the reference's final hidden states per window
         self.kv = None  # K/V transform of the candidate's attention (profiles.kv_cache), or None
 
     def source_name(self, name: str) -> str:
@@ -193,11 +193,9 @@ class StreamingMeter:
         return (norm_weight, head_weight, None), quantized
 
     def reference(self, windows: torch.Tensor) -> torch.Tensor:
-        """The unquantized model's final hidden states of ``windows``, computed once per window set."""
-        key = tokens_hash(windows)
-        if key not in self.references:
-            self.references[key] = self.run_blocks(windows, quantized=False)
-        return self.references[key]
+        """The unquantized model's final hidden states of ``windows``, each window's computed once
+        while it fits in ``reference_bytes``."""
+        return self.references.get(windows, lambda rows: self.run_blocks(rows, quantized=False))
 
     @torch.no_grad()
     def measure(self, windows: torch.Tensor) -> Quality:

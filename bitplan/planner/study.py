@@ -4,8 +4,9 @@ several workers (processes or machines) add trials to one study.
 ``storage`` is an RDB URL (``sqlite:///refine.db``, ``postgresql://...``; Optuna's RDB storage)
 or a file path (Optuna's journal file storage, for a shared file system). The study is named by
 the refinement problem (:func:`study_name`), so workers on the same problem meet in one study and
-a different problem never reads its trials. Every worker ends with the best of the study's
-finished trials, ``min (value, number)``: the plan one worker would keep given the same trials.
+a different problem never reads its trials. Every worker goes on from the study's latest finished
+generation and ends with the same choice over the study's finished trials (``planner.refine``):
+the plan one worker would keep given the same trials.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from bitplan.profiles.text import tokens_hash
 log = logging.getLogger(__name__)
 RDB_SCHEMES = ("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")
 WAIT_FOR_OTHERS_S = 3600  # how long a worker waits for other workers' running trials before it decides
-SEARCH = "measured-search-1"  # the search's trial format (``planner.refine``): part of the study's name
+SEARCH = "measured-search-2"  # the search's trial format (``planner.refine``): part of the study's name
 STOP_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)  # a queued trial (the exact plan) is yet to run
 
 
