@@ -103,6 +103,7 @@ def implementations() -> dict[str, dict]:
     # version 3 of gptq, awq, smoothquant, ggml: X Xᵀ from kept rows while they are fewer than the inputs
     # (calibration_stats.OuterSum), which rounds differently in float32
     # version 4 of gptq: H shrunk toward its diagonal (gptq.SHRINK)
+    # version 2 of imatrix, awqimatrix: steps that clip further and the least-squares refinement (imatrix.py)
     return {
         "rtn": {"version": 2},
         "gptq": {"version": 4, "block": gptq.BLOCK, "damp": gptq.DAMP, "act_order": gptq.ACT_ORDER, "shrink": gptq.SHRINK},
@@ -110,8 +111,8 @@ def implementations() -> dict[str, dict]:
         "awqgptq": {"version": 1, "n_grid": awq.N_GRID, "block": gptq.BLOCK, "damp": gptq.DAMP, "act_order": gptq.ACT_ORDER,
                     "shrink": gptq.SHRINK},
         "hqq": {"version": 2, **asdict(HqqOptions())},
-        "imatrix": {"version": 1, "steps": list(imatrix.STEPS)},
-        "awqimatrix": {"version": 1, "n_grid": awq.N_GRID, "steps": list(imatrix.STEPS)},
+        "imatrix": {"version": 2, "steps": list(imatrix.STEPS), "refine": imatrix.REFINE_ITERATIONS},
+        "awqimatrix": {"version": 2, "n_grid": awq.N_GRID, "steps": list(imatrix.STEPS), "refine": imatrix.REFINE_ITERATIONS},
         "nf4": {"version": 1, "offset": NF4_OFFSET},
         "fp8": {"version": 1},
         "smoothquant": {"version": 3, "alphas": list(smoothquant.ALPHA_GRID)},
