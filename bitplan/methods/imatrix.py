@@ -113,8 +113,8 @@ def refine_scale(groups: torch.Tensor, weights: torch.Tensor, scale: torch.Tenso
     for _ in range(iterations):
         suml2 = (weights * codes * codes).sum(dim=-1)
         sumlx = (weights * groups * codes).sum(dim=-1)
-        fitted = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), scale.to(torch.float32))
-        candidate = stored(fitted, scale_dtype)
+        fitted = sumlx / suml2.clamp_min(torch.finfo(torch.float32).tiny)
+        candidate = stored(torch.where(suml2 > 0, fitted, scale.to(torch.float32)), scale_dtype)
         new_error, new_codes = weighted_error(groups, weights, candidate, bits)
         better = new_error < error
         if not bool(better.any()):

@@ -101,7 +101,7 @@ def test_bitplans_vllm_rules_agree_with_vllms_own_selection_module_by_module(swe
             if not ours and module["ok"] and platform == "cpu-avx2" and module.get("kernel") == "CPUWNA16LinearKernel":
                 # Stricter by design: vLLM's selection takes CPUWNA16 on any CPU, but its GEMM cpu_gemm_wna16 is
                 # built into the AVX-512 libraries of vllm._C only, so on an AVX2 host the layer fails when it runs
-                # (bitplan/engines/vllm.py). Fails if vLLM starts refusing it here, or picks another kernel.
+                # (bitplan/engines/vllm.py). Fails if a layer that is not 4-bit takes it, or this build gains the GEMM.
                 assert chosen.bits == 4 and not answer["host"].get("op_cpu_gemm_wna16"), (module, answer["host"])
                 continue
             if not ours and module["ok"] and platform == "cpu-avx2" and chosen.name == "fp8-w8gcsa8":

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitplan.methods.ggml import quantize_ggml
 from bitplan.methods import imatrix
+from bitplan.methods.ggml import quantize_ggml
 from bitplan.methods.imatrix import importance_weights, quantize_imatrix
 from bitplan.methods.registry import candidate_schemes
 from bitplan.methods.rtn import quantize_rtn
